@@ -1,0 +1,108 @@
+//! The small interface between the supervisor and whatever runs the VM.
+//!
+//! On macOS the implementation is the Virtualization.framework backend (`crate::vz`).
+//! Tests implement it with a fake VM whose guest port 22 is a real `sshd -i`; that
+//! implementation lives in `tests/support`, never in the shipped binary.
+
+use std::any::Any;
+use std::future::Future;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::pin::Pin;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::plan::BootPlan;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Something the VM did on its own, reported by the backend at any time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// The guest powered off (or rebooted, which VZ turns into a stop).
+    StoppedByGuest,
+    /// The VM stopped because of an error.
+    Crashed(String),
+}
+
+/// A connected byte stream to a guest vsock port.
+///
+/// `fd` is a stream socket the holder reads and writes; it can be passed to another
+/// process with `SCM_RIGHTS`. `keepalive` is whatever must live as long as the stream
+/// (VZ closes the connection's descriptor when its `VZVirtioSocketConnection` is
+/// released; the test backend keeps its `sshd` child here).
+pub struct GuestStream {
+    fd: OwnedFd,
+    keepalive: Option<Box<dyn Any + Send>>,
+}
+
+impl GuestStream {
+    pub fn new(fd: OwnedFd, keepalive: Option<Box<dyn Any + Send>>) -> GuestStream {
+        GuestStream { fd, keepalive }
+    }
+
+    /// Splits the stream into its descriptor and the object that keeps it alive.
+    pub fn into_parts(self) -> (OwnedFd, Option<Box<dyn Any + Send>>) {
+        (self.fd, self.keepalive)
+    }
+}
+
+impl AsFd for GuestStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl std::fmt::Debug for GuestStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestStream")
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// This build cannot run VMs here (e.g. not macOS, no entitlement).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The configuration or host is not fit for this plan (caught before starting).
+    #[error("{0}")]
+    Invalid(String),
+    /// The VM did not start.
+    #[error("the VM failed to start: {0}")]
+    Start(String),
+    /// Stopping failed.
+    #[error("the VM failed to stop: {0}")]
+    Stop(String),
+    /// Nothing accepted the connection (yet): the guest is not listening on the port.
+    #[error("guest port {port} refused the connection: {reason}")]
+    Connect { port: u32, reason: String },
+    #[error("the VM is not running")]
+    NotRunning,
+}
+
+/// What the supervisor needs from a VM runner. Calls never overlap for one VM: the
+/// supervisor serialises lifecycle changes, but `connect` may run concurrently with
+/// itself and with a stop.
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs and `status`, e.g. "Virtualization.framework".
+    fn name(&self) -> &'static str;
+
+    /// Creates and starts a VM from `plan`; resolves once the VM runs (the guest may
+    /// still be booting). Later events of this VM go to `events`.
+    fn start(
+        &self,
+        plan: BootPlan,
+        events: UnboundedSender<BackendEvent>,
+    ) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// Asks the guest to power off (ACPI power button). Resolves when the request was
+    /// delivered; the stop itself arrives later as `BackendEvent::StoppedByGuest`.
+    fn request_stop(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// Stops the VM at once, like pulling the plug. Resolves when it has stopped.
+    fn force_stop(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// Opens a stream to a guest vsock port. Fails with `Connect` while nothing listens.
+    fn connect(&self, port: u32) -> BoxFuture<'_, Result<GuestStream, BackendError>>;
+}

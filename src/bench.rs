@@ -1,0 +1,158 @@
+//! Measurements that print figures, never pass/fail: cold boots, control round-trips
+//! and connect-to-first-byte, against whatever supervisor runs for a state directory.
+//! `darwin-vz-nix bench` runs them on a Mac; `cargo bench` runs them against the test
+//! backend.
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::control::protocol::{BootTiming, Reply, Request};
+use crate::control::{ClientError, ControlClient};
+
+/// Summary of repeated measurements, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub runs: usize,
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    /// `None` for no samples.
+    pub fn of(samples: &[f64]) -> Option<Stats> {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let n = sorted.len();
+        let median = match n {
+            0 => return None,
+            n if n % 2 == 1 => sorted[n / 2],
+            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        };
+        Some(Stats {
+            runs: n,
+            min: sorted[0],
+            median,
+            max: sorted[n - 1],
+        })
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = |s: f64| {
+            if s < 0.01 {
+                format!("{:.1} µs", s * 1e6)
+            } else {
+                format!("{s:.3} s")
+            }
+        };
+        write!(
+            f,
+            "min {}  median {}  max {}  ({} runs)",
+            unit(self.min),
+            unit(self.median),
+            unit(self.max),
+            self.runs
+        )
+    }
+}
+
+/// `runs` cold boots: force-stop, then start and wait until SSH answers.
+pub fn cold_boots(
+    state_dir: &Path,
+    runs: usize,
+    timeout: Duration,
+) -> Result<Vec<BootTiming>, ClientError> {
+    let mut timings = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let mut client = ControlClient::connect(state_dir)?;
+        client.call(
+            Request::Stop {
+                force: true,
+                timeout_ms: None,
+                exit: false,
+            },
+            Duration::from_secs(60),
+        )?;
+        let reply = client.call(
+            Request::Start {
+                wait: true,
+                timeout_ms: Some(timeout.as_millis() as u64),
+            },
+            timeout + Duration::from_secs(5),
+        )?;
+        if let Reply::Started {
+            boot: Some(boot), ..
+        } = reply
+        {
+            timings.push(boot);
+        }
+    }
+    Ok(timings)
+}
+
+/// `runs` `status` round-trips over one control connection.
+pub fn control_round_trips(state_dir: &Path, runs: usize) -> Result<Vec<f64>, ClientError> {
+    let mut client = ControlClient::connect(state_dir)?;
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        client.call(Request::Status, Duration::from_secs(10))?;
+        samples.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(samples)
+}
+
+/// `runs` times: stop the VM, then time a `connect` to guest `port` until the first
+/// byte from the guest (the SSH banner) arrives — what a build waits after idle.
+pub fn connect_to_first_byte(
+    state_dir: &Path,
+    port: u32,
+    runs: usize,
+    timeout: Duration,
+) -> Result<Vec<f64>, ClientError> {
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        ControlClient::connect(state_dir)?.call(
+            Request::Stop {
+                force: true,
+                timeout_ms: None,
+                exit: false,
+            },
+            Duration::from_secs(60),
+        )?;
+        let t0 = Instant::now();
+        let mut client = ControlClient::connect(state_dir)?;
+        let fd = client.connect_port(port, timeout)?;
+        let mut stream = std::fs::File::from(fd);
+        let mut byte = [0u8; 1];
+        stream
+            .read_exact(&mut byte)
+            .map_err(|source| ClientError::Io {
+                socket: "guest stream".into(),
+                source,
+            })?;
+        samples.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_take_min_median_max() {
+        let s = Stats::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.min, s.median, s.max, s.runs), (1.0, 2.0, 3.0, 3));
+        assert_eq!(Stats::of(&[4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
+        assert!(Stats::of(&[]).is_none());
+        assert_eq!(
+            Stats::of(&[0.5]).unwrap().to_string(),
+            "min 0.500 s  median 0.500 s  max 0.500 s  (1 runs)"
+        );
+    }
+}

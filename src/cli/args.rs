@@ -1,0 +1,371 @@
+//! The command line, declared with clap. Help texts teach: units, defaults, examples.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigLayer, LogLevel};
+use crate::size::ByteSize;
+
+const ABOUT: &str = "Run a NixOS VM on Apple Silicon through Virtualization.framework and use it as this Mac's Linux builder (aarch64-linux natively, x86_64-linux through Rosetta 2).";
+
+const AFTER_HELP: &str = "\
+Examples:
+  darwin-vz-nix start                      boot the builder and wait until SSH answers
+  darwin-vz-nix start --dry-run            print what would boot, change nothing
+  darwin-vz-nix ssh -- uname -m            run a command on the builder
+  darwin-vz-nix status                     state, uptime, connections, idle time left
+  darwin-vz-nix stop                       power off (graceful, forced after a timeout)
+  nix build --builders 'ssh-ng://darwin-vz-nix aarch64-linux' .#packages.aarch64-linux.hello
+
+Configuration, lowest precedence first: built-in defaults, the JSON file given by
+--config (or DARWIN_VZ_NIX_CONFIG), DARWIN_VZ_NIX_* environment variables, flags.
+
+Exit status: 0 success; 1 runtime failure (boot, stop, connection); 2 usage or
+configuration error; 3 not running (status, when no supervisor answers).";
+
+#[derive(Debug, Parser)]
+#[command(name = "darwin-vz-nix", version, about = ABOUT, after_help = AFTER_HELP, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// JSON config file (camelCase keys as in the README's configuration reference).
+    #[arg(long, global = true, value_name = "FILE", env = "DARWIN_VZ_NIX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// State directory: disk image, keys, control socket, logs
+    /// [default: ~/Library/Application Support/darwin-vz-nix on macOS,
+    /// $XDG_STATE_HOME/darwin-vz-nix elsewhere; env: DARWIN_VZ_NIX_STATE_DIR].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot the VM and wait until the guest's SSH answers.
+    ///
+    /// Spawns a background supervisor if none runs for the state directory (its log is
+    /// <state>/logs/daemon.log), or asks the running one. Prints how long the boot took.
+    #[command(
+        after_help = "Examples:\n  darwin-vz-nix start --cores 8 --memory 8192\n  darwin-vz-nix start --dry-run --json\n  darwin-vz-nix start --guest ./result --no-wait"
+    )]
+    Start(StartArgs),
+    /// Power the VM off: ACPI power button first, forced after --timeout.
+    ///
+    /// The supervisor keeps running (and boots again on the next connection) unless
+    /// --daemon is given.
+    Stop(StopArgs),
+    /// Show the VM's state, uptime, connections, idle time left and last boot time.
+    Status(JsonArg),
+    /// Open a shell on the builder, or run a command: `darwin-vz-nix ssh -- CMD…`.
+    ///
+    /// Runs OpenSSH with the generated configuration (pinned host key, the state
+    /// directory's identity, `proxy` as ProxyCommand) and returns the remote exit code.
+    #[command(
+        after_help = "Examples:\n  darwin-vz-nix ssh\n  darwin-vz-nix ssh -- nix-store --verify --check-contents\n  darwin-vz-nix ssh -- sudo journalctl -b"
+    )]
+    Ssh(SshArgs),
+    /// Print the ssh_config `Host darwin-vz-nix` block that reaches the builder.
+    ///
+    /// Put it in /etc/ssh/ssh_config.d/ so that root's nix-daemon can use the builder
+    /// (the nix-darwin module does this for you).
+    SshConfig(SshConfigArgs),
+    /// ssh ProxyCommand: a byte stream to the guest's sshd over vsock.
+    ///
+    /// Boots the VM on demand and waits until sshd answers, so the first build after
+    /// an idle poweroff does not fail. Writes nothing but the stream to stdout.
+    Proxy(ProxyArgs),
+    /// Run the supervisor in the foreground (what launchd runs).
+    ///
+    /// Owns the VM and serves the control socket; boots on demand and powers off when
+    /// idle. SIGTERM/SIGINT power the VM off gracefully before exit.
+    Daemon(DaemonArgs),
+    /// Check this machine, the configuration and the state directory; one line per check.
+    Doctor(DoctorArgs),
+    /// Show the supervisor's log or the guest's console.
+    Logs(LogsArgs),
+    /// Measure cold boots or control round-trips against the running supervisor.
+    Bench(BenchArgs),
+    /// Delete the disk image, MAC address and SSH keys, to start over.
+    ///
+    /// The guest's disk (its Nix store upper layer and database) is lost; new keys are
+    /// made at once. Stops the VM first.
+    Destroy(DestroyArgs),
+    /// Replace the SSH keys (client and guest host key); the VM stops first.
+    RotateKeys,
+    /// Print shell completions, e.g. `darwin-vz-nix completions zsh > _darwin-vz-nix`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Settings of the VM, shared by `start` and `daemon`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct VmArgs {
+    /// Virtual CPUs [default: 4; at most the host's CPU count].
+    #[arg(long, value_name = "N")]
+    pub cores: Option<u32>,
+    /// Guest memory in MiB [default: 6144; at least 1024].
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
+    /// Disk image size, e.g. 100G, 512M, 1T [default: 100G]. Grows an existing image;
+    /// never shrinks it.
+    #[arg(long, value_name = "SIZE")]
+    pub disk_size: Option<ByteSize>,
+    /// Run x86_64-linux builds through Rosetta 2 [default: on].
+    #[arg(long, overrides_with = "no_rosetta")]
+    pub rosetta: bool,
+    /// Do not attach Rosetta; the builder offers aarch64-linux only.
+    #[arg(long, overrides_with = "rosetta")]
+    pub no_rosetta: bool,
+    /// Minutes without an SSH connection before the VM powers off; 0 = never [default: 180].
+    #[arg(long, value_name = "MINUTES")]
+    pub idle_timeout: Option<u64>,
+    /// Seconds a graceful poweroff may take before it is forced [default: 15].
+    #[arg(long, value_name = "SECONDS")]
+    pub stop_timeout: Option<u64>,
+    /// Guest directory (kernel, initrd, system, registration), e.g. ./result of
+    /// `nix build .#guest` [env: DARWIN_VZ_NIX_GUEST].
+    #[arg(long, value_name = "DIR")]
+    pub guest: Option<PathBuf>,
+    /// Kernel (uncompressed arm64 Image), instead of the guest directory's.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Initrd, instead of the guest directory's.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// NixOS system (toplevel), instead of the guest directory's.
+    #[arg(long, value_name = "DIR")]
+    pub system: Option<PathBuf>,
+    /// Store registration (closure info), instead of the guest directory's.
+    #[arg(long, value_name = "FILE")]
+    pub registration: Option<PathBuf>,
+    /// Extra kernel parameter, appended last; repeat for more.
+    #[arg(long = "kernel-param", value_name = "PARAM")]
+    pub kernel_params: Vec<String>,
+    /// Daemon log level [default: info].
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    pub log_level: Option<LogLevel>,
+    /// Group allowed to use the control socket besides the owner.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
+    /// User to log in as on the guest [default: builder].
+    #[arg(long, value_name = "USER")]
+    pub ssh_user: Option<String>,
+}
+
+impl VmArgs {
+    /// The flags as a configuration layer (only what was given).
+    pub fn layer(&self) -> ConfigLayer {
+        ConfigLayer {
+            cores: self.cores,
+            memory: self.memory,
+            disk_size: self.disk_size,
+            rosetta: if self.no_rosetta {
+                Some(false)
+            } else {
+                self.rosetta.then_some(true)
+            },
+            idle_timeout: self.idle_timeout,
+            stop_timeout: self.stop_timeout,
+            guest: self.guest.clone(),
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            system: self.system.clone(),
+            registration: self.registration.clone(),
+            kernel_params: (!self.kernel_params.is_empty()).then(|| self.kernel_params.clone()),
+            state_dir: None,
+            log_level: self.log_level,
+            control_group: self.control_group.clone(),
+            ssh_user: self.ssh_user.clone(),
+        }
+    }
+
+    /// The flags as arguments again, to hand to a spawned `daemon`.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |flag: &str, value: Option<String>| {
+            if let Some(value) = value {
+                args.push(flag.into());
+                args.push(value.into());
+            }
+        };
+        push("--cores", self.cores.map(|v| v.to_string()));
+        push("--memory", self.memory.map(|v| v.to_string()));
+        push("--disk-size", self.disk_size.map(|v| v.to_string()));
+        push("--idle-timeout", self.idle_timeout.map(|v| v.to_string()));
+        push("--stop-timeout", self.stop_timeout.map(|v| v.to_string()));
+        push(
+            "--log-level",
+            self.log_level.map(|v| v.as_str().to_string()),
+        );
+        push("--control-group", self.control_group.clone());
+        push("--ssh-user", self.ssh_user.clone());
+        for param in &self.kernel_params {
+            push("--kernel-param", Some(param.clone()));
+        }
+        let mut paths: Vec<OsString> = Vec::new();
+        for (flag, path) in [
+            ("--guest", &self.guest),
+            ("--kernel", &self.kernel),
+            ("--initrd", &self.initrd),
+            ("--system", &self.system),
+            ("--registration", &self.registration),
+        ] {
+            if let Some(path) = path {
+                paths.push(flag.into());
+                paths.push(absolute(path).into_os_string());
+            }
+        }
+        if self.no_rosetta {
+            args.push("--no-rosetta".into());
+        } else if self.rosetta {
+            args.push("--rosetta".into());
+        }
+        args.extend(paths);
+        args
+    }
+}
+
+/// The daemon runs with `/` as its directory, so relative paths are made absolute.
+pub fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Print the boot plan (devices, command line, paths) and exit; changes nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print as JSON (with --dry-run: the plan; otherwise the boot timing).
+    #[arg(long)]
+    pub json: bool,
+    /// Return once the boot has begun instead of waiting for SSH.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Seconds to wait for the guest's SSH [default: 180].
+    #[arg(long, value_name = "SECONDS", default_value_t = 180)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Pull the plug at once instead of asking the guest to power off.
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds to wait for the graceful poweroff before forcing it
+    /// [default: the configured stopTimeout, 15].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Also end the supervisor process (under launchd it is started again).
+    #[arg(long)]
+    pub daemon: bool,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+pub struct JsonArg {
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// User to log in as [default: the configured sshUser, builder].
+    #[arg(long, short = 'l', value_name = "USER")]
+    pub user: Option<String>,
+    /// The command to run on the builder, after `--`; a login shell when empty.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct SshConfigArgs {
+    /// The darwin-vz-nix binary ssh should run as ProxyCommand [default: this one].
+    #[arg(long, value_name = "PATH")]
+    pub proxy_bin: Option<PathBuf>,
+    /// User to log in as [default: the configured sshUser, builder].
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Guest vsock port.
+    #[arg(long, default_value_t = crate::contract::SSH_VSOCK_PORT)]
+    pub port: u32,
+    /// Seconds to wait for an on-demand boot.
+    #[arg(long, value_name = "SECONDS", default_value_t = 180)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The guest's console instead of the supervisor's log.
+    #[arg(long)]
+    pub console: bool,
+    /// The console of the boot before this one (with --console).
+    #[arg(long, requires = "console")]
+    pub previous: bool,
+    /// Lines to show from the end.
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 50)]
+    pub lines: usize,
+    /// Keep printing what is appended.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchKind,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchKind {
+    /// Cold boots: force-stop, then boot and wait for SSH; prints min/median/max.
+    Boot {
+        /// Number of boots.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Control round-trip latency (`status`) and connect-to-first-byte from a stopped VM.
+    Control {
+        /// Number of round-trips; connect-to-first-byte runs a fifth as many cold boots.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DestroyArgs {
+    /// Confirm that the disk image and keys may be deleted.
+    #[arg(long)]
+    pub yes: bool,
+}

@@ -1,0 +1,787 @@
+//! One function per command.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::CommandFactory;
+
+use super::CliError;
+use super::args::{
+    self, BenchKind, Cli, Command, GlobalArgs, StartArgs, StopArgs, VmArgs, absolute,
+};
+use crate::artifacts;
+use crate::bench::{self, Stats};
+use crate::config::{self, Config, ConfigErrors, ConfigLayer, Origin, Source};
+use crate::control::protocol::{BootTiming, Reply, Request, StatusReport, StopOutcome, VmState};
+use crate::control::{ClientError, ControlClient};
+use crate::daemon::{self, DaemonOptions};
+use crate::disk;
+use crate::doctor;
+use crate::host::HostInfo;
+use crate::mac::MacAddress;
+use crate::plan::{BootPlan, HOST_STORE, PlanInputs};
+use crate::ssh::SshTarget;
+use crate::state::{Access, StateDir};
+
+type Outcome = Result<u8, CliError>;
+
+pub fn run(cli: Cli) -> Outcome {
+    let global = cli.global;
+    match cli.command {
+        Command::Start(args) => start(&global, &args),
+        Command::Stop(args) => stop(&global, &args),
+        Command::Status(json) => status(&global, json.json),
+        Command::Ssh(args) => ssh(&global, args.user, &args.command),
+        Command::SshConfig(args) => ssh_config(&global, args.proxy_bin, args.user),
+        Command::Proxy(args) => proxy(&global, args.port, Duration::from_secs(args.timeout)),
+        Command::Daemon(args) => run_daemon(&global, &args.vm),
+        Command::Doctor(args) => run_doctor(&global, &args.vm, args.json),
+        Command::Logs(args) => logs(&global, &args),
+        Command::Bench(args) => run_bench(&global, args.what),
+        Command::Destroy(args) => reset(&global, false, args.yes),
+        Command::RotateKeys => reset(&global, true, true),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "darwin-vz-nix",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// Layers defaults, `--config`, the environment and `flags`, then fits unset
+/// defaults to this host (a 4-CPU default on a 2-CPU machine becomes 2).
+fn resolve_config(
+    global: &GlobalArgs,
+    flags: ConfigLayer,
+    host: &HostInfo,
+) -> Result<Config, CliError> {
+    let lookup = |key: &str| std::env::var(key).ok();
+    let mut sources = Vec::new();
+    if let Some(path) = &global.config {
+        let path = absolute(path);
+        let mut layer = config::load_file(&path)?;
+        anchor_paths(&mut layer, path.parent().unwrap_or(Path::new("/")));
+        sources.push(Source {
+            origin: Origin::File(path),
+            layer,
+        });
+    }
+    sources.push(Source {
+        origin: Origin::Env,
+        layer: config::env_layer(lookup)?,
+    });
+    let mut flags = flags;
+    flags.state_dir = global.state_dir.as_deref().map(absolute);
+    sources.push(Source {
+        origin: Origin::Flag,
+        layer: flags,
+    });
+    let mut config = Config::resolve(&sources, config::default_state_dir(lookup))?;
+    config.fit_defaults_to(host);
+    Ok(config)
+}
+
+/// Relative paths in a config file are relative to the file.
+fn anchor_paths(layer: &mut ConfigLayer, base: &Path) {
+    for path in [
+        &mut layer.guest,
+        &mut layer.kernel,
+        &mut layer.initrd,
+        &mut layer.system,
+        &mut layer.registration,
+        &mut layer.state_dir,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if path.is_relative() {
+            *path = base.join(&*path);
+        }
+    }
+}
+
+/// Every reason the configuration cannot boot here, checked before anything starts.
+fn boot_problems(config: &Config, host: &HostInfo, state: &StateDir) -> Vec<config::Problem> {
+    let mut problems = config.validate_for_boot(host, disk::existing_size(&state.disk_image()));
+    if let Err(mut more) = artifacts::resolve(config) {
+        problems.append(&mut more);
+    }
+    if let Err(e) = state.check_socket_path() {
+        problems.push(config::Problem {
+            input: config.input("stateDir"),
+            message: e.to_string(),
+        });
+    }
+    problems
+}
+
+fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
+    let host = HostInfo::detect();
+    let config = resolve_config(global, args.vm.layer(), &host)?;
+    let state = StateDir::new(&config.state_dir);
+    if args.dry_run {
+        return dry_run(&config, &host, &state, args.json);
+    }
+
+    match ControlClient::connect(&config.state_dir) {
+        Ok(mut client) => {
+            if let Reply::Status(status) = client.call(Request::Status, Duration::from_secs(10))? {
+                check_same_settings(&args.vm, &config, &status)?;
+            }
+        }
+        Err(ClientError::NotRunning { .. }) => {
+            let problems = boot_problems(&config, &host, &state);
+            if !problems.is_empty() {
+                return Err(ConfigErrors(problems).into());
+            }
+            if !crate::vm_backend_available() {
+                return Err(CliError::Failure(format!(
+                    "darwin-vz-nix runs VMs only on macOS 13+ on Apple Silicon (this is {}); `darwin-vz-nix start --dry-run` shows what would boot",
+                    std::env::consts::OS
+                )));
+            }
+            spawn_daemon(global, &args.vm, &config)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+
+    let mut client = ControlClient::connect(&config.state_dir)?;
+    let timeout = Duration::from_secs(args.timeout);
+    if args.no_wait {
+        let reply = client.call(
+            Request::Start {
+                wait: false,
+                timeout_ms: None,
+            },
+            Duration::from_secs(10),
+        )?;
+        let already = matches!(
+            reply,
+            Reply::Started {
+                already_running: true,
+                ..
+            }
+        );
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "state": if already { "running" } else { "starting" } })
+            );
+        } else if already {
+            println!("already running");
+        } else {
+            println!("booting; `darwin-vz-nix status` shows when it is ready");
+        }
+        return Ok(0);
+    }
+    if !args.json {
+        eprintln!(
+            "booting (waiting up to {} s for the guest's sshd)…",
+            args.timeout
+        );
+    }
+    let request = Request::Start {
+        wait: true,
+        timeout_ms: Some(timeout.as_millis() as u64),
+    };
+    let reply = client.call(request, timeout + Duration::from_secs(5))?;
+    let Reply::Started {
+        already_running,
+        boot,
+    } = reply
+    else {
+        return Err(CliError::Failure(format!("unexpected reply {reply:?}")));
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "state": "running", "alreadyRunning": already_running, "boot": boot })
+        );
+    } else if already_running {
+        println!("already running");
+    } else if let Some(boot) = boot {
+        println!("{}", describe_boot(&boot));
+    } else {
+        println!("ready");
+    }
+    Ok(0)
+}
+
+fn describe_boot(boot: &BootTiming) -> String {
+    format!(
+        "ready in {:.1} s (VM started after {:.2} s, guest sshd answered {:.2} s later)",
+        boot.ready_secs,
+        boot.vm_started_secs,
+        boot.ready_secs - boot.vm_started_secs
+    )
+}
+
+/// Flags given to `start` must match what the running supervisor uses.
+fn check_same_settings(
+    vm: &VmArgs,
+    config: &Config,
+    status: &StatusReport,
+) -> Result<(), CliError> {
+    let running = &status.config;
+    let mut differences = Vec::new();
+    if vm.cores.is_some() && config.cores != running.cores {
+        differences.push(format!("cores {} (asked {})", running.cores, config.cores));
+    }
+    if vm.memory.is_some() && config.memory_mib != running.memory_mib {
+        differences.push(format!(
+            "memory {} MiB (asked {})",
+            running.memory_mib, config.memory_mib
+        ));
+    }
+    if vm.disk_size.is_some() && config.disk_size.to_string() != running.disk_size {
+        differences.push(format!(
+            "diskSize {} (asked {})",
+            running.disk_size, config.disk_size
+        ));
+    }
+    if (vm.rosetta || vm.no_rosetta) && config.rosetta != running.rosetta {
+        differences.push(format!(
+            "rosetta {} (asked {})",
+            running.rosetta, config.rosetta
+        ));
+    }
+    if differences.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::Usage(format!(
+        "the running supervisor (pid {}) uses {}; to change settings run `darwin-vz-nix stop --daemon`, then start again (or change services.darwin-vz in nix-darwin)",
+        status.supervisor_pid,
+        differences.join(", ")
+    )))
+}
+
+fn dry_run(config: &Config, host: &HostInfo, state: &StateDir, json: bool) -> Outcome {
+    let problems = boot_problems(config, host, state);
+    let artifacts = artifacts::resolve(config).ok();
+    let (true, Some(artifacts)) = (problems.is_empty(), artifacts) else {
+        return Err(ConfigErrors(problems).into());
+    };
+    let (mac, new_mac) = match MacAddress::load(&state.mac_address()) {
+        Some(mac) => (mac, false),
+        None => (
+            MacAddress::random().map_err(|e| CliError::Failure(e.to_string()))?,
+            true,
+        ),
+    };
+    let plan = BootPlan::build(&PlanInputs {
+        config,
+        artifacts: &artifacts,
+        state,
+        host,
+        mac,
+        host_store: Path::new(HOST_STORE),
+    })
+    .map_err(|e| CliError::Failure(e.to_string()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).expect("plans serialise")
+        );
+    } else {
+        println!(
+            "Boot plan for {} (dry run: nothing was created or started)",
+            state.root().display()
+        );
+        print!("{plan}");
+        if new_mac {
+            println!(
+                "(the MAC address is new; the first real start keeps one in {})",
+                state.mac_address().display()
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// Starts `darwin-vz-nix daemon` detached (new session, stdio to its log) and waits
+/// until its control socket answers.
+fn spawn_daemon(global: &GlobalArgs, vm: &VmArgs, config: &Config) -> Result<(), CliError> {
+    let state = StateDir::new(&config.state_dir);
+    let access = Access::from_group_name(config.control_group.as_deref())
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    state
+        .create(access)
+        .map_err(|e| CliError::Failure(e.to_string()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.daemon_log())
+        .map_err(|e| {
+            CliError::Failure(format!("cannot open {}: {e}", state.daemon_log().display()))
+        })?;
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Failure(format!("cannot find this program: {e}")))?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("daemon")
+        .arg("--state-dir")
+        .arg(&config.state_dir);
+    if let Some(path) = &global.config {
+        command.arg("--config").arg(absolute(path));
+    }
+    command
+        .args(vm.to_args())
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(
+            log.try_clone()
+                .map_err(|e| CliError::Failure(e.to_string()))?,
+        )
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal so
+    // that closing it (or Ctrl-C) does not kill the VM.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| CliError::Failure(format!("cannot start the supervisor: {e}")))?;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if ControlClient::connect(&config.state_dir).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait()
+            && !status.success()
+            && !state.is_locked()
+        {
+            return Err(CliError::Failure(format!(
+                "the supervisor exited at start ({status}); its log {} ends with:\n{}",
+                state.daemon_log().display(),
+                tail(&state.daemon_log(), 10)
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::Failure(format!(
+                "the supervisor did not answer within 15 s; see {}",
+                state.daemon_log().display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn not_running_note(state_dir: &Path) -> String {
+    format!("not running (no supervisor for {})", state_dir.display())
+}
+
+fn stop(global: &GlobalArgs, args: &StopArgs) -> Outcome {
+    let host = HostInfo::detect();
+    let config = resolve_config(global, ConfigLayer::default(), &host)?;
+    let timeout = args
+        .timeout
+        .map_or(config.stop_timeout(), Duration::from_secs);
+    let mut client = match ControlClient::connect(&config.state_dir) {
+        Err(ClientError::NotRunning { .. }) => {
+            if args.json.json {
+                println!("{}", serde_json::json!({ "outcome": "not-running" }));
+            } else {
+                println!("{}; nothing to stop", not_running_note(&config.state_dir));
+            }
+            return Ok(0);
+        }
+        other => other?,
+    };
+    let request = Request::Stop {
+        force: args.force,
+        timeout_ms: Some(timeout.as_millis() as u64),
+        exit: args.daemon,
+    };
+    let reply = client.call(request, timeout + Duration::from_secs(30))?;
+    let Reply::Stopped { outcome } = reply else {
+        return Err(CliError::Failure(format!("unexpected reply {reply:?}")));
+    };
+    if args.json.json {
+        println!(
+            "{}",
+            serde_json::json!({ "outcome": outcome, "daemonExited": args.daemon })
+        );
+        return Ok(0);
+    }
+    let what = match outcome {
+        StopOutcome::AlreadyStopped => "the VM was not running".to_string(),
+        StopOutcome::Graceful => "stopped (the guest powered off)".to_string(),
+        StopOutcome::Forced if args.force => "stopped (forced)".to_string(),
+        StopOutcome::Forced => format!(
+            "stopped (forced: the guest did not power off within {} s)",
+            timeout.as_secs()
+        ),
+    };
+    println!(
+        "{what}{}",
+        if args.daemon {
+            "; the supervisor has exited"
+        } else {
+            ""
+        }
+    );
+    Ok(0)
+}
+
+fn status(global: &GlobalArgs, json: bool) -> Outcome {
+    let host = HostInfo::detect();
+    let config = resolve_config(global, ConfigLayer::default(), &host)?;
+    let report = match ControlClient::connect(&config.state_dir) {
+        Err(ClientError::NotRunning { .. }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "state": "not-running", "stateDir": config.state_dir })
+                );
+            } else {
+                println!("{}", not_running_note(&config.state_dir));
+                println!(
+                    "start one with `darwin-vz-nix start`, or let a build start it (nix-darwin's services.darwin-vz)"
+                );
+            }
+            return Err(CliError::NotRunning(String::new()));
+        }
+        Ok(mut client) => match client.call(Request::Status, Duration::from_secs(10))? {
+            Reply::Status(report) => report,
+            other => return Err(CliError::Failure(format!("unexpected reply {other:?}"))),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialise")
+        );
+    } else {
+        print!("{}", format_status(&report));
+    }
+    Ok(0)
+}
+
+fn duration_text(secs: f64) -> String {
+    let secs = secs.max(0.0) as u64;
+    match secs {
+        0..60 => format!("{secs} s"),
+        60..3600 => format!("{} min {} s", secs / 60, secs % 60),
+        _ => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// The human form of `status`.
+pub fn format_status(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| out.push_str(&format!("{label:<14}{value}\n"));
+    let state = match (r.state, r.vm_uptime_secs) {
+        (VmState::Running, Some(up)) => format!("running (up {})", duration_text(up)),
+        (state, _) => state.as_str().to_string(),
+    };
+    line("state", state);
+    line("connections", format!("{} open", r.connections));
+    let idle = match (
+        r.config.idle_timeout_minutes,
+        r.idle_remaining_secs,
+        r.state,
+    ) {
+        (0, _, _) => "never (idleTimeout = 0)".to_string(),
+        (_, Some(left), _) => format!(
+            "power off in {} unless a connection opens",
+            duration_text(left)
+        ),
+        (minutes, None, VmState::Running) => {
+            format!("after the last connection closes, plus {minutes} min")
+        }
+        (minutes, None, _) => format!("{minutes} min after the last connection (VM not running)"),
+    };
+    line("idle", idle);
+    if let Some(boot) = &r.last_boot {
+        line("last boot", describe_boot(boot));
+    }
+    line("boots", r.boots.to_string());
+    let c = &r.config;
+    line(
+        "config",
+        format!(
+            "{} CPUs, {} MiB, disk {}, Rosetta {}, idle timeout {} min",
+            c.cores,
+            c.memory_mib,
+            c.disk_size,
+            if c.rosetta { "on" } else { "off" },
+            c.idle_timeout_minutes
+        ),
+    );
+    line(
+        "supervisor",
+        format!(
+            "pid {}, up {}, {} backend",
+            r.supervisor_pid,
+            duration_text(r.supervisor_uptime_secs),
+            r.backend
+        ),
+    );
+    line("state dir", c.state_dir.display().to_string());
+    line(
+        "logs",
+        format!(
+            "{} (console: {})",
+            c.daemon_log.display(),
+            c.console_log.display()
+        ),
+    );
+    if let Some(error) = &r.last_error {
+        line("last error", error.clone());
+    }
+    out
+}
+
+fn ssh_target(
+    global: &GlobalArgs,
+    proxy_bin: Option<PathBuf>,
+    user: Option<String>,
+) -> Result<SshTarget, CliError> {
+    let host = HostInfo::detect();
+    let config = resolve_config(global, ConfigLayer::default(), &host)?;
+    let proxy_bin = match proxy_bin {
+        Some(path) => path,
+        None => std::env::current_exe()
+            .map_err(|e| CliError::Failure(format!("cannot find this program: {e}")))?,
+    };
+    Ok(SshTarget {
+        proxy_bin,
+        state_dir: config.state_dir,
+        user: user.unwrap_or(config.ssh_user),
+    })
+}
+
+fn ssh(global: &GlobalArgs, user: Option<String>, command: &[std::ffi::OsString]) -> Outcome {
+    let target = ssh_target(global, None, user)?;
+    let args = target
+        .ssh_args(command)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let error = std::process::Command::new("ssh").args(args).exec();
+    Err(CliError::Failure(format!(
+        "cannot run ssh: {error}; install OpenSSH or fix PATH"
+    )))
+}
+
+fn ssh_config(global: &GlobalArgs, proxy_bin: Option<PathBuf>, user: Option<String>) -> Outcome {
+    let target = ssh_target(global, proxy_bin, user)?;
+    print!(
+        "{}",
+        target
+            .config_block()
+            .map_err(|e| CliError::Usage(e.to_string()))?
+    );
+    Ok(0)
+}
+
+fn proxy(global: &GlobalArgs, port: u32, timeout: Duration) -> Outcome {
+    // The proxy needs only the state directory; a broken config file must not stop
+    // ssh from reaching a running builder.
+    let state_dir = match &global.state_dir {
+        Some(dir) => absolute(dir),
+        None => resolve_config(global, ConfigLayer::default(), &HostInfo::detect())?.state_dir,
+    };
+    crate::proxy::run(&state_dir, port, timeout)?;
+    Ok(0)
+}
+
+fn run_daemon(global: &GlobalArgs, vm: &VmArgs) -> Outcome {
+    let host = HostInfo::detect();
+    let config = resolve_config(global, vm.layer(), &host)?;
+    let backend = crate::platform_backend().map_err(|e| CliError::Failure(e.to_string()))?;
+    let prepared = daemon::prepare(&config).map_err(|e| CliError::Failure(e.to_string()))?;
+    daemon::init_logging(&prepared.state, config.log_level)
+        .map_err(|e| CliError::Failure(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failure(format!("cannot start the async runtime: {e}")))?;
+    let options = DaemonOptions::from_config(&config);
+    runtime
+        .block_on(daemon::serve(prepared, config, host, backend, options))
+        .map_err(|e| CliError::Failure(e.to_string()))?;
+    Ok(0)
+}
+
+fn run_doctor(global: &GlobalArgs, vm: &VmArgs, json: bool) -> Outcome {
+    let host = HostInfo::detect();
+    let config = resolve_config(global, vm.layer(), &host)?;
+    let exe = std::env::current_exe().unwrap_or_default();
+    let checks = doctor::run(&config, &host, &crate::platform_facts(), &exe);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&checks).expect("checks serialise")
+        );
+    } else {
+        for check in &checks {
+            println!("{check}");
+        }
+    }
+    let failed = checks
+        .iter()
+        .filter(|c| c.verdict == doctor::Verdict::Fail)
+        .count();
+    if !json && failed > 0 {
+        println!("{failed} check(s) failed");
+    }
+    Ok(u8::from(failed > 0))
+}
+
+fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
+    let host = HostInfo::detect();
+    let config = resolve_config(global, ConfigLayer::default(), &host)?;
+    let state = StateDir::new(&config.state_dir);
+    let path = match (args.console, args.previous) {
+        (false, _) => state.daemon_log(),
+        (true, false) => state.console_log(),
+        (true, true) => state.previous_console_log(),
+    };
+    if !path.exists() {
+        return Err(CliError::Failure(format!(
+            "{} does not exist yet (nothing has run)",
+            path.display()
+        )));
+    }
+    print!("{}", tail(&path, args.lines));
+    if !args.follow {
+        return Ok(0);
+    }
+    let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len < offset {
+            offset = 0; // rotated or truncated
+        }
+        if len > offset
+            && let Ok(mut file) = std::fs::File::open(&path)
+        {
+            let mut chunk = Vec::new();
+            let _ = file
+                .seek(SeekFrom::Start(offset))
+                .and_then(|_| file.read_to_end(&mut chunk));
+            offset += chunk.len() as u64;
+            let _ = std::io::stdout().write_all(&chunk);
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+/// The last `lines` lines of a file (reads at most its last 1 MiB).
+fn tail(path: &Path, lines: usize) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(1 << 20)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = all[all.len().saturating_sub(lines)..].join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out
+}
+
+fn run_bench(global: &GlobalArgs, what: BenchKind) -> Outcome {
+    let host = HostInfo::detect();
+    let config = resolve_config(global, ConfigLayer::default(), &host)?;
+    let dir = &config.state_dir;
+    let boot_timeout = Duration::from_secs(180);
+    match what {
+        BenchKind::Boot { runs } => {
+            println!(
+                "cold boots against the supervisor of {} ({runs} runs)…",
+                dir.display()
+            );
+            let timings = bench::cold_boots(dir, runs, boot_timeout)?;
+            let column =
+                |f: fn(&BootTiming) -> f64| Stats::of(&timings.iter().map(f).collect::<Vec<_>>());
+            if let (Some(started), Some(ready)) =
+                (column(|t| t.vm_started_secs), column(|t| t.ready_secs))
+            {
+                println!("VM started        {started}");
+                println!("guest sshd ready  {ready}");
+            }
+        }
+        BenchKind::Control { runs } => {
+            let trips = bench::control_round_trips(dir, runs)?;
+            if let Some(stats) = Stats::of(&trips) {
+                println!("control round-trip (status)   {stats}");
+            }
+            let cold = (runs / 40).clamp(1, 10);
+            let first = bench::connect_to_first_byte(
+                dir,
+                crate::contract::SSH_VSOCK_PORT,
+                cold,
+                boot_timeout,
+            )?;
+            if let Some(stats) = Stats::of(&first) {
+                println!("connect on a stopped VM to first guest byte   {stats}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn reset(global: &GlobalArgs, keys_only: bool, confirmed: bool) -> Outcome {
+    let host = HostInfo::detect();
+    let config = resolve_config(global, ConfigLayer::default(), &host)?;
+    let state = StateDir::new(&config.state_dir);
+    if !confirmed {
+        return Err(CliError::Usage(format!(
+            "destroy deletes the disk image {} (the guest's store and Nix database) and the SSH keys in {}; re-run with --yes",
+            state.disk_image().display(),
+            state.keys_dir().display()
+        )));
+    }
+    let removed = match ControlClient::connect(&config.state_dir) {
+        Ok(mut client) => match client.call(
+            Request::Reset { keys_only },
+            config.stop_timeout() + Duration::from_secs(60),
+        )? {
+            Reply::Reset { removed } => removed,
+            other => return Err(CliError::Failure(format!("unexpected reply {other:?}"))),
+        },
+        Err(ClientError::NotRunning { .. }) => {
+            if !state.root().exists() {
+                println!(
+                    "nothing to delete: {} does not exist",
+                    state.root().display()
+                );
+                return Ok(0);
+            }
+            let _lock = state.lock().map_err(|e| CliError::Failure(e.to_string()))?;
+            daemon::reset_state(&state, keys_only).map_err(|e| CliError::Failure(e.to_string()))?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for path in &removed {
+        println!("deleted {}", path.display());
+    }
+    println!(
+        "{}; new SSH keys are in {}",
+        if keys_only {
+            "keys replaced"
+        } else {
+            "state reset"
+        },
+        state.keys_dir().display()
+    );
+    Ok(0)
+}

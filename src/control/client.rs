@@ -1,0 +1,192 @@
+//! The clients' side of the control socket: blocking, small, used by every command.
+
+use std::io::{IoSliceMut, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+use super::protocol::{self, ErrorCode, MAX_LINE_BYTES, Reply, ReplyLine, Request};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no supervisor is running for {state_dir} (no one answers on {socket}); start one with `darwin-vz-nix start`, or enable services.darwin-vz in nix-darwin"
+    )]
+    NotRunning { state_dir: PathBuf, socket: PathBuf },
+    #[error(
+        "permission denied on the control socket {socket}; run as the daemon's user or root (sudo), or ask for membership of its controlGroup"
+    )]
+    PermissionDenied { socket: PathBuf },
+    #[error("no reply from the supervisor within {secs} s; see its log {log}")]
+    Timeout { secs: u64, log: PathBuf },
+    #[error("the supervisor closed the connection without a reply; see its log {log}")]
+    Closed { log: PathBuf },
+    #[error("cannot talk to the supervisor on {socket}: {source}")]
+    Io {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the supervisor sent a reply this client does not understand ({0}); are the client and daemon the same version?"
+    )]
+    Protocol(String),
+    /// The supervisor answered with an error.
+    #[error("{message}")]
+    Remote { code: ErrorCode, message: String },
+}
+
+pub struct ControlClient {
+    stream: UnixStream,
+    socket: PathBuf,
+    log: PathBuf,
+    buffer: Vec<u8>,
+}
+
+impl ControlClient {
+    /// Connects to the supervisor of `state_dir`.
+    pub fn connect(state_dir: &Path) -> Result<ControlClient, ClientError> {
+        let state = crate::state::StateDir::new(state_dir);
+        let socket = state.socket();
+        let stream = UnixStream::connect(&socket).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning {
+                    state_dir: state_dir.to_path_buf(),
+                    socket: socket.clone(),
+                }
+            }
+            std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+                socket: socket.clone(),
+            },
+            _ => ClientError::Io {
+                socket: socket.clone(),
+                source,
+            },
+        })?;
+        Ok(ControlClient {
+            stream,
+            socket,
+            log: state.daemon_log(),
+            buffer: Vec::new(),
+        })
+    }
+
+    /// Sends a request and waits up to `timeout` for its reply. Error replies become
+    /// `ClientError::Remote`.
+    pub fn call(&mut self, request: Request, timeout: Duration) -> Result<Reply, ClientError> {
+        self.send(request)?;
+        let (reply, _) = self.receive(timeout)?;
+        Ok(reply)
+    }
+
+    /// Asks for a stream to a guest port; returns its descriptor. Keep this client
+    /// alive while using the stream: dropping it tells the supervisor it ended.
+    pub fn connect_port(&mut self, port: u32, timeout: Duration) -> Result<OwnedFd, ClientError> {
+        self.send(Request::Connect {
+            port,
+            timeout_ms: Some(timeout.as_millis() as u64),
+        })?;
+        // Allow a little more than the supervisor's own bound so that its error
+        // reply, not our timeout, tells what happened.
+        let (reply, fd) = self.receive(timeout + Duration::from_secs(5))?;
+        match (reply, fd) {
+            (Reply::Connected { .. }, Some(fd)) => Ok(fd),
+            (Reply::Connected { .. }, None) => Err(ClientError::Protocol(
+                "connected without a descriptor".into(),
+            )),
+            (other, _) => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Sends a raw line, for tests of malformed input.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream
+            .write_all(bytes)
+            .map_err(|source| self.io(source))
+    }
+
+    /// Reads one reply line as it came.
+    pub fn receive_raw(&mut self, timeout: Duration) -> Result<Reply, ClientError> {
+        self.receive(timeout).map(|(reply, _)| reply)
+    }
+
+    fn send(&mut self, request: Request) -> Result<(), ClientError> {
+        let line = protocol::request_line(request);
+        self.send_raw(&line)
+    }
+
+    fn io(&self, source: std::io::Error) -> ClientError {
+        ClientError::Io {
+            socket: self.socket.clone(),
+            source,
+        }
+    }
+
+    /// Reads one reply line and any descriptor that came with it.
+    fn receive(&mut self, timeout: Duration) -> Result<(Reply, Option<OwnedFd>), ClientError> {
+        self.stream
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .map_err(|source| self.io(source))?;
+        let mut fd = None;
+        let line = loop {
+            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                break line;
+            }
+            if self.buffer.len() > MAX_LINE_BYTES * 16 {
+                return Err(ClientError::Protocol("reply too long".into()));
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
+            let mut iov = [IoSliceMut::new(&mut chunk)];
+            let message = recvmsg::<()>(
+                self.stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg_space),
+                MsgFlags::empty(),
+            );
+            let (bytes, received) = match message {
+                Ok(message) => {
+                    let mut received = Vec::new();
+                    for cmsg in message.cmsgs().map_err(|e| self.io(e.into()))? {
+                        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                            received.extend(fds);
+                        }
+                    }
+                    (message.bytes, received)
+                }
+                Err(nix::errno::Errno::EAGAIN) => {
+                    return Err(ClientError::Timeout {
+                        secs: timeout.as_secs().max(1),
+                        log: self.log.clone(),
+                    });
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(self.io(e.into())),
+            };
+            for raw in received {
+                // SAFETY: SCM_RIGHTS gave us a fresh descriptor that nothing else owns.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                let _ = nix::fcntl::fcntl(
+                    &owned,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+                fd.get_or_insert(owned);
+            }
+            if bytes == 0 {
+                return Err(ClientError::Closed {
+                    log: self.log.clone(),
+                });
+            }
+            self.buffer.extend_from_slice(&chunk[..bytes]);
+        };
+        let parsed: ReplyLine =
+            serde_json::from_slice(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match parsed.reply {
+            Reply::Error { code, message } => Err(ClientError::Remote { code, message }),
+            reply => Ok((reply, fd)),
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! darwin-vz-nix: a NixOS VM on Apple Silicon, run through Virtualization.framework,
+//! as the Mac's Linux remote builder.
+//!
+//! The crate is a platform-neutral core — configuration, state directory, keys, boot
+//! plan, supervisor, control protocol, proxy — that builds and is tested anywhere,
+//! plus one macOS-only module (`vz`) that translates a boot plan into
+//! Virtualization.framework objects. Reading order for newcomers: `config` → `plan` →
+//! `supervisor` → `control` → `proxy` → `daemon` → `cli`.
+
+pub mod artifacts;
+pub mod backend;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod contract;
+pub mod control;
+pub mod daemon;
+pub mod disk;
+pub mod doctor;
+pub mod host;
+pub mod keys;
+pub mod mac;
+pub mod plan;
+pub mod proxy;
+pub mod size;
+pub mod ssh;
+pub mod state;
+pub mod supervisor;
+
+#[cfg(target_os = "macos")]
+pub mod vz;
+
+use std::sync::Arc;
+
+use backend::{Backend, BackendError};
+
+/// The backend that runs VMs on this platform.
+pub fn platform_backend() -> Result<Arc<dyn Backend>, BackendError> {
+    #[cfg(target_os = "macos")]
+    {
+        Ok(Arc::new(vz::VzBackend::new()?))
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        Err(BackendError::Unsupported(format!(
+            "darwin-vz-nix runs VMs only on macOS 13+ on Apple Silicon (this is {}); `darwin-vz-nix start --dry-run` shows what would boot",
+            std::env::consts::OS
+        )))
+    }
+}
+
+/// True when this build can run VMs here.
+pub fn vm_backend_available() -> bool {
+    cfg!(target_os = "macos")
+}
+
+/// What the platform says about virtualization and Rosetta, for `doctor`.
+pub fn platform_facts() -> doctor::PlatformFacts {
+    #[cfg(target_os = "macos")]
+    {
+        vz::platform_facts()
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        doctor::PlatformFacts::default()
+    }
+}

@@ -1,0 +1,159 @@
+//! How OpenSSH reaches the guest: a `Host` block whose `ProxyCommand` is
+//! `darwin-vz-nix proxy`, with the guest's host key pinned under a fixed alias.
+//!
+//! The same text is produced by `nix/lib.nix` (`sshConfig`) for nix-darwin; a test
+//! compares the two, so change both together.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::contract;
+use crate::state::StateDir;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SshConfigError {
+    #[error("{} contains {found:?}, which cannot be written into ssh_config (ssh hands ProxyCommand to `sh -c`); choose a path without \", newline, $, ` or \\", path.display())]
+    Unquotable { path: PathBuf, found: char },
+}
+
+/// Everything the `Host` block is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    /// The `darwin-vz-nix` binary that ssh runs as `ProxyCommand`.
+    pub proxy_bin: PathBuf,
+    pub state_dir: PathBuf,
+    pub user: String,
+}
+
+/// One ssh_config option: keyword and value as ssh parses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshOption {
+    pub keyword: &'static str,
+    pub value: String,
+}
+
+impl SshTarget {
+    /// The options, in the order they are written.
+    pub fn options(&self) -> Result<Vec<SshOption>, SshConfigError> {
+        let state = StateDir::new(&self.state_dir);
+        let option = |keyword, value: String| SshOption { keyword, value };
+        Ok(vec![
+            option("User", self.user.clone()),
+            option("HostKeyAlias", contract::HOST_KEY_ALIAS.to_string()),
+            option(
+                "ProxyCommand",
+                format!(
+                    "{} proxy --state-dir {}",
+                    quote(&self.proxy_bin)?,
+                    quote(&self.state_dir)?
+                ),
+            ),
+            option("UserKnownHostsFile", quote(&state.known_hosts())?),
+            option("IdentityFile", quote(&state.client_key())?),
+            option("IdentitiesOnly", "yes".into()),
+            option("StrictHostKeyChecking", "yes".into()),
+        ])
+    }
+
+    /// The `Host` block for `ssh_config` (what `darwin-vz-nix ssh-config` prints).
+    pub fn config_block(&self) -> Result<String, SshConfigError> {
+        let mut text = format!("Host {}\n", contract::HOST_KEY_ALIAS);
+        for SshOption { keyword, value } in self.options()? {
+            text.push_str(&format!("  {keyword} {value}\n"));
+        }
+        Ok(text)
+    }
+
+    /// Arguments for `ssh` that need no config file: `-F /dev/null` keeps the user's
+    /// and the system's configuration (ControlMaster, `Host *` …) out of the way.
+    pub fn ssh_args(&self, command: &[OsString]) -> Result<Vec<OsString>, SshConfigError> {
+        let mut args: Vec<OsString> = vec!["-F".into(), "/dev/null".into()];
+        for SshOption { keyword, value } in self.options()? {
+            args.push("-o".into());
+            args.push(format!("{keyword}={value}").into());
+        }
+        args.push(contract::HOST_KEY_ALIAS.into());
+        if !command.is_empty() {
+            args.push("--".into());
+            args.extend(command.iter().cloned());
+        }
+        Ok(args)
+    }
+}
+
+/// Characters a quoted path cannot carry: `"` and line breaks end the ssh_config
+/// argument; `$`, backquote and backslash keep their meaning inside the double quotes
+/// that `sh -c` sees in ProxyCommand. The same set as `sshConfigForbidden` in nix/lib.nix.
+pub const FORBIDDEN_IN_PATHS: [char; 6] = ['"', '\n', '\r', '$', '`', '\\'];
+
+/// Quotes a path for ssh_config: double quotes for spaces, `%%` because ssh expands
+/// `%` tokens in these options.
+fn quote(path: &Path) -> Result<String, SshConfigError> {
+    let text = path.to_string_lossy();
+    if let Some(found) = text.chars().find(|c| FORBIDDEN_IN_PATHS.contains(c)) {
+        return Err(SshConfigError::Unquotable {
+            path: path.to_path_buf(),
+            found,
+        });
+    }
+    Ok(format!("\"{}\"", text.replace('%', "%%")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(state_dir: &str) -> SshTarget {
+        SshTarget {
+            proxy_bin: "/nix/store/x-darwin-vz-nix/bin/darwin-vz-nix".into(),
+            state_dir: state_dir.into(),
+            user: "builder".into(),
+        }
+    }
+
+    #[test]
+    fn the_host_block_is_exact() {
+        assert_eq!(
+            target("/var/lib/darwin-vz").config_block().unwrap(),
+            "Host darwin-vz-nix\n\
+             \x20 User builder\n\
+             \x20 HostKeyAlias darwin-vz-nix\n\
+             \x20 ProxyCommand \"/nix/store/x-darwin-vz-nix/bin/darwin-vz-nix\" proxy --state-dir \"/var/lib/darwin-vz\"\n\
+             \x20 UserKnownHostsFile \"/var/lib/darwin-vz/keys/known_hosts\"\n\
+             \x20 IdentityFile \"/var/lib/darwin-vz/keys/client_ed25519\"\n\
+             \x20 IdentitiesOnly yes\n\
+             \x20 StrictHostKeyChecking yes\n"
+        );
+    }
+
+    #[test]
+    fn spaces_are_quoted_and_percent_escaped() {
+        let block = target("/Users/a b/100%").config_block().unwrap();
+        assert!(
+            block.contains("IdentityFile \"/Users/a b/100%%/keys/client_ed25519\""),
+            "{block}"
+        );
+        let err = target("/tmp/a$b").config_block().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/tmp/a$b contains '$', which cannot be written into ssh_config (ssh hands ProxyCommand to `sh -c`); choose a path without \", newline, $, ` or \\"
+        );
+        for bad in ["/tmp/a\"b", "/tmp/a\nb", "/tmp/a`b", "/tmp/a\\b"] {
+            assert!(target(bad).config_block().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ssh_args_isolate_from_other_config_and_pass_the_command() {
+        let args = target("/s")
+            .ssh_args(&["echo".into(), "ok".into()])
+            .unwrap();
+        let args: Vec<String> = args.into_iter().map(|a| a.into_string().unwrap()).collect();
+        assert_eq!(&args[..2], ["-F", "/dev/null"]);
+        assert!(args.contains(&"StrictHostKeyChecking=yes".to_string()));
+        assert_eq!(
+            &args[args.len() - 4..],
+            ["darwin-vz-nix", "--", "echo", "ok"]
+        );
+    }
+}
