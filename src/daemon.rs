@@ -50,6 +50,8 @@ pub struct DaemonOptions {
     pub boot_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub stop_timeout: Duration,
+    /// Power off and exit on SIGTERM/SIGINT (off when tests host the supervisor).
+    pub handle_signals: bool,
 }
 
 impl DaemonOptions {
@@ -59,6 +61,7 @@ impl DaemonOptions {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             idle_timeout: config.idle_timeout(),
             stop_timeout: config.stop_timeout(),
+            handle_signals: true,
         }
     }
 }
@@ -172,7 +175,9 @@ pub async fn serve(
     let supervisor = Supervisor::new(backend, planner, resetter, supervisor_options, summary);
 
     let shutdown = Arc::new(Notify::new());
-    tokio::spawn(forward_signals(shutdown.clone()));
+    if options.handle_signals {
+        tokio::spawn(forward_signals(shutdown.clone()));
+    }
     server.serve(supervisor.clone(), shutdown).await;
 
     tracing::info!("shutting down: powering the VM off");
