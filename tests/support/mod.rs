@@ -112,8 +112,14 @@ impl FakeVm {
         let keys = self.state_dir.join("keys/guest");
         let path = self.state_dir.join("fake-sshd_config");
         let mut lines = vec![
-            format!("HostKey \"{}\"", keys.join("ssh_host_ed25519_key").display()),
-            format!("AuthorizedKeysFile \"{}\"", keys.join("authorized_keys").display()),
+            format!(
+                "HostKey \"{}\"",
+                keys.join("ssh_host_ed25519_key").display()
+            ),
+            format!(
+                "AuthorizedKeysFile \"{}\"",
+                keys.join("authorized_keys").display()
+            ),
             "StrictModes no".into(),
             "UsePAM no".into(),
             "PermitRootLogin prohibit-password".into(),
@@ -156,7 +162,10 @@ impl FakeVm {
 }
 
 fn connect_error(port: u32, e: std::io::Error) -> BackendError {
-    BackendError::Connect { port, reason: e.to_string() }
+    BackendError::Connect {
+        port,
+        reason: e.to_string(),
+    }
 }
 
 /// Ends a per-connection sshd with its stream.
@@ -174,7 +183,11 @@ impl Backend for FakeVm {
         "fake (tests)"
     }
 
-    fn start(&self, plan: BootPlan, events: UnboundedSender<BackendEvent>) -> BoxFuture<'_, Result<(), BackendError>> {
+    fn start(
+        &self,
+        plan: BootPlan,
+        events: UnboundedSender<BackendEvent>,
+    ) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
             let behaviour = self.behaviour.lock().unwrap().clone();
             tokio::time::sleep(behaviour.boot_delay).await;
@@ -214,14 +227,25 @@ impl Backend for FakeVm {
 
     fn connect(&self, port: u32) -> BoxFuture<'_, Result<GuestStream, BackendError>> {
         Box::pin(async move {
-            let since = self.state.lock().unwrap().running_since.ok_or(BackendError::NotRunning)?;
+            let since = self
+                .state
+                .lock()
+                .unwrap()
+                .running_since
+                .ok_or(BackendError::NotRunning)?;
             if since.elapsed() < self.behaviour.lock().unwrap().listen_delay {
-                return Err(BackendError::Connect { port, reason: "Connection reset by peer".into() });
+                return Err(BackendError::Connect {
+                    port,
+                    reason: "Connection reset by peer".into(),
+                });
             }
             match port {
                 22 => self.spawn_sshd(),
                 ECHO_PORT => self.spawn_echo(),
-                _ => Err(BackendError::Connect { port, reason: "Connection refused".into() }),
+                _ => Err(BackendError::Connect {
+                    port,
+                    reason: "Connection refused".into(),
+                }),
             }
         })
     }
@@ -236,12 +260,19 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new() -> Fixture {
-        let dir = tempfile::Builder::new().prefix("dvn test ").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("dvn test ")
+            .tempdir()
+            .unwrap();
         // A space in the path proves quoting all the way through ssh.
         let state_dir = dir.path().join("state dir");
         let guest_dir = dir.path().join("guest");
         darwin_vz_nix::artifacts::write_fake_guest(&guest_dir, "loglevel=4\n").unwrap();
-        Fixture { dir, state_dir, guest_dir }
+        Fixture {
+            dir,
+            state_dir,
+            guest_dir,
+        }
     }
 
     pub fn config(&self, extra: ConfigLayer) -> Config {
@@ -255,7 +286,16 @@ impl Fixture {
             ..Default::default()
         };
         Config::resolve(
-            &[Source { origin: Origin::File("test".into()), layer: base }, Source { origin: Origin::Flag, layer: extra }],
+            &[
+                Source {
+                    origin: Origin::File("test".into()),
+                    layer: base,
+                },
+                Source {
+                    origin: Origin::Flag,
+                    layer: extra,
+                },
+            ],
             None,
         )
         .unwrap()
@@ -291,7 +331,10 @@ impl Fixture {
 }
 
 pub fn current_user() -> String {
-    nix::unistd::User::from_uid(nix::unistd::getuid()).unwrap().unwrap().name
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .unwrap()
+        .name
 }
 
 /// The real supervisor with a fake VM, served from a thread of this process.
@@ -303,19 +346,45 @@ pub struct Harness {
 
 impl Harness {
     pub fn start(fixture: &Fixture, behaviour: FakeVmBehaviour, idle: Option<Duration>) -> Harness {
-        Self::start_with(fixture, fixture.config(ConfigLayer::default()), behaviour, fixture.options(idle))
+        Self::start_with(
+            fixture,
+            fixture.config(ConfigLayer::default()),
+            behaviour,
+            fixture.options(idle),
+        )
     }
 
-    pub fn start_with(fixture: &Fixture, config: Config, behaviour: FakeVmBehaviour, options: DaemonOptions) -> Harness {
+    pub fn start_with(
+        fixture: &Fixture,
+        config: Config,
+        behaviour: FakeVmBehaviour,
+        options: DaemonOptions,
+    ) -> Harness {
         prepare_sshd_privsep_dir();
         let vm = FakeVm::new(&fixture.state_dir, behaviour);
         let prepared = daemon::prepare(&config).expect("prepare the state directory");
         let backend: Arc<dyn Backend> = vm.clone();
         let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            runtime.block_on(daemon::serve(prepared, config, HostInfo::detect(), backend, options)).unwrap();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime
+                .block_on(daemon::serve(
+                    prepared,
+                    config,
+                    HostInfo::detect(),
+                    backend,
+                    options,
+                ))
+                .unwrap();
         });
-        let harness = Harness { vm, thread: Some(thread), state_dir: fixture.state_dir.clone() };
+        let harness = Harness {
+            vm,
+            thread: Some(thread),
+            state_dir: fixture.state_dir.clone(),
+        };
         wait_for(Duration::from_secs(10), "the control socket", || {
             darwin_vz_nix::control::ControlClient::connect(&harness.state_dir).is_ok()
         });
@@ -327,7 +396,14 @@ impl Drop for Harness {
     fn drop(&mut self) {
         use darwin_vz_nix::control::protocol::Request;
         if let Ok(mut client) = darwin_vz_nix::control::ControlClient::connect(&self.state_dir) {
-            let _ = client.call(Request::Stop { force: true, timeout_ms: None, exit: true }, Duration::from_secs(10));
+            let _ = client.call(
+                Request::Stop {
+                    force: true,
+                    timeout_ms: None,
+                    exit: true,
+                },
+                Duration::from_secs(10),
+            );
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -346,7 +422,10 @@ pub fn prepare_sshd_privsep_dir() {
 pub fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -362,7 +441,9 @@ pub fn stderr(output: &Output) -> String {
 /// Reads the first line a child process prints (e.g. the SSH banner through `proxy`).
 pub fn first_line(child: &mut Child) -> String {
     let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     line
 }
 
@@ -371,4 +452,15 @@ pub fn read_some(stream: &mut impl Read, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
     stream.read_exact(&mut buf).unwrap();
     buf
+}
+
+/// Evaluates a builtins-only Nix file to JSON with Debian's `nix-instantiate`.
+pub fn nix_eval_json(file: &Path) -> serde_json::Value {
+    let out = Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json"])
+        .arg(file)
+        .output()
+        .expect("nix-instantiate is installed (apt install nix-bin)");
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -1,0 +1,234 @@
+{
+  description = "A NixOS VM on Apple's Virtualization.framework as the Mac's Linux remote builder";
+
+  inputs = {
+    # The branch nix-darwin recommends on macOS and tests its master branch with.
+    # Unlike nixos-unstable, its channel waits for the Darwin builds too, so the
+    # Darwin toolchain the CLI needs is in the binary cache at every pin. The guest
+    # (NixOS, aarch64-linux) is built from the same pin.
+    nixpkgs.url = "github:NixOS/nixpkgs/nixpkgs-unstable";
+
+    # Only for `checks`: evaluates the module the way a nix-darwin system does.
+    # Users of the module bring their own nix-darwin.
+    nix-darwin = {
+      url = "github:nix-darwin/nix-darwin";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+  };
+
+  outputs =
+    {
+      self,
+      nixpkgs,
+      nix-darwin,
+    }:
+    let
+      inherit (nixpkgs) lib;
+
+      # The host runs VMs on Apple Silicon only; the guest is aarch64-linux.
+      hostSystem = "aarch64-darwin";
+      guestSystem = "aarch64-linux";
+      # Where a developer may work on the project (formatter, dev shell).
+      devSystems = [
+        "aarch64-darwin"
+        "aarch64-linux"
+        "x86_64-linux"
+      ];
+      forDevSystems = lib.genAttrs devSystems;
+      pkgsFor = system: nixpkgs.legacyPackages.${system};
+
+      # guest.nix takes the Nixpkgs *source*; the nix-darwin module passes one too
+      # (services.darwin-vz.guestNixpkgs), so both evaluate the same guest.
+      mkGuest =
+        {
+          modules ? [ ],
+        }:
+        import ./nix/guest.nix {
+          nixpkgs = nixpkgs.outPath;
+          system = guestSystem;
+          inherit modules;
+        };
+
+      cli = self.packages.${hostSystem}.default;
+      defaultGuest = self.packages.${guestSystem}.guest;
+
+      # Evaluates the module inside a real nix-darwin system and returns what it
+      # generates (launchd plist, daemon config, machines file, ssh_config), as a
+      # file. The check builds neither the guest nor the CLI: it is about the
+      # module's evaluation, so string context is dropped.
+      evalModule =
+        name: settings: expect:
+        let
+          system = nix-darwin.lib.darwinSystem {
+            modules = [
+              self.darwinModules.default
+              {
+                nixpkgs.hostPlatform = hostSystem;
+                system.stateVersion = 6;
+                services.darwin-vz = settings // { enable = true; };
+              }
+            ];
+          };
+          inherit (system) config;
+          daemon = config.launchd.daemons.darwin-vz-nix;
+          failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+          generated = {
+            plist = config.environment.launchDaemons."${daemon.serviceConfig.Label}.plist".text;
+            daemonConfig = (import ./nix/lib.nix).daemonConfig config.services.darwin-vz;
+            machines = config.environment.etc."nix/machines".text;
+            sshConfig = config.environment.etc."ssh/ssh_config.d/100-darwin-vz-nix.conf".text;
+          };
+          wrong = builtins.filter (e: !e.holds generated) expect;
+        in
+        if failed != [ ] then
+          throw "darwin module (${name}): failed assertions:\n${lib.concatStringsSep "\n" failed}"
+        else if wrong != [ ] then
+          throw "darwin module (${name}): ${lib.concatMapStringsSep "; " (e: e.what) wrong}"
+        else
+          (pkgsFor hostSystem).writeText "darwin-module-${name}.json" (
+            builtins.unsafeDiscardStringContext (builtins.toJSON generated)
+          );
+
+      # Every .nix file of the repository is formatted with nixfmt.
+      formatting =
+        system:
+        let
+          pkgs = pkgsFor system;
+          nixFiles = lib.fileset.toSource {
+            root = ./.;
+            fileset = lib.fileset.fileFilter (file: file.hasExt "nix") ./.;
+          };
+        in
+        pkgs.runCommand "nixfmt-check" { nativeBuildInputs = [ pkgs.nixfmt ]; } ''
+          find ${nixFiles} -name '*.nix' -print0 | xargs -0 nixfmt --check
+          touch $out
+        '';
+      formattingChecks = forDevSystems (system: { formatting = formatting system; });
+    in
+    {
+      packages = {
+        ${hostSystem} = {
+          darwin-vz-nix = (pkgsFor hostSystem).callPackage ./nix/package.nix { };
+          default = self.packages.${hostSystem}.darwin-vz-nix;
+        };
+        # Built (and pushed to the binary cache) by the aarch64-linux CI job, so a
+        # Mac gets its first guest without any Linux builder.
+        ${guestSystem} = {
+          guest = mkGuest { };
+          default = self.packages.${guestSystem}.guest;
+        };
+      };
+
+      # `nix run github:…/darwin-vz-nix -- start` boots the default guest with no
+      # flags: the CLI reads its guest directory from DARWIN_VZ_NIX_GUEST, and an
+      # explicit --guest or an already exported variable still wins.
+      apps.${hostSystem}.default =
+        let
+          wrapper = (pkgsFor hostSystem).writeShellScriptBin "darwin-vz-nix" ''
+            export DARWIN_VZ_NIX_GUEST="''${DARWIN_VZ_NIX_GUEST:-${defaultGuest}}"
+            exec ${lib.getExe cli} "$@"
+          '';
+        in
+        {
+          type = "app";
+          program = lib.getExe wrapper;
+          meta.description = "darwin-vz-nix with the flake's default guest";
+        };
+
+      darwinModules.default =
+        { lib, pkgs, ... }:
+        {
+          imports = [ ./nix/darwin-module.nix ];
+          services.darwin-vz = {
+            package = lib.mkDefault (
+              self.packages.${pkgs.stdenv.hostPlatform.system}.default
+                or (pkgs.callPackage ./nix/package.nix { })
+            );
+            # The guest's Nixpkgs is the flake's pin, whatever the system's nixpkgs
+            # is: that is the guest the binary cache holds.
+            guestNixpkgs = lib.mkDefault nixpkgs.outPath;
+          };
+        };
+      darwinModules.darwin-vz = self.darwinModules.default;
+
+      # The guest's NixOS modules, one per file of nix/nixos/, and `default`, the
+      # whole guest configuration.
+      nixosModules =
+        let
+          isModule = file: type: type == "regular" && lib.hasSuffix ".nix" file;
+          files = lib.filterAttrs isModule (builtins.readDir ./nix/nixos);
+          module = file: _: {
+            name = lib.removeSuffix ".nix" file;
+            value = ./nix/nixos + "/${file}";
+          };
+        in
+        lib.mapAttrs' module files
+        // {
+          default = ./nix/nixos/configuration.nix;
+          guest = ./nix/nixos/configuration.nix;
+        };
+
+      # A customised guest: `darwin-vz-nix.lib.mkGuest { modules = [ ./builder.nix ]; }`
+      # is an aarch64-linux derivation like packages.aarch64-linux.guest.
+      lib = {
+        inherit mkGuest;
+      };
+
+      checks = lib.recursiveUpdate formattingChecks {
+        ${hostSystem} = {
+          package = cli;
+          module-defaults = evalModule "defaults" { } [
+            {
+              what = "x86_64-linux builds go to the VM";
+              holds = g: lib.hasInfix "aarch64-linux,x86_64-linux" g.machines;
+            }
+            {
+              what = "the daemon gets rosetta = true";
+              holds = g: g.daemonConfig.rosetta;
+            }
+          ];
+          module-no-rosetta-never-idle =
+            evalModule "no-rosetta-never-idle"
+              {
+                rosetta = false;
+                idleTimeout = 0;
+              }
+              [
+                {
+                  what = "no x86_64-linux without Rosetta";
+                  holds = g: !lib.hasInfix "x86_64-linux" g.machines;
+                }
+                {
+                  what = "the daemon gets idleTimeout = 0 and rosetta = false";
+                  holds = g: g.daemonConfig.idleTimeout == 0 && !g.daemonConfig.rosetta;
+                }
+              ];
+        };
+        ${guestSystem}.guest = defaultGuest;
+      };
+
+      formatter = forDevSystems (system: (pkgsFor system).nixfmt);
+
+      devShells = forDevSystems (
+        system:
+        let
+          pkgs = pkgsFor system;
+        in
+        {
+          default = pkgs.mkShell {
+            packages = [
+              pkgs.cargo
+              pkgs.rustc
+              pkgs.clippy
+              pkgs.rustfmt
+              pkgs.rust-analyzer
+              # The tests drive real ssh, sshd and nix.
+              pkgs.openssh
+              pkgs.nix
+              pkgs.nixfmt
+            ];
+          };
+        }
+      );
+    };
+}

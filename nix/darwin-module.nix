@@ -1,0 +1,393 @@
+# nix-darwin module: services.darwin-vz.
+#
+# Declares what the host needs and leaves the doing to the daemon: one JSON config
+# file, a launchd daemon running `darwin-vz-nix daemon` as a hidden service user, a
+# build machine for Nix and the ssh_config block root's nix-daemon uses to reach it.
+# The VM is not booted here: the daemon starts idle, boots the guest when the first
+# build connects through `darwin-vz-nix proxy`, and powers it off after
+# idleTimeout minutes without a connection.
+#
+# The flake's darwinModules.default imports this file and sets `package` and
+# `guestNixpkgs` to the flake's own, so the default guest is the one its CI built
+# and cached. Imported on its own, it builds both from the system's nixpkgs.
+{
+  config,
+  options,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib) mkOption types;
+
+  cfg = config.services.darwin-vz;
+  dvnLib = import ./lib.nix;
+  defaults = dvnLib.optionDefaults;
+
+  exe = lib.getExe' cfg.package "darwin-vz-nix";
+
+  configFile = pkgs.writeText "darwin-vz-nix.json" (builtins.toJSON (dvnLib.daemonConfig cfg));
+
+  # The guest is the default one unless extraNixOSConfig was set. With the default
+  # guest, the evaluation is exactly the flake's packages.aarch64-linux.guest, so it
+  # is substituted from the binary cache and no Linux builder is needed yet.
+  optionDefaultPriority = (lib.mkOptionDefault { }).priority;
+  customGuest = options.services.darwin-vz.extraNixOSConfig.highestPrio < optionDefaultPriority;
+  guestModules = lib.optional customGuest cfg.extraNixOSConfig;
+
+  linuxBuilderDir = toString config.nix.linux-builder.workingDirectory;
+in
+{
+  options.services.darwin-vz = {
+    enable = lib.mkEnableOption "the Linux builder VM on Virtualization.framework";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = lib.literalMD ''
+        the flake's `packages.aarch64-darwin.default`; `pkgs.callPackage ./nix/package.nix { }`
+        when this file is imported on its own
+      '';
+      example = lib.literalExpression "inputs.darwin-vz-nix.packages.aarch64-darwin.default";
+      description = ''
+        The darwin-vz-nix package; its binary runs the daemon and is the ssh ProxyCommand.
+      '';
+    };
+
+    cores = mkOption {
+      type = types.ints.positive;
+      default = defaults.cores;
+      example = 8;
+      description = "Virtual CPUs of the VM.";
+    };
+
+    memory = mkOption {
+      type = types.ints.positive;
+      default = defaults.memory;
+      example = 12288;
+      description = ''
+        Memory of the VM in MiB. It is held only while the VM runs: the VM powers
+        off after {option}`services.darwin-vz.idleTimeout` and gives it back.
+      '';
+    };
+
+    diskSize = mkOption {
+      type = types.strMatching "[0-9]+[KMGT]";
+      default = defaults.diskSize;
+      example = "200G";
+      description = ''
+        Size of the VM's disk (a sparse file: it takes only the space written to it).
+        Binary units K, M, G, T. The disk grows when this grows; shrinking is refused.
+      '';
+    };
+
+    rosetta = mkOption {
+      type = types.bool;
+      default = defaults.rosetta;
+      example = false;
+      description = ''
+        Run x86_64-linux builds through Rosetta 2. Rosetta must be installed on the
+        Mac: `softwareupdate --install-rosetta --agree-to-license`.
+      '';
+    };
+
+    idleTimeout = mkOption {
+      type = types.ints.unsigned;
+      default = defaults.idleTimeout;
+      example = 0;
+      description = ''
+        Minutes without an open build connection after which the VM powers off and
+        gives its memory back to macOS. 0 keeps it running once booted.
+      '';
+    };
+
+    stopTimeout = mkOption {
+      type = types.ints.positive;
+      default = defaults.stopTimeout;
+      example = 60;
+      description = "Seconds to wait for the guest to power off gracefully before forcing it.";
+    };
+
+    kernelParams = mkOption {
+      type = types.listOf types.str;
+      default = defaults.kernelParams;
+      example = [ "systemd.log_level=debug" ];
+      description = "Extra kernel command-line parameters for the guest, appended last.";
+    };
+
+    extraNixOSConfig = mkOption {
+      type = types.deferredModule;
+      default = { };
+      example = lib.literalExpression ''
+        { pkgs, ... }: {
+          environment.systemPackages = [ pkgs.htop ];
+        }
+      '';
+      description = ''
+        A NixOS module merged into the guest's configuration. Setting it makes the
+        guest a new aarch64-linux build: build it while the default guest is running
+        as the builder (see the README, "Customising the guest").
+      '';
+    };
+
+    guestNixpkgs = mkOption {
+      type = types.path;
+      default = pkgs.path;
+      defaultText = lib.literalMD ''
+        the flake's `nixpkgs` input; `pkgs.path` when this file is imported on its own
+      '';
+      example = lib.literalExpression "inputs.nixpkgs";
+      description = ''
+        The Nixpkgs source the guest is evaluated from. Keep the flake's own to use
+        the guest its CI caches; another one means building the guest yourself.
+      '';
+    };
+
+    guest = mkOption {
+      type = types.package;
+      default = import ./guest.nix {
+        nixpkgs = cfg.guestNixpkgs;
+        modules = guestModules;
+      };
+      defaultText = lib.literalMD ''
+        the default guest, with {option}`services.darwin-vz.extraNixOSConfig` merged in when set
+      '';
+      example = lib.literalExpression ''
+        inputs.darwin-vz-nix.lib.mkGuest { modules = [ ./builder.nix ]; }
+      '';
+      description = ''
+        The guest: a directory with `kernel`, `initrd`, `system` and `registration`,
+        as built by the flake's `lib.mkGuest`.
+      '';
+    };
+
+    workingDirectory = mkOption {
+      type = types.path;
+      default = defaults.workingDirectory;
+      example = "/Volumes/Fast/darwin-vz";
+      description = ''
+        The daemon's state directory: disk image, SSH keys, control socket and logs.
+        Keep it short: the control socket's path must fit in 103 bytes.
+      '';
+    };
+
+    logFile = mkOption {
+      type = types.path;
+      default = "/var/log/darwin-vz-nix.log";
+      example = "/Users/me/Library/Logs/darwin-vz-nix.log";
+      description = "Where launchd writes the daemon's standard output and error.";
+    };
+
+    logLevel = mkOption {
+      type = types.enum [
+        "error"
+        "warn"
+        "info"
+        "debug"
+        "trace"
+      ];
+      default = defaults.logLevel;
+      example = "debug";
+      description = "How much the daemon logs.";
+    };
+
+    maxJobs = mkOption {
+      type = types.ints.positive;
+      default = cfg.cores;
+      defaultText = lib.literalExpression "config.services.darwin-vz.cores";
+      example = 2;
+      description = "How many builds Nix runs on the VM at once (`nix.buildMachines.*.maxJobs`).";
+    };
+
+    speedFactor = mkOption {
+      type = types.ints.positive;
+      default = 1;
+      example = 2;
+      description = ''
+        Relative speed of the VM among your build machines (`nix.buildMachines.*.speedFactor`).
+      '';
+    };
+
+    supportedFeatures = mkOption {
+      type = types.listOf types.str;
+      # No "kvm" (and so no "nixos-test"): the guest has no /dev/kvm, and
+      # advertising it sends builds there that can only fail.
+      default = [
+        "benchmark"
+        "big-parallel"
+      ];
+      example = [
+        "benchmark"
+        "big-parallel"
+        "my-feature"
+      ];
+      description = "System features of the VM (`nix.buildMachines.*.supportedFeatures`).";
+    };
+
+    systems = mkOption {
+      type = types.listOf types.str;
+      default = dvnLib.defaultSystems cfg.rosetta;
+      defaultText = lib.literalExpression ''
+        [ "aarch64-linux" ] ++ lib.optional config.services.darwin-vz.rosetta "x86_64-linux"
+      '';
+      example = [ "aarch64-linux" ];
+      description = ''
+        Systems the VM builds for (`nix.buildMachines.*.systems`). Nix sends
+        x86_64-linux builds to it only if listed here.
+      '';
+    };
+
+    user = mkOption {
+      type = types.str;
+      default = "_darwin-vz";
+      example = "_nixvm";
+      description = "Hidden service account the daemon runs as; created by nix-darwin.";
+    };
+
+    uid = mkOption {
+      type = types.int;
+      default = 455;
+      example = 456;
+      description = ''
+        UID of {option}`services.darwin-vz.user`. Change it if it collides with an existing account.
+      '';
+    };
+
+    group = mkOption {
+      type = types.str;
+      default = defaults.group;
+      example = "_nixvm";
+      description = ''
+        Group of the service account. Its members may use the daemon's control
+        socket (`darwin-vz-nix status --state-dir …`); add yourself with
+        `users.groups.<group>.members`.
+      '';
+    };
+
+    gid = mkOption {
+      type = types.int;
+      default = 455;
+      example = 456;
+      description = "GID of {option}`services.darwin-vz.group`.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = pkgs.stdenv.hostPlatform.system == "aarch64-darwin";
+        message = "services.darwin-vz needs an Apple Silicon Mac: the guest is aarch64-linux.";
+      }
+      {
+        assertion = config.nix.enable;
+        message = "services.darwin-vz registers a Nix build machine, so it requires nix.enable.";
+      }
+      {
+        assertion = !config.nix.linux-builder.enable;
+        message = ''
+          services.darwin-vz replaces nix.linux-builder; enable only one of them.
+          To migrate: set nix.linux-builder.enable = false and keep
+          services.darwin-vz.enable = true, then run darwin-rebuild switch.
+          Nothing needs to be copied over: with nix.linux-builder disabled,
+          nix-darwin deletes the old VM image in /var/lib/linux-builder itself.
+          Settings from nix.linux-builder.config move to
+          services.darwin-vz.extraNixOSConfig.
+        '';
+      }
+      {
+        # nix-darwin empties that directory on every activation while
+        # nix.linux-builder is disabled.
+        assertion = toString cfg.workingDirectory != linuxBuilderDir;
+        message = ''
+          services.darwin-vz.workingDirectory must not be ${linuxBuilderDir}:
+          nix-darwin deletes that directory while nix.linux-builder is disabled.
+        '';
+      }
+      {
+        assertion = builtins.elem "x86_64-linux" cfg.systems -> cfg.rosetta;
+        message = ''
+          services.darwin-vz.systems lists x86_64-linux but services.darwin-vz.rosetta is off:
+          those builds would fail inside the VM.
+        '';
+      }
+    ];
+
+    warnings = lib.optional (builtins.elem "kvm" cfg.supportedFeatures) ''
+      services.darwin-vz.supportedFeatures lists "kvm", but the guest has no /dev/kvm:
+      builds that need it will be sent to the VM and fail there.
+    '';
+
+    users.users.${cfg.user} = {
+      inherit (cfg) uid gid;
+      description = "darwin-vz-nix builder VM";
+      isHidden = true;
+    };
+    users.knownUsers = [ cfg.user ];
+    users.groups.${cfg.group} = {
+      inherit (cfg) gid;
+      description = "darwin-vz-nix builder VM";
+    };
+    users.knownGroups = [ cfg.group ];
+
+    # The daemon creates everything inside its state directory on first start, but
+    # runs unprivileged and cannot create the directory itself under /var/lib, nor
+    # the log file launchd opens for it. extraActivation is one of the fixed script
+    # names nix-darwin runs (modules/system/activation-scripts.nix); it runs before
+    # the `users` script creates the account, hence numeric ids.
+    system.activationScripts.extraActivation.text = ''
+      mkdir -p ${lib.escapeShellArg cfg.workingDirectory}
+      chown ${toString cfg.uid}:${toString cfg.gid} ${lib.escapeShellArg cfg.workingDirectory}
+      chmod 0750 ${lib.escapeShellArg cfg.workingDirectory}
+      mkdir -p "$(dirname ${lib.escapeShellArg cfg.logFile})"
+      touch ${lib.escapeShellArg cfg.logFile}
+      chown ${toString cfg.uid}:${toString cfg.gid} ${lib.escapeShellArg cfg.logFile}
+    '';
+
+    launchd.daemons.darwin-vz-nix = {
+      # `command` (rather than ProgramArguments) makes nix-darwin wrap it in
+      # `/bin/wait4path /nix/store`: at boot the Nix volume may mount after launchd
+      # loads the daemon.
+      command = lib.escapeShellArgs [
+        exe
+        "daemon"
+        "--config"
+        configFile
+      ];
+      serviceConfig = {
+        # The daemon itself never exits on idle (only the VM stops), so KeepAlive
+        # restarts it only after a crash.
+        KeepAlive = true;
+        RunAtLoad = true;
+        UserName = cfg.user;
+        GroupName = cfg.group;
+        StandardOutPath = cfg.logFile;
+        StandardErrorPath = cfg.logFile;
+        # On SIGTERM (darwin-rebuild, shutdown) the daemon powers the guest off
+        # gracefully; launchd must not SIGKILL it in the middle.
+        ExitTimeOut = dvnLib.launchdExitTimeout cfg.stopTimeout;
+        # The VM runs builds someone is waiting for, and only while they run (it is
+        # off when idle): no launchd CPU or I/O throttling.
+        ProcessType = "Interactive";
+        # One proxied connection holds a few descriptors; Nix opens them in bursts.
+        SoftResourceLimits.NumberOfFiles = 4096;
+      };
+    };
+
+    # For `darwin-vz-nix status`, `ssh-config` and `ssh`.
+    environment.systemPackages = [ cfg.package ];
+
+    # Root's nix-daemon reads root's ssh configuration: the Host block must be
+    # system-wide. macOS's /etc/ssh/ssh_config includes ssh_config.d/*.
+    environment.etc."ssh/ssh_config.d/100-darwin-vz-nix.conf".text = dvnLib.sshConfig {
+      bin = exe;
+      stateDir = cfg.workingDirectory;
+    };
+
+    nix.buildMachines = [ (dvnLib.buildMachine cfg) ];
+    nix.distributedBuilds = true;
+    # The guest fetches what it can from caches itself rather than receiving every
+    # input from the Mac.
+    nix.settings.builders-use-substitutes = true;
+  };
+}

@@ -1,0 +1,58 @@
+# The daemon configs the nix-darwin module generates, for the Rust tests:
+#
+#   nix-instantiate --eval --strict --json tests/nix/daemon-config.nix
+#
+# prints { "<case>": <daemon JSON config>, ... }; each value must load with the
+# daemon's config loader (unknown keys are an error there). Builtins only: CI has
+# Nix but no nixpkgs.
+let
+  dvnLib = import ../../nix/lib.nix;
+
+  # What the module passes for its `guest` option: a store path.
+  guest = "/nix/store/00000000000000000000000000000000-darwin-vz-nix-guest";
+
+  # The module's option values with nothing set, as nix-darwin hands them over
+  # (options that are not daemon settings included: daemonConfig must ignore them).
+  defaults = dvnLib.optionDefaults // {
+    enable = true;
+    inherit guest;
+    logFile = "/var/log/darwin-vz-nix.log";
+    user = "_darwin-vz";
+    uid = 455;
+    gid = 455;
+    maxJobs = dvnLib.optionDefaults.cores;
+    speedFactor = 1;
+    supportedFeatures = [
+      "benchmark"
+      "big-parallel"
+    ];
+    systems = dvnLib.defaultSystems dvnLib.optionDefaults.rosetta;
+  };
+in
+{
+  defaults = dvnLib.daemonConfig defaults;
+
+  no-rosetta-never-idle = dvnLib.daemonConfig (
+    defaults
+    // {
+      rosetta = false;
+      idleTimeout = 0;
+      systems = dvnLib.defaultSystems false;
+    }
+  );
+
+  # Every optional setting at null: the daemon gets no key and applies its default.
+  minimal = dvnLib.daemonConfig {
+    inherit guest;
+    workingDirectory = "/var/lib/darwin-vz";
+    cores = null;
+    memory = null;
+    diskSize = null;
+    rosetta = null;
+    idleTimeout = null;
+    stopTimeout = null;
+    kernelParams = null;
+    logLevel = null;
+    group = null;
+  };
+}

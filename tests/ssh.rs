@@ -1,0 +1,276 @@
+//! SSH over the supervisor end to end, with real clients: OpenSSH's `ssh` through
+//! `darwin-vz-nix ssh` and `proxy`, and Nix (`nix store ping`, a remote build) over
+//! `ssh-ng://darwin-vz-nix` with the generated ssh_config. The "guest" is the fake VM
+//! of tests/support, whose port 22 is a real `sshd -i`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use darwin_vz_nix::control::ControlClient;
+use darwin_vz_nix::control::protocol::{Reply, Request, VmState};
+use support::*;
+
+fn vm_state(fixture: &Fixture) -> VmState {
+    match ControlClient::connect(&fixture.state_dir)
+        .unwrap()
+        .call(Request::Status, Duration::from_secs(5))
+        .unwrap()
+    {
+        Reply::Status(report) => report.state,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn ssh_runs_a_command_with_strict_host_key_checking() {
+    let fixture = Fixture::new();
+    let harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    assert_eq!(vm_state(&fixture), VmState::Stopped);
+
+    // The first ssh boots the VM on demand.
+    let out = fixture.cli(&["ssh", "--", "echo", "ok"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "ok\n");
+    assert_eq!(harness.vm.boots(), 1);
+
+    // The remote command's exit status comes back.
+    let out = fixture.cli(&["ssh", "--", "sh", "-c", "'exit 7'"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+}
+
+#[test]
+fn a_changed_guest_host_key_is_refused() {
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    assert_eq!(fixture.cli(&["ssh", "--", "true"]).status.code(), Some(0));
+
+    // Someone swaps the guest's host key without the pin being updated.
+    let key = fixture.state_dir.join("keys/guest/ssh_host_ed25519_key");
+    std::fs::remove_file(&key).unwrap();
+    std::fs::remove_file(key.with_extension("pub")).unwrap();
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    let out = fixture.cli(&["ssh", "--", "echo", "ok"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(stdout(&out).is_empty(), "the command did not run");
+    let err = stderr(&out);
+    assert!(
+        err.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"),
+        "{err}"
+    );
+    assert!(err.contains("Host key verification failed."), "{err}");
+}
+
+#[test]
+fn ssh_config_matches_the_nix_darwin_module_byte_for_byte() {
+    let cases = nix_eval_json(Path::new("tests/nix/ssh-config.nix"));
+    let fixture = Fixture::new();
+    for case in cases["cases"].as_array().unwrap() {
+        let (bin, state_dir, text) = (
+            case["bin"].as_str().unwrap(),
+            case["stateDir"].as_str().unwrap(),
+            case["text"].as_str().unwrap(),
+        );
+        let out = Command::new(env!("CARGO_BIN_EXE_darwin-vz-nix"))
+            .args(["ssh-config", "--state-dir", state_dir, "--proxy-bin", bin])
+            .env("DARWIN_VZ_NIX_SSH_USER", "builder")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(stdout(&out), text, "state dir {state_dir:?}");
+    }
+    for case in cases["rejected"].as_array().unwrap() {
+        let state_dir = case["stateDir"].as_str().unwrap();
+        assert_eq!(case["rejected"], true, "nix rejects {state_dir:?}");
+        let out = Command::new(env!("CARGO_BIN_EXE_darwin-vz-nix"))
+            .args([
+                "ssh-config",
+                "--state-dir",
+                state_dir,
+                "--proxy-bin",
+                "/bin/true",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "the CLI rejects {state_dir:?} too"
+        );
+        assert!(
+            stderr(&out).contains("which cannot be written into ssh_config"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    drop(fixture);
+}
+
+#[test]
+fn ssh_boots_on_demand_and_the_vm_powers_off_after_the_last_session() {
+    let fixture = Fixture::new();
+    let idle = Duration::from_millis(400);
+    let harness = Harness::start(&fixture, FakeVmBehaviour::default(), Some(idle));
+    let session = fixture
+        .cli_command(&["ssh", "--", "sleep", "1.5"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(10), "the VM to boot for ssh", || {
+        vm_state(&fixture) == VmState::Running
+    });
+    // Longer than the idle timeout, but a session is open.
+    std::thread::sleep(idle * 2);
+    assert_eq!(vm_state(&fixture), VmState::Running);
+    let out = session.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for(Duration::from_secs(5), "the idle poweroff", || {
+        vm_state(&fixture) == VmState::Stopped
+    });
+    assert_eq!(harness.vm.boots(), 1);
+}
+
+/// A user's ssh_config for Nix: the Host block from `ssh-config`, nothing else.
+fn ssh_config_file(fixture: &Fixture) -> PathBuf {
+    let out = fixture.cli(&["ssh-config"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Nix splits NIX_SSHOPTS on spaces, so this path has none (the state directory
+    // inside the file does, and is quoted there).
+    let dir = tempfile::Builder::new()
+        .prefix("dvn-ssh-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let path = dir.join("ssh_config");
+    std::fs::write(&path, &out.stdout).unwrap();
+    path
+}
+
+/// Runs Debian's `nix` with the generated ssh configuration.
+fn nix(fixture: &Fixture, config: &Path, args: &[&str]) -> Output {
+    Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command"])
+        .args(args)
+        .env("NIX_SSHOPTS", format!("-F {}", config.display()))
+        .env("HOME", fixture.dir.path())
+        // No binary cache: CI has no network, and everything comes from the builder.
+        .env("NIX_CONFIG", "substituters =")
+        .output()
+        .expect("nix is installed (apt install nix-bin)")
+}
+
+#[test]
+fn nix_store_ping_over_ssh_ng_through_the_proxy() {
+    let fixture = Fixture::new();
+    let harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    let config = ssh_config_file(&fixture);
+    let out = nix(
+        &fixture,
+        &config,
+        &["store", "ping", "--store", "ssh-ng://darwin-vz-nix"],
+    );
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // Nix 2.8 prints the report on stderr; newer versions on stdout.
+    let report = stdout(&out) + &stderr(&out);
+    assert!(
+        report.contains("Store URL: ssh-ng://darwin-vz-nix"),
+        "{report}"
+    );
+    assert_eq!(harness.vm.boots(), 1, "Nix's connection booted the VM");
+}
+
+#[test]
+fn nix_builds_a_derivation_on_the_builder_and_copies_the_output_back() {
+    let fixture = Fixture::new();
+    // The "guest" side builds into its own chroot store, not the client's.
+    // Nix's sandbox builds in a chroot store; give it the host's /bin/sh, and no
+    // binary cache (CI has no network).
+    let guest = tempfile::Builder::new()
+        .prefix("dvn-guest-")
+        .tempdir()
+        .unwrap();
+    let guest_store = guest.path().join("store");
+    let guest_conf = guest.path().join("nix.conf");
+    std::fs::write(
+        &guest_conf,
+        "substituters =\nsandbox = true\nextra-sandbox-paths = /usr /bin /lib /lib64\n",
+    )
+    .unwrap();
+    let behaviour = FakeVmBehaviour {
+        sshd_extra: vec![format!(
+            "SetEnv NIX_REMOTE={} NIX_USER_CONF_FILES={}",
+            guest_store.display(),
+            guest_conf.display()
+        )],
+        ..Default::default()
+    };
+    let _harness = Harness::start(&fixture, behaviour, None);
+    let config = ssh_config_file(&fixture);
+    let client_store = fixture.dir.path().join("client-store");
+    let expression = fixture.dir.path().join("remote.nix");
+    std::fs::write(
+        &expression,
+        r#"derivation {
+  name = "built-remotely";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo built on the builder > $out" ];
+}
+"#,
+    )
+    .unwrap();
+    let out = nix(
+        &fixture,
+        &config,
+        &[
+            "build",
+            "--store",
+            client_store.to_str().unwrap(),
+            "--max-jobs",
+            "0",
+            "--builders",
+            "ssh-ng://darwin-vz-nix x86_64-linux - 1 1",
+            "--no-link",
+            "--json",
+            "-f",
+            expression.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let built: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let path = built[0]["outputs"]["out"].as_str().unwrap().to_string();
+    assert!(
+        path.starts_with("/nix/store/") && path.ends_with("-built-remotely"),
+        "{path}"
+    );
+    let copied = client_store.join(path.trim_start_matches('/'));
+    assert_eq!(
+        std::fs::read_to_string(&copied).unwrap(),
+        "built on the builder\n"
+    );
+    // It was built in the builder's store, not the client's.
+    let on_builder = guest_store.join(path.trim_start_matches('/'));
+    assert_eq!(
+        std::fs::read_to_string(&on_builder).unwrap(),
+        "built on the builder\n"
+    );
+}
