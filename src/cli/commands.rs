@@ -112,6 +112,15 @@ fn boot_problems(config: &Config, host: &HostInfo, state: &StateDir) -> Vec<conf
     if let Err(mut more) = artifacts::resolve(config) {
         problems.append(&mut more);
     }
+    if disk::is_qcow2(&state.disk_image()).unwrap_or(false) {
+        problems.push(config::Problem {
+            input: config.input("stateDir"),
+            message: disk::DiskError::Qcow2 {
+                path: state.disk_image(),
+            }
+            .to_string(),
+        });
+    }
     if let Err(e) = state.check_socket_path() {
         problems.push(config::Problem {
             input: config.input("stateDir"),
