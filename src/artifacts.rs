@@ -183,13 +183,19 @@ pub fn resolve(config: &Config) -> Result<GuestArtifacts, Vec<Problem>> {
     let (Some((kernel, _)), Some((initrd, _)), Some((system, _))) = (kernel, initrd, system) else {
         unreachable!("a missing artifact is reported as a problem above");
     };
+    // A guest directory holds symlinks into the store; the guest must see the real
+    // store paths (init= is resolved inside the guest, where only /nix/store exists).
     Ok(GuestArtifacts {
-        kernel,
-        initrd,
-        system,
-        registration,
+        kernel: canonical(kernel),
+        initrd: canonical(initrd),
+        system: canonical(system),
+        registration: registration.map(canonical),
         system_kernel_params,
     })
+}
+
+fn canonical(path: PathBuf) -> PathBuf {
+    std::fs::canonicalize(&path).unwrap_or(path)
 }
 
 fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -265,6 +271,32 @@ mod tests {
         assert_eq!(
             artifacts.system_kernel_params,
             ["loglevel=4", "systemd.show_status=false"]
+        );
+    }
+
+    #[test]
+    fn symlinks_in_a_guest_directory_resolve_to_the_store_paths() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path().join("store");
+        write_fake_guest(&store.join("toplevel-ish"), "").unwrap();
+        let guest = tmp.path().join("guest");
+        std::fs::create_dir(&guest).unwrap();
+        for name in ["kernel", "initrd", "system", "registration"] {
+            std::os::unix::fs::symlink(store.join("toplevel-ish").join(name), guest.join(name))
+                .unwrap();
+        }
+        let artifacts = resolve(&config(ConfigLayer {
+            guest: Some(guest),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(
+            artifacts.system,
+            store.join("toplevel-ish/system").canonicalize().unwrap()
+        );
+        assert_eq!(
+            artifacts.kernel,
+            store.join("toplevel-ish/kernel").canonicalize().unwrap()
         );
     }
 
