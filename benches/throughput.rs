@@ -1,1 +1,111 @@
-fn main() {}
+//! How fast bytes cross the proxy path, next to a baseline measured in the same run:
+//!
+//!   baseline  the same bytes through a plain socketpair to an echo thread
+//!   proxy     darwin-vz-nix proxy (stdin/stdout) → descriptor handed over by the
+//!             supervisor → the fake guest's echo port: the path `nix copy` takes
+//!   relayed   the proxy path plus one more copying hop: what relaying the bytes
+//!             through the supervisor, instead of passing the descriptor, would add
+//!
+//! Run: `cargo bench --bench throughput` (DVN_BENCH_MIB sets the size, default 1024).
+//! Figures, not assertions: compare the ratios, not absolute numbers across machines.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use darwin_vz_nix::bench::Stats;
+use support::*;
+
+const CHUNK: usize = 256 * 1024;
+
+/// Writes `total` bytes into `writer` on a thread while reading them back from
+/// `reader`; returns MiB/s of the round trip.
+fn pump(mut writer: impl Write + Send + 'static, mut reader: impl Read, total: usize) -> f64 {
+    let t0 = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let chunk = vec![0x5au8; CHUNK];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            writer.write_all(&chunk[..n]).unwrap();
+            left -= n;
+        }
+        writer.flush().unwrap();
+        writer
+    });
+    let mut buffer = vec![0u8; CHUNK];
+    let mut got = 0;
+    while got < total {
+        let n = reader.read(&mut buffer).unwrap();
+        assert!(n > 0, "stream ended after {got} of {total} bytes");
+        got += n;
+    }
+    let elapsed = t0.elapsed();
+    drop(sender.join().unwrap());
+    total as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64()
+}
+
+fn baseline(total: usize) -> f64 {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || {
+        let mut reader = theirs.try_clone().unwrap();
+        let mut writer = theirs;
+        let _ = std::io::copy(&mut reader, &mut writer);
+    });
+    pump(ours.try_clone().unwrap(), ours, total)
+}
+
+fn through_proxy(fixture: &Fixture, port: u32, total: usize) -> f64 {
+    let mut proxy = fixture
+        .cli_command(&["proxy", "--port", &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = proxy.stdin.take().unwrap();
+    let stdout = proxy.stdout.take().unwrap();
+    let rate = pump(stdin, stdout, total);
+    let _ = proxy.wait();
+    rate
+}
+
+fn main() {
+    let mib: usize = std::env::var("DVN_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let runs = 3;
+    let total = mib * 1024 * 1024;
+    let fixture = Fixture::new();
+    let _harness = Harness::start(
+        &fixture,
+        FakeVmBehaviour {
+            listen_delay: Duration::ZERO,
+            ..Default::default()
+        },
+        None,
+    );
+
+    println!("throughput: {mib} MiB echoed per run, {runs} runs, MiB/s (min/median/max)");
+    let measure =
+        |f: &dyn Fn() -> f64| Stats::of(&(0..runs).map(|_| f()).collect::<Vec<_>>()).unwrap();
+    let base = measure(&|| baseline(total));
+    let proxy = measure(&|| through_proxy(&fixture, ECHO_PORT, total));
+    let relayed = measure(&|| through_proxy(&fixture, ECHO_RELAYED_PORT, total));
+    let row = |name: &str, s: &Stats| {
+        println!(
+            "  {name:<9} {:>8.0} {:>8.0} {:>8.0}   ratio to baseline {:.2}",
+            s.min,
+            s.median,
+            s.max,
+            s.median / base.median
+        );
+    };
+    row("baseline", &base);
+    row("proxy", &proxy);
+    row("relayed", &relayed);
+}

@@ -23,6 +23,9 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// Guest port whose "service" echoes bytes back (for throughput measurements).
 pub const ECHO_PORT: u32 = 7;
+/// Like `ECHO_PORT`, with one more copying hop in between: what relaying the bytes
+/// through the supervisor (instead of handing the proxy the descriptor) would add.
+pub const ECHO_RELAYED_PORT: u32 = 8;
 
 /// How the fake VM behaves.
 #[derive(Debug, Clone)]
@@ -161,6 +164,32 @@ impl FakeVm {
     }
 }
 
+impl FakeVm {
+    fn spawn_relayed_echo(&self) -> Result<GuestStream, BackendError> {
+        let (ours, relay_in) =
+            UnixStream::pair().map_err(|e| connect_error(ECHO_RELAYED_PORT, e))?;
+        let (relay_out, echo) =
+            UnixStream::pair().map_err(|e| connect_error(ECHO_RELAYED_PORT, e))?;
+        let copy = |mut from: UnixStream, mut to: UnixStream| {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+        };
+        copy(
+            relay_in.try_clone().unwrap(),
+            relay_out.try_clone().unwrap(),
+        );
+        copy(relay_out, relay_in);
+        std::thread::spawn(move || {
+            let mut reader = echo.try_clone().unwrap();
+            let mut writer = echo;
+            let _ = std::io::copy(&mut reader, &mut writer);
+        });
+        Ok(GuestStream::new(ours.into(), None))
+    }
+}
+
 fn connect_error(port: u32, e: std::io::Error) -> BackendError {
     BackendError::Connect {
         port,
@@ -242,6 +271,7 @@ impl Backend for FakeVm {
             match port {
                 22 => self.spawn_sshd(),
                 ECHO_PORT => self.spawn_echo(),
+                ECHO_RELAYED_PORT => self.spawn_relayed_echo(),
                 _ => Err(BackendError::Connect {
                     port,
                     reason: "Connection refused".into(),
