@@ -374,8 +374,10 @@ in
       };
     };
 
-    # For `darwin-vz-nix status`, `ssh-config` and `ssh`.
+    # For `darwin-vz-nix status`, `ssh-config` and `ssh`; the variable makes them
+    # talk to this daemon without --state-dir (sudo drops it: pass --state-dir there).
     environment.systemPackages = [ cfg.package ];
+    environment.variables.DARWIN_VZ_NIX_STATE_DIR = toString cfg.workingDirectory;
 
     # Root's nix-daemon reads root's ssh configuration: the Host block must be
     # system-wide. macOS's /etc/ssh/ssh_config includes ssh_config.d/*.

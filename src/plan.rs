@@ -292,15 +292,15 @@ impl fmt::Display for Device {
         match self {
             Device::Disk(d) => write!(
                 f,
-                "disk          virtio-blk {} ({}, caching {:?}, sync {:?})",
+                "disk          virtio-blk {} ({}, caching {}, sync {})",
                 d.path.display(),
                 if d.read_only {
                     "read-only"
                 } else {
                     "read-write"
                 },
-                d.caching,
-                d.sync
+                json_name(&d.caching),
+                json_name(&d.sync)
             ),
             Device::Network(n) => write!(f, "network       virtio-net NAT, MAC {}", n.mac),
             Device::Share(s) => write!(
@@ -331,6 +331,14 @@ impl fmt::Display for Device {
             Device::MemoryBalloon => write!(f, "balloon       virtio-balloon"),
         }
     }
+}
+
+/// The name a unit enum variant has in the JSON plan, for the text form.
+fn json_name(value: &impl Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -15,7 +15,10 @@ use support::*;
 
 fn status(fixture: &Fixture) -> darwin_vz_nix::control::protocol::StatusReport {
     let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
-    match client.call(Request::Status, Duration::from_secs(5)).unwrap() {
+    match client
+        .call(Request::Status, Duration::from_secs(5))
+        .unwrap()
+    {
         Reply::Status(report) => *report,
         other => panic!("unexpected {other:?}"),
     }
@@ -43,7 +46,11 @@ fn start_status_stop_through_the_cli() {
 
     let out = fixture.cli(&["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).starts_with("state         stopped\n"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("state         stopped\n"),
+        "{}",
+        stdout(&out)
+    );
 
     let out = fixture.cli(&["start"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -85,27 +92,44 @@ fn the_control_socket_and_state_are_private() {
 #[test]
 fn stop_falls_back_to_force_when_the_guest_ignores_the_power_button() {
     let fixture = Fixture::new();
-    let behaviour = FakeVmBehaviour { ignore_graceful_stop: true, ..Default::default() };
+    let behaviour = FakeVmBehaviour {
+        ignore_graceful_stop: true,
+        ..Default::default()
+    };
     let _harness = Harness::start(&fixture, behaviour, None);
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
 
     let t0 = Instant::now();
     let out = fixture.cli(&["stop", "--timeout", "1"]);
-    assert_eq!(stdout(&out), "stopped (forced: the guest did not power off within 1 s)\n", "{}", stderr(&out));
-    assert!(t0.elapsed() >= Duration::from_secs(1), "waited for the guest first");
+    assert_eq!(
+        stdout(&out),
+        "stopped (forced: the guest did not power off within 1 s)\n",
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "waited for the guest first"
+    );
     assert_eq!(status(&fixture).state, VmState::Stopped);
 
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
     let t0 = Instant::now();
     let out = fixture.cli(&["stop", "--force"]);
     assert_eq!(stdout(&out), "stopped (forced)\n");
-    assert!(t0.elapsed() < Duration::from_secs(1), "--force does not wait");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "--force does not wait"
+    );
 }
 
 #[test]
 fn connect_boots_on_demand_and_concurrent_connects_share_one_boot() {
     let fixture = Fixture::new();
-    let behaviour = FakeVmBehaviour { boot_delay: Duration::from_millis(400), ..Default::default() };
+    let behaviour = FakeVmBehaviour {
+        boot_delay: Duration::from_millis(400),
+        ..Default::default()
+    };
     let harness = Harness::start(&fixture, behaviour, None);
     assert_eq!(status(&fixture).state, VmState::Stopped);
 
@@ -116,13 +140,18 @@ fn connect_boots_on_demand_and_concurrent_connects_share_one_boot() {
     }
     assert_eq!(harness.vm.boots(), 1, "one boot for all four connections");
     let report = status(&fixture);
-    assert_eq!((report.state, report.connections, report.boots), (VmState::Running, 4, 1));
+    assert_eq!(
+        (report.state, report.connections, report.boots),
+        (VmState::Running, 4, 1)
+    );
 
     for mut proxy in proxies {
         drop(proxy.stdin.take());
         assert!(proxy.wait().unwrap().success());
     }
-    wait_for(Duration::from_secs(5), "connections to close", || status(&fixture).connections == 0);
+    wait_for(Duration::from_secs(5), "connections to close", || {
+        status(&fixture).connections == 0
+    });
 }
 
 #[test]
@@ -141,7 +170,9 @@ fn idle_poweroff_after_the_last_connection_and_reboot_on_the_next() {
 
     drop(proxy.stdin.take());
     proxy.wait().unwrap();
-    wait_for(Duration::from_secs(2), "the idle clock", || status(&fixture).idle_remaining_secs.is_some());
+    wait_for(Duration::from_secs(2), "the idle clock", || {
+        status(&fixture).idle_remaining_secs.is_some()
+    });
     wait_state(&fixture, VmState::Stopped, Duration::from_secs(5));
     assert_eq!(harness.vm.boots(), 1);
 
@@ -161,7 +192,11 @@ fn a_crash_is_reported_and_the_next_connection_boots_again() {
     harness.vm.crash("internal virtualization error");
     wait_state(&fixture, VmState::Failed, Duration::from_secs(2));
     let out = fixture.cli(&["status"]);
-    assert!(stdout(&out).contains("state         failed\n"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("state         failed\n"),
+        "{}",
+        stdout(&out)
+    );
     assert!(
         stdout(&out).contains("last error    the VM stopped with an error: internal virtualization error; see the guest console log"),
         "{}",
@@ -188,23 +223,42 @@ fn a_guest_poweroff_is_a_clean_stop() {
 #[test]
 fn boot_failures_reach_start_and_proxy_as_one_line() {
     let fixture = Fixture::new();
-    let behaviour = FakeVmBehaviour { fail_boot: Some("VZErrorDomain code 1: invalid kernel".into()), ..Default::default() };
+    let behaviour = FakeVmBehaviour {
+        fail_boot: Some("VZErrorDomain code 1: invalid kernel".into()),
+        ..Default::default()
+    };
     let _harness = Harness::start(&fixture, behaviour, None);
 
     let out = fixture.cli(&["start"]);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(stderr(&out).lines().last().unwrap(), "darwin-vz-nix: the VM failed to start: VZErrorDomain code 1: invalid kernel");
+    assert_eq!(
+        stderr(&out).lines().last().unwrap(),
+        "darwin-vz-nix: the VM failed to start: VZErrorDomain code 1: invalid kernel"
+    );
 
-    let out = fixture.cli_command(&["proxy"]).stdin(Stdio::null()).output().unwrap();
+    let out = fixture
+        .cli_command(&["proxy"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty(), "the proxy writes nothing but the stream to stdout");
-    assert_eq!(stderr(&out), "darwin-vz-nix: the VM failed to start: VZErrorDomain code 1: invalid kernel\n");
+    assert!(
+        out.stdout.is_empty(),
+        "the proxy writes nothing but the stream to stdout"
+    );
+    assert_eq!(
+        stderr(&out),
+        "darwin-vz-nix: the VM failed to start: VZErrorDomain code 1: invalid kernel\n"
+    );
 }
 
 #[test]
 fn a_guest_that_never_answers_times_out_pointing_at_the_console_log() {
     let fixture = Fixture::new();
-    let behaviour = FakeVmBehaviour { listen_delay: Duration::from_secs(3600), ..Default::default() };
+    let behaviour = FakeVmBehaviour {
+        listen_delay: Duration::from_secs(3600),
+        ..Default::default()
+    };
     let mut options = fixture.options(None);
     options.boot_timeout = Duration::from_secs(1);
     let config = fixture.config(Default::default());
@@ -230,10 +284,19 @@ fn configuration_problems_found_at_boot_are_reported_to_the_client() {
     let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
     // The guest disappears after the daemon started (e.g. garbage-collected).
     std::fs::remove_file(fixture.guest_dir.join("kernel")).unwrap();
-    let out = fixture.cli_command(&["proxy"]).stdin(Stdio::null()).output().unwrap();
+    let out = fixture
+        .cli_command(&["proxy"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.starts_with("darwin-vz-nix: invalid configuration: `guest` in test: cannot read kernel "), "{err}");
+    assert!(
+        err.starts_with(
+            "darwin-vz-nix: invalid configuration: `guest` in test: cannot read kernel "
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -242,7 +305,8 @@ fn malformed_requests_get_error_replies_and_never_wedge_the_supervisor() {
     let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
 
     // A client that connects and says nothing must not block others.
-    let _silent = std::os::unix::net::UnixStream::connect(fixture.state_dir.join("control.sock")).unwrap();
+    let _silent =
+        std::os::unix::net::UnixStream::connect(fixture.state_dir.join("control.sock")).unwrap();
 
     let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
     let cases: [(&[u8], ErrorCode); 4] = [
@@ -254,12 +318,17 @@ fn malformed_requests_get_error_replies_and_never_wedge_the_supervisor() {
     for (line, expected) in cases {
         client.send_raw(line).unwrap();
         match client.receive_raw(Duration::from_secs(5)) {
-            Err(darwin_vz_nix::control::ClientError::Remote { code, .. }) => assert_eq!(code, expected, "{line:?}"),
+            Err(darwin_vz_nix::control::ClientError::Remote { code, .. }) => {
+                assert_eq!(code, expected, "{line:?}")
+            }
             other => panic!("{line:?}: {other:?}"),
         }
     }
     // The same connection still works after errors.
-    assert!(matches!(client.call(Request::Status, Duration::from_secs(5)), Ok(Reply::Status(_))));
+    assert!(matches!(
+        client.call(Request::Status, Duration::from_secs(5)),
+        Ok(Reply::Status(_))
+    ));
 
     // An oversized line is refused and the connection closed.
     let mut big = ControlClient::connect(&fixture.state_dir).unwrap();
@@ -267,7 +336,10 @@ fn malformed_requests_get_error_replies_and_never_wedge_the_supervisor() {
     match big.receive_raw(Duration::from_secs(5)) {
         Err(darwin_vz_nix::control::ClientError::Remote { code, message }) => {
             assert_eq!(code, ErrorCode::TooLarge);
-            assert_eq!(message, "request longer than 65536 bytes; closing the connection");
+            assert_eq!(
+                message,
+                "request longer than 65536 bytes; closing the connection"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -280,10 +352,20 @@ fn malformed_requests_get_error_replies_and_never_wedge_the_supervisor() {
 #[test]
 fn two_starts_at_once_end_with_one_vm() {
     let fixture = Fixture::new();
-    let behaviour = FakeVmBehaviour { boot_delay: Duration::from_millis(300), ..Default::default() };
+    let behaviour = FakeVmBehaviour {
+        boot_delay: Duration::from_millis(300),
+        ..Default::default()
+    };
     let harness = Harness::start(&fixture, behaviour, None);
     let starts: Vec<Child> = (0..2)
-        .map(|_| fixture.cli_command(&["start"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .map(|_| {
+            fixture
+                .cli_command(&["start"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
         .collect();
     for start in starts {
         let out = start.wait_with_output().unwrap();
@@ -312,7 +394,10 @@ fn stop_daemon_ends_the_supervisor() {
     let harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
     let out = fixture.cli(&["stop", "--daemon"]);
-    assert_eq!(stdout(&out), "stopped (the guest powered off); the supervisor has exited\n");
+    assert_eq!(
+        stdout(&out),
+        "stopped (the guest powered off); the supervisor has exited\n"
+    );
     drop(harness);
     let out = fixture.cli(&["status"]);
     assert_eq!(out.status.code(), Some(3));
@@ -330,11 +415,18 @@ fn reset_through_the_supervisor_replaces_keys_and_disk() {
     let out = fixture.cli(&["destroy"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("re-run with --yes"));
-    assert_eq!(std::fs::read(&key).unwrap(), before, "nothing deleted without --yes");
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        before,
+        "nothing deleted without --yes"
+    );
 
     let out = fixture.cli(&["destroy", "--yes"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).contains(&format!("deleted {}", fixture.state_dir.join("disk.img").display())));
+    assert!(stdout(&out).contains(&format!(
+        "deleted {}",
+        fixture.state_dir.join("disk.img").display()
+    )));
     assert!(!fixture.state_dir.join("disk.img").exists());
     assert_ne!(std::fs::read(&key).unwrap(), before, "new keys");
     assert_eq!(status(&fixture).state, VmState::Stopped);
@@ -365,7 +457,11 @@ fn commands_say_so_when_nothing_runs() {
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).ends_with("; nothing to stop\n"));
 
-    let out = fixture.cli_command(&["proxy"]).stdin(Stdio::null()).output().unwrap();
+    let out = fixture
+        .cli_command(&["proxy"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert_eq!(
@@ -389,7 +485,11 @@ fn child_supervisor() {
         return;
     };
     let fixture_dir = std::path::PathBuf::from(std::env::var("DVN_CHILD_FIXTURE_DIR").unwrap());
-    let fixture = Fixture { dir: tempfile::tempdir().unwrap(), state_dir: state_dir.into(), guest_dir: fixture_dir.join("guest") };
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        state_dir: state_dir.into(),
+        guest_dir: fixture_dir.join("guest"),
+    };
     let config = fixture.config(Default::default());
     let prepared = match darwin_vz_nix::daemon::prepare(&config) {
         Ok(prepared) => prepared,
@@ -398,21 +498,34 @@ fn child_supervisor() {
             std::process::exit(4);
         }
     };
-    darwin_vz_nix::daemon::init_logging(&prepared.state, darwin_vz_nix::config::LogLevel::Info).unwrap();
+    darwin_vz_nix::daemon::init_logging(&prepared.state, darwin_vz_nix::config::LogLevel::Info)
+        .unwrap();
     prepare_sshd_privsep_dir();
     let vm = FakeVm::new(&fixture.state_dir, FakeVmBehaviour::default());
     let mut options = fixture.options(None);
     options.handle_signals = true;
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime
-        .block_on(darwin_vz_nix::daemon::serve(prepared, config, darwin_vz_nix::host::HostInfo::detect(), vm, options))
+        .block_on(darwin_vz_nix::daemon::serve(
+            prepared,
+            config,
+            darwin_vz_nix::host::HostInfo::detect(),
+            vm,
+            options,
+        ))
         .unwrap();
     std::process::exit(0);
 }
 
 fn spawn_child_supervisor(fixture: &Fixture) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_supervisor", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_supervisor",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("DVN_CHILD_STATE_DIR", &fixture.state_dir)
         .env("DVN_CHILD_FIXTURE_DIR", fixture.dir.path())
         .stdout(Stdio::null())
@@ -422,7 +535,9 @@ fn spawn_child_supervisor(fixture: &Fixture) -> Child {
 }
 
 fn wait_answering(fixture: &Fixture) {
-    wait_for(Duration::from_secs(20), "the child supervisor", || ControlClient::connect(&fixture.state_dir).is_ok());
+    wait_for(Duration::from_secs(20), "the child supervisor", || {
+        ControlClient::connect(&fixture.state_dir).is_ok()
+    });
 }
 
 #[test]
@@ -432,11 +547,18 @@ fn a_supervisor_killed_with_sigkill_leaves_nothing_that_blocks_the_next_start() 
     wait_answering(&fixture);
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     child.wait().unwrap();
     let socket = fixture.state_dir.join("control.sock");
     assert!(socket.exists(), "the stale socket is still there");
-    assert!(fixture.state_dir.join("lock").exists(), "the lock file is still there");
+    assert!(
+        fixture.state_dir.join("lock").exists(),
+        "the lock file is still there"
+    );
 
     // Liveness, not existence: the stale socket answers nobody.
     let out = fixture.cli(&["status"]);
@@ -446,7 +568,11 @@ fn a_supervisor_killed_with_sigkill_leaves_nothing_that_blocks_the_next_start() 
     wait_answering(&fixture);
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
     assert_eq!(status(&fixture).state, VmState::Running);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(next.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(next.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     assert!(next.wait().unwrap().success());
 }
 
@@ -456,12 +582,19 @@ fn sigterm_powers_the_vm_off_gracefully_before_exit() {
     let mut child = spawn_child_supervisor(&fixture);
     wait_answering(&fixture);
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     assert!(child.wait().unwrap().success());
     let log = std::fs::read_to_string(fixture.state_dir.join("logs/daemon.log")).unwrap();
     assert!(log.contains("SIGTERM"), "{log}");
     assert!(log.contains("VM stop: Graceful"), "{log}");
-    assert!(!fixture.state_dir.join("control.sock").exists(), "socket removed on a clean exit");
+    assert!(
+        !fixture.state_dir.join("control.sock").exists(),
+        "socket removed on a clean exit"
+    );
 }
 
 #[test]
@@ -478,7 +611,11 @@ fn two_supervisors_at_once_end_with_one_owner() {
             None => running.push(child),
         }
     }
-    assert_eq!((exited.len(), running.len()), (1, 1), "exactly one supervisor owns the directory");
+    assert_eq!(
+        (exited.len(), running.len()),
+        (1, 1),
+        "exactly one supervisor owns the directory"
+    );
     let (status, loser) = exited.pop().unwrap();
     assert_eq!(status.code(), Some(4));
     let err = loser.wait_with_output().unwrap().stderr;
@@ -486,7 +623,11 @@ fn two_supervisors_at_once_end_with_one_owner() {
     assert!(err.contains("another supervisor (pid "), "{err}");
     assert!(err.contains("already owns"), "{err}");
     let mut winner = running.pop().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(winner.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(winner.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     assert!(winner.wait().unwrap().success());
 }
 
@@ -499,8 +640,16 @@ fn logs_show_the_daemon_log() {
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("ready on"), "{}", stdout(&out));
     let out = fixture.cli(&["logs", "--console"]);
-    assert_eq!(out.status.code(), Some(1), "no console before the first boot");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no console before the first boot"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     child.wait().unwrap();
     let _ = std::io::stdout().flush();
 }

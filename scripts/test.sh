@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every test this repository has that runs without a Mac, in the order a failure is
+# cheapest to find. `.ci/run` calls this after installing what it needs; on a fresh
+# Debian 12 machine: apt install nix-bin openssh-server openssh-client rustc-web
+# cargo-web rust-web-src, then run it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "every .nix file parses"
+find . -name '*.nix' -not -path './target*' -print0 | xargs -0 -n1 nix-instantiate --parse >/dev/null
+
+step "cargo fmt --check"
+cargo fmt --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test (unit, CLI, supervisor, ssh/nix end to end, contract)"
+cargo test --locked
+
+step "the macOS code type-checks for aarch64-apple-darwin (Virtualization bindings from Apple's SDK headers)"
+# Debian's rustc-web ships the standard library's source, so the Apple target's std
+# is built here; linking is impossible without Apple's SDK, so this is `check`.
+# Warnings are errors here too (clippy has no Apple-target std on this machine).
+RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-D warnings" \
+  /usr/bin/cargo check --locked --all-targets --target aarch64-apple-darwin -Zbuild-std \
+  --target-dir target-apple
+
+step "all checks passed"
