@@ -6,6 +6,13 @@
 //!   relayed   the proxy path plus one more copying hop: what relaying the bytes
 //!             through the supervisor, instead of passing the descriptor, would add
 //!
+//! and, for an SSH session as Nix uses it (`ssh … 'cat > /dev/null'`, 1 GiB in):
+//!
+//!   ssh direct   ProxyCommand is the guest's `sshd -i` itself: no proxy at all
+//!   ssh relay    ProxyCommand is `darwin-vz-nix proxy` copying stdin/stdout
+//!   ssh fdpass   `proxy --fdpass` with ProxyUseFdpass: ssh gets the guest stream's
+//!                descriptor and the proxy copies nothing (the default ssh_config)
+//!
 //! Run: `cargo bench --bench throughput` (DVN_BENCH_MIB sets the size, default 1024).
 //! Figures, not assertions: compare the ratios, not absolute numbers across machines.
 
@@ -73,6 +80,32 @@ fn through_proxy(fixture: &Fixture, port: u32, total: usize) -> f64 {
     rate
 }
 
+/// Pushes `total` bytes into `ssh … 'cat > /dev/null'`; returns MiB/s.
+fn ssh_sink(config: &std::path::Path, options: &[String], total: usize) -> f64 {
+    let mut command = std::process::Command::new("ssh");
+    command.arg("-F").arg(config);
+    for option in options {
+        command.arg("-o").arg(option);
+    }
+    let mut ssh = command
+        .args(["darwin-vz-nix", "cat > /dev/null"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = ssh.stdin.take().unwrap();
+    let t0 = Instant::now();
+    let chunk = vec![0x5au8; CHUNK];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(CHUNK);
+        stdin.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+    drop(stdin);
+    assert!(ssh.wait().unwrap().success());
+    total as f64 / (1024.0 * 1024.0) / t0.elapsed().as_secs_f64()
+}
+
 fn main() {
     let mib: usize = std::env::var("DVN_BENCH_MIB")
         .ok()
@@ -81,7 +114,7 @@ fn main() {
     let runs = 3;
     let total = mib * 1024 * 1024;
     let fixture = Fixture::new();
-    let _harness = Harness::start(
+    let harness = Harness::start(
         &fixture,
         FakeVmBehaviour {
             listen_delay: Duration::ZERO,
@@ -108,4 +141,46 @@ fn main() {
     row("baseline", &base);
     row("proxy", &proxy);
     row("relayed", &relayed);
+
+    // An SSH session as Nix uses it, through our proxy and with no proxy at all.
+    let out = fixture.cli(&["ssh-config"]);
+    let config_dir = tempfile::Builder::new()
+        .prefix("dvn-bench-")
+        .tempdir()
+        .unwrap();
+    let config = config_dir.path().join("ssh_config");
+    std::fs::write(&config, &out.stdout).unwrap();
+    // Command-line -o options win over the file's, so these replace its ProxyCommand.
+    let direct_options = [
+        format!(
+            "ProxyCommand=/usr/sbin/sshd -i -f \"{}\"",
+            harness.vm.sshd_config().display()
+        ),
+        "ProxyUseFdpass=no".to_string(),
+    ];
+    let relay_options = [
+        format!(
+            "ProxyCommand=\"{}\" proxy --state-dir \"{}\"",
+            env!("CARGO_BIN_EXE_darwin-vz-nix"),
+            fixture.state_dir.display()
+        ),
+        "ProxyUseFdpass=no".to_string(),
+    ];
+    assert!(fixture.cli(&["start"]).status.success());
+    let direct = measure(&|| ssh_sink(&config, &direct_options, total));
+    let relay = measure(&|| ssh_sink(&config, &relay_options, total));
+    let fdpass = measure(&|| ssh_sink(&config, &[], total));
+    println!("ssh session, {mib} MiB into `cat > /dev/null`, MiB/s (min/median/max)");
+    let row = |name: &str, s: &Stats| {
+        println!(
+            "  {name:<11} {:>8.0} {:>8.0} {:>8.0}   ratio to direct {:.2}",
+            s.min,
+            s.median,
+            s.max,
+            s.median / direct.median
+        );
+    };
+    row("ssh direct", &direct);
+    row("ssh relay", &relay);
+    row("ssh fdpass", &fdpass);
 }

@@ -128,7 +128,8 @@ in
       Host ${contract.hostKeyAlias}
         User ${user}
         HostKeyAlias ${contract.hostKeyAlias}
-        ProxyCommand ${proxyBin} proxy --state-dir ${quotedStateDir}
+        ProxyCommand ${proxyBin} proxy --fdpass --state-dir ${quotedStateDir}
+        ProxyUseFdpass yes
         UserKnownHostsFile ${quotePath "known_hosts file" paths.knownHosts}
         IdentityFile ${quotePath "client key" paths.clientKey}
         IdentitiesOnly yes

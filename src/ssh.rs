@@ -40,14 +40,17 @@ impl SshTarget {
         Ok(vec![
             option("User", self.user.clone()),
             option("HostKeyAlias", contract::HOST_KEY_ALIAS.to_string()),
+            // ssh takes the guest stream's descriptor from the proxy and uses it
+            // directly: no byte is copied on the way (see proxy.rs).
             option(
                 "ProxyCommand",
                 format!(
-                    "{} proxy --state-dir {}",
+                    "{} proxy --fdpass --state-dir {}",
                     quote(&self.proxy_bin)?,
                     quote(&self.state_dir)?
                 ),
             ),
+            option("ProxyUseFdpass", "yes".into()),
             option("UserKnownHostsFile", quote(&state.known_hosts())?),
             option("IdentityFile", quote(&state.client_key())?),
             option("IdentitiesOnly", "yes".into()),
@@ -118,7 +121,8 @@ mod tests {
             "Host darwin-vz-nix\n\
              \x20 User builder\n\
              \x20 HostKeyAlias darwin-vz-nix\n\
-             \x20 ProxyCommand \"/nix/store/x-darwin-vz-nix/bin/darwin-vz-nix\" proxy --state-dir \"/var/lib/darwin-vz\"\n\
+             \x20 ProxyCommand \"/nix/store/x-darwin-vz-nix/bin/darwin-vz-nix\" proxy --fdpass --state-dir \"/var/lib/darwin-vz\"\n\
+             \x20 ProxyUseFdpass yes\n\
              \x20 UserKnownHostsFile \"/var/lib/darwin-vz/keys/known_hosts\"\n\
              \x20 IdentityFile \"/var/lib/darwin-vz/keys/client_ed25519\"\n\
              \x20 IdentitiesOnly yes\n\

@@ -653,3 +653,66 @@ fn logs_show_the_daemon_log() {
     child.wait().unwrap();
     let _ = std::io::stdout().flush();
 }
+
+#[test]
+fn proxy_fdpass_hands_the_stream_over_and_keeps_the_session_counted() {
+    use std::io::{IoSliceMut, Read};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+
+    // Play ssh with ProxyUseFdpass: stdout is a socket on which the descriptor arrives.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut proxy = fixture
+        .cli_command(&["proxy", "--fdpass"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(OwnedFd::from(theirs)))
+        .spawn()
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let message = nix::sys::socket::recvmsg::<()>(
+        ours.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
+    let fd = message
+        .cmsgs()
+        .unwrap()
+        .find_map(|c| match c {
+            nix::sys::socket::ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+            _ => None,
+        })
+        .expect("a descriptor came with the byte");
+    // SAFETY: a fresh descriptor from SCM_RIGHTS, owned by nobody else.
+    let mut guest = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+
+    // ssh waits for its ProxyCommand to exit before going on; it must, at once.
+    assert!(proxy.wait().unwrap().success());
+    let mut banner = [0u8; 8];
+    guest.read_exact(&mut banner).unwrap();
+    assert_eq!(
+        &banner, b"SSH-2.0-",
+        "the guest's sshd, straight through the handed-over descriptor"
+    );
+    // A detached watcher keeps the session counted while "ssh" (this process) lives.
+    assert_eq!(status(&fixture).connections, 1);
+}
+
+#[test]
+fn proxy_fdpass_falls_back_to_copying_when_stdout_is_a_pipe() {
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    let mut proxy = fixture
+        .cli_command(&["proxy", "--fdpass"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(first_line(&mut proxy).starts_with("SSH-2.0-OpenSSH"));
+    drop(proxy.stdin.take());
+    assert!(proxy.wait().unwrap().success());
+}

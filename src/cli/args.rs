@@ -308,6 +308,10 @@ pub struct ProxyArgs {
     /// Seconds to wait for an on-demand boot.
     #[arg(long, value_name = "SECONDS", default_value_t = 180)]
     pub timeout: u64,
+    /// Hand the stream's descriptor to ssh (needs `ProxyUseFdpass yes`) instead of
+    /// copying bytes; falls back to copying when stdout is not a socket.
+    #[arg(long)]
+    pub fdpass: bool,
 }
 
 #[derive(Debug, Args)]

@@ -35,7 +35,12 @@ pub fn run(cli: Cli) -> Outcome {
         Command::Status(json) => status(&global, json.json),
         Command::Ssh(args) => ssh(&global, args.user, &args.command),
         Command::SshConfig(args) => ssh_config(&global, args.proxy_bin, args.user),
-        Command::Proxy(args) => proxy(&global, args.port, Duration::from_secs(args.timeout)),
+        Command::Proxy(args) => proxy(
+            &global,
+            args.port,
+            Duration::from_secs(args.timeout),
+            args.fdpass,
+        ),
         Command::Daemon(args) => run_daemon(&global, &args.vm),
         Command::Doctor(args) => run_doctor(&global, &args.vm, args.json),
         Command::Logs(args) => logs(&global, &args),
@@ -594,14 +599,14 @@ fn ssh_config(global: &GlobalArgs, proxy_bin: Option<PathBuf>, user: Option<Stri
     Ok(0)
 }
 
-fn proxy(global: &GlobalArgs, port: u32, timeout: Duration) -> Outcome {
+fn proxy(global: &GlobalArgs, port: u32, timeout: Duration, fdpass: bool) -> Outcome {
     // The proxy needs only the state directory; a broken config file must not stop
     // ssh from reaching a running builder.
     let state_dir = match &global.state_dir {
         Some(dir) => absolute(dir),
         None => resolve_config(global, ConfigLayer::default(), &HostInfo::detect())?.state_dir,
     };
-    crate::proxy::run(&state_dir, port, timeout)?;
+    crate::proxy::run(&state_dir, port, timeout, fdpass)?;
     Ok(0)
 }
 

@@ -45,6 +45,12 @@ pub struct ControlClient {
     buffer: Vec<u8>,
 }
 
+impl std::os::fd::AsFd for ControlClient {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
 impl ControlClient {
     /// Connects to the supervisor of `state_dir`.
     pub fn connect(state_dir: &Path) -> Result<ControlClient, ClientError> {

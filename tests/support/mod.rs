@@ -111,7 +111,8 @@ impl FakeVm {
         }
     }
 
-    fn sshd_config(&self) -> PathBuf {
+    /// Writes the guest's sshd_config and returns its path.
+    pub fn sshd_config(&self) -> PathBuf {
         let keys = self.state_dir.join("keys/guest");
         let path = self.state_dir.join("fake-sshd_config");
         let mut lines = vec![
