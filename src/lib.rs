@@ -19,6 +19,7 @@ pub mod disk;
 pub mod doctor;
 pub mod host;
 pub mod keys;
+pub mod limits;
 pub mod mac;
 pub mod plan;
 pub mod proxy;

@@ -1,0 +1,520 @@
+//! Running the VM: every VZ call happens on one serial dispatch queue.
+//!
+//! VZ objects are not thread-safe; Apple's rule is that a `VZVirtualMachine` and its
+//! devices are used only on the queue given to `initWithConfiguration:queue:`, and
+//! VZ calls completion handlers and the delegate on that queue too. So each
+//! operation here is a closure sent to the queue with `exec_async`, and its result
+//! comes back to async Rust through a `tokio::sync::oneshot`. Nothing VZ ever leaves
+//! the queue except inside [`OnQueue`], which is only opened on the queue.
+
+use std::cell::Cell;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use block2::RcBlock;
+use dispatch2::{DispatchQueue, DispatchRetained, DispatchTime};
+use objc2::AnyThread;
+use objc2::rc::Retained;
+use objc2::runtime::ProtocolObject;
+use objc2_foundation::NSError;
+use objc2_virtualization::{
+    VZVirtioSocketConnection, VZVirtioSocketDevice, VZVirtualMachine, VZVirtualMachineState,
+};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
+
+use super::config::{self, describe};
+use super::delegate::{DelegateState, VmDelegate};
+use crate::backend::{BackendError, BackendEvent, GuestStream};
+use crate::limits;
+use crate::plan::BootPlan;
+
+/// A value that may only be used on the VM's queue.
+pub struct OnQueue<T>(T);
+
+// SAFETY: VZ objects may be used from any thread as long as all uses are serialized
+// on the VM's serial queue. An `OnQueue` is opened (`get`) only inside closures that
+// run on that queue and is dropped there too (the places that hold one say so), so
+// moving the wrapper to another thread never lets two threads use the object.
+unsafe impl<T> Send for OnQueue<T> {}
+
+impl<T> OnQueue<T> {
+    fn new(value: T) -> OnQueue<T> {
+        OnQueue(value)
+    }
+
+    /// # Safety
+    /// Call only on the VM's queue.
+    unsafe fn get(&self) -> &T {
+        &self.0
+    }
+}
+
+/// The VM of one boot. Created, used and dropped on the queue.
+struct Running {
+    generation: u64,
+    vm: Retained<VZVirtualMachine>,
+    /// VZ holds its delegate weakly; this is the strong reference.
+    _delegate: Retained<VmDelegate>,
+}
+
+/// What the backend, the delegate and queued closures share.
+pub struct Shared {
+    queue: DispatchRetained<DispatchQueue>,
+    /// The current VM, if any. Locked only on the queue (the mutex makes `Shared`
+    /// `Sync`; the queue already serializes every access).
+    vm: Mutex<Option<OnQueue<Running>>>,
+}
+
+impl Shared {
+    pub fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            queue: DispatchQueue::new("darwin-vz-nix.vm", None),
+            vm: Mutex::new(None),
+        })
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<OnQueue<Running>>> {
+        self.vm
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes the current VM out. The caller drops it on the queue, which releases
+    /// the VM and gives its memory back to macOS.
+    fn take(&self) -> Option<OnQueue<Running>> {
+        self.slot().take()
+    }
+
+    /// Releases the VM of boot `generation` in a later turn of the queue, so that a
+    /// VZ callback never runs while its own VM is deallocated under it.
+    pub fn release_later(self: &Arc<Shared>, generation: u64) {
+        let shared = Arc::clone(self);
+        self.queue.exec_async(move || {
+            let mut slot = shared.slot();
+            // SAFETY: this closure runs on the VM queue.
+            let current = slot.as_ref().map(|r| unsafe { r.get() }.generation);
+            let released = if current == Some(generation) {
+                slot.take()
+            } else {
+                None
+            };
+            drop(slot);
+            // Dropped here, on the queue.
+            drop(released);
+        });
+    }
+
+    /// Runs `f` with the current VM; `None` when there is none.
+    ///
+    /// # Safety
+    /// Call only on the VM queue.
+    unsafe fn with_vm<R>(&self, f: impl FnOnce(&Running) -> R) -> Option<R> {
+        let slot = self.slot();
+        // SAFETY: guaranteed by the caller.
+        slot.as_ref().map(|running| f(unsafe { running.get() }))
+    }
+
+    /// Releases whatever VM is still held, on the queue.
+    pub fn release_all(self: &Arc<Shared>) {
+        let shared = Arc::clone(self);
+        self.queue.exec_async(move || drop(shared.take()));
+    }
+}
+
+/// Runs `op` on the queue and hands its result back to async code.
+pub async fn on_queue<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    op: impl FnOnce(&Arc<Shared>, oneshot::Sender<T>) + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    let for_queue = Arc::clone(shared);
+    shared.queue.exec_async(move || op(&for_queue, tx));
+    rx.await.ok()
+}
+
+/// A oneshot sender usable from a VZ completion block, which must be `Fn`.
+struct Reply<T>(Cell<Option<oneshot::Sender<T>>>);
+
+impl<T> Reply<T> {
+    fn new(tx: oneshot::Sender<T>) -> Reply<T> {
+        Reply(Cell::new(Some(tx)))
+    }
+
+    fn send(&self, value: T) {
+        if let Some(tx) = self.0.take() {
+            // The caller may have given up waiting; nothing to do then.
+            let _ = tx.send(value);
+        }
+    }
+}
+
+/// # Safety
+/// Call only on the VM queue.
+unsafe fn state_name(vm: &VZVirtualMachine) -> &'static str {
+    // SAFETY: guaranteed by the caller.
+    limits::state_name(unsafe { vm.state() }.0)
+}
+
+/// `*mut NSError` from a completion handler as an optional reference.
+///
+/// # Safety
+/// `error` must be nil or a valid `NSError` for the duration of the handler call.
+unsafe fn error_ref<'a>(error: *mut NSError) -> Option<&'a NSError> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { error.as_ref() }
+}
+
+// ---- start -------------------------------------------------------------------
+
+/// Creates and starts the VM for `plan`; replies once it runs.
+///
+/// # Safety
+/// Call only on the VM queue (through `on_queue`).
+pub unsafe fn start(
+    shared: &Arc<Shared>,
+    plan: BootPlan,
+    events: UnboundedSender<BackendEvent>,
+    generation: u64,
+    reply: oneshot::Sender<Result<(), BackendError>>,
+) {
+    if let Some(stale) = shared.take() {
+        tracing::warn!("releasing a VM of an earlier boot that was still held");
+        drop(stale);
+    }
+    let config = match config::build(&plan) {
+        Ok(config) => config,
+        Err(error) => {
+            let _ = reply.send(Err(error));
+            return;
+        }
+    };
+    // SAFETY: on the VM queue, with the (serial) queue the VM will use and a
+    // configuration that passed validation.
+    let vm = unsafe {
+        VZVirtualMachine::initWithConfiguration_queue(
+            VZVirtualMachine::alloc(),
+            &config,
+            &shared.queue,
+        )
+    };
+    let delegate = VmDelegate::new(DelegateState {
+        events,
+        shared: Arc::downgrade(shared),
+        generation,
+    });
+    // SAFETY: on the VM queue; the delegate outlives the VM because `Running`
+    // holds both.
+    unsafe { vm.setDelegate(Some(ProtocolObject::from_ref(&*delegate))) };
+    *shared.slot() = Some(OnQueue::new(Running {
+        generation,
+        vm: vm.clone(),
+        _delegate: delegate,
+    }));
+
+    let reply = Reply::new(reply);
+    let weak = Arc::downgrade(shared);
+    let handler = RcBlock::new(move |error: *mut NSError| {
+        // SAFETY: VZ passes nil or a valid NSError for the duration of the call.
+        let result = match unsafe { error_ref(error) } {
+            None => Ok(()),
+            Some(error) => {
+                if let Some(shared) = weak.upgrade() {
+                    shared.release_later(generation);
+                }
+                Err(BackendError::Start(describe(error)))
+            }
+        };
+        reply.send(result);
+    });
+    // SAFETY: on the VM queue; VZ copies the block and calls it on the queue.
+    unsafe { vm.startWithCompletionHandler(&handler) };
+}
+
+// ---- stop --------------------------------------------------------------------
+
+/// Presses the virtual power button.
+///
+/// # Safety
+/// Call only on the VM queue (through `on_queue`).
+pub unsafe fn request_stop(shared: &Arc<Shared>, reply: oneshot::Sender<Result<(), BackendError>>) {
+    // SAFETY: guaranteed by the caller.
+    let result = unsafe { shared.with_vm(|running| request_stop_vm(&running.vm)) }
+        .unwrap_or(Err(BackendError::NotRunning));
+    let _ = reply.send(result);
+}
+
+/// # Safety
+/// Call only on the VM queue.
+unsafe fn request_stop_vm(vm: &VZVirtualMachine) -> Result<(), BackendError> {
+    // SAFETY: guaranteed by the caller.
+    if !unsafe { vm.canRequestStop() } {
+        return Err(BackendError::Stop(format!(
+            "the guest cannot be asked to stop while the VM is {}",
+            // SAFETY: guaranteed by the caller.
+            unsafe { state_name(vm) }
+        )));
+    }
+    // SAFETY: on the VM queue, in a state that allows it.
+    unsafe { vm.requestStopWithError() }.map_err(|error| BackendError::Stop(describe(&error)))
+}
+
+/// How often, and how many times, `force_stop` looks again at a VM that is between
+/// two states (starting, stopping, …) before deciding: VZ cannot stop a VM in the
+/// middle of its start, and a stop that arrives then should wait, not fail.
+const SETTLE_POLL: Duration = Duration::from_millis(100);
+const SETTLE_POLLS: u32 = 100;
+
+/// Pulls the plug; replies once the VM has stopped and is released.
+///
+/// # Safety
+/// Call only on the VM queue (through `on_queue`).
+pub unsafe fn force_stop(shared: &Arc<Shared>, reply: oneshot::Sender<Result<(), BackendError>>) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { force_stop_attempt(shared, reply, SETTLE_POLLS) };
+}
+
+/// # Safety
+/// Call only on the VM queue.
+unsafe fn force_stop_attempt(
+    shared: &Arc<Shared>,
+    reply: oneshot::Sender<Result<(), BackendError>>,
+    polls_left: u32,
+) {
+    // SAFETY: guaranteed by the caller.
+    match unsafe { shared.with_vm(|running| stop_outcome(running, polls_left > 0)) } {
+        // Nothing runs: already what the caller wants.
+        None => {
+            let _ = reply.send(Ok(()));
+        }
+        Some(StopOutcome::AlreadyStopped) => {
+            drop(shared.take());
+            let _ = reply.send(Ok(()));
+        }
+        Some(StopOutcome::Settling) => {
+            let again = Arc::clone(shared);
+            let when = DispatchTime::try_from(SETTLE_POLL).unwrap_or(DispatchTime::NOW);
+            // `after` only fails to schedule on invalid input; the reply would then
+            // be dropped and the caller told that VZ never answered.
+            let _ = shared.queue.after(when, move || {
+                // SAFETY: `after` runs this closure on the VM queue.
+                unsafe { force_stop_attempt(&again, reply, polls_left - 1) };
+            });
+        }
+        Some(StopOutcome::Refused(why)) => {
+            let _ = reply.send(Err(BackendError::Stop(why)));
+        }
+        Some(StopOutcome::Stop(generation, vm)) => {
+            // SAFETY: guaranteed by the caller.
+            unsafe { stop_vm(shared, &vm, generation, Reply::new(reply)) };
+        }
+    }
+}
+
+enum StopOutcome {
+    AlreadyStopped,
+    /// Between two states; look again shortly.
+    Settling,
+    Refused(String),
+    Stop(u64, Retained<VZVirtualMachine>),
+}
+
+/// What `force_stop` should do with the VM as it is now.
+///
+/// # Safety
+/// Call only on the VM queue.
+unsafe fn stop_outcome(running: &Running, may_wait: bool) -> StopOutcome {
+    let vm = &running.vm;
+    // SAFETY: guaranteed by the caller.
+    let state = unsafe { vm.state() };
+    if state == VZVirtualMachineState::Stopped || state == VZVirtualMachineState::Error {
+        return StopOutcome::AlreadyStopped;
+    }
+    // SAFETY: guaranteed by the caller.
+    if unsafe { vm.canStop() } {
+        return StopOutcome::Stop(running.generation, vm.clone());
+    }
+    if may_wait && is_transient(state) {
+        return StopOutcome::Settling;
+    }
+    StopOutcome::Refused(format!(
+        "the VM cannot be stopped while it is {}",
+        // SAFETY: guaranteed by the caller.
+        unsafe { state_name(vm) }
+    ))
+}
+
+fn is_transient(state: VZVirtualMachineState) -> bool {
+    [
+        VZVirtualMachineState::Starting,
+        VZVirtualMachineState::Stopping,
+        VZVirtualMachineState::Pausing,
+        VZVirtualMachineState::Resuming,
+        VZVirtualMachineState::Saving,
+        VZVirtualMachineState::Restoring,
+    ]
+    .contains(&state)
+}
+
+/// # Safety
+/// Call only on the VM queue, when `canStop` said yes.
+unsafe fn stop_vm(
+    shared: &Arc<Shared>,
+    vm: &VZVirtualMachine,
+    generation: u64,
+    reply: Reply<Result<(), BackendError>>,
+) {
+    let weak = Arc::downgrade(shared);
+    let handler = RcBlock::new(move |error: *mut NSError| {
+        // SAFETY: VZ passes nil or a valid NSError for the duration of the call.
+        let result = match unsafe { error_ref(error) } {
+            Some(error) => Err(BackendError::Stop(describe(error))),
+            None => {
+                if let Some(shared) = weak.upgrade() {
+                    shared.release_later(generation);
+                }
+                Ok(())
+            }
+        };
+        reply.send(result);
+    });
+    // SAFETY: guaranteed by the caller; VZ copies the block and calls it on the
+    // queue.
+    unsafe { vm.stopWithCompletionHandler(&handler) };
+}
+
+// ---- connect -----------------------------------------------------------------
+
+/// Opens a connection to guest vsock `port`.
+///
+/// # Safety
+/// Call only on the VM queue (through `on_queue`): reading `socketDevices` off the
+/// queue traps.
+pub unsafe fn connect(
+    shared: &Arc<Shared>,
+    port: u32,
+    reply: oneshot::Sender<Result<GuestStream, BackendError>>,
+) {
+    // SAFETY: guaranteed by the caller.
+    let device = match unsafe { shared.with_vm(|running| socket_device(&running.vm)) } {
+        Some(Some(device)) => device,
+        Some(None) => {
+            let _ = reply.send(Err(BackendError::Invalid(
+                "the VM has no virtio socket device, so no guest port can be reached".into(),
+            )));
+            return;
+        }
+        None => {
+            let _ = reply.send(Err(BackendError::NotRunning));
+            return;
+        }
+    };
+    let reply = Reply::new(reply);
+    let queue = shared.queue.clone();
+    let handler = RcBlock::new(
+        move |connection: *mut VZVirtioSocketConnection, error: *mut NSError| {
+            // SAFETY: VZ passes nil or valid objects for the duration of the call.
+            let result = unsafe { connection_result(connection, error, &queue) };
+            reply.send(result.map_err(|reason| BackendError::Connect { port, reason }));
+        },
+    );
+    // SAFETY: guaranteed by the caller; VZ copies the block and calls it on the
+    // queue.
+    unsafe { device.connectToPort_completionHandler(port, &handler) };
+}
+
+/// # Safety
+/// Call only on the VM queue.
+unsafe fn socket_device(vm: &VZVirtualMachine) -> Option<Retained<VZVirtioSocketDevice>> {
+    // SAFETY: guaranteed by the caller.
+    let first = unsafe { vm.socketDevices() }.firstObject()?;
+    first.downcast::<VZVirtioSocketDevice>().ok()
+}
+
+/// The outcome of `connectToPort`, as a stream or the reason it failed.
+///
+/// # Safety
+/// On the VM queue; `connection` and `error` are nil or valid for this call.
+unsafe fn connection_result(
+    connection: *mut VZVirtioSocketConnection,
+    error: *mut NSError,
+    queue: &DispatchRetained<DispatchQueue>,
+) -> Result<GuestStream, String> {
+    // SAFETY: guaranteed by the caller; retaining keeps the connection past the call.
+    if let Some(connection) = unsafe { Retained::retain(connection) } {
+        // SAFETY: guaranteed by the caller.
+        return unsafe { guest_stream(connection, queue) };
+    }
+    // SAFETY: guaranteed by the caller.
+    Err(match unsafe { error_ref(error) } {
+        Some(error) => describe(error),
+        None => "Virtualization.framework returned neither a connection nor an error".into(),
+    })
+}
+
+/// Our own descriptor for the connection, plus the connection itself as keepalive.
+///
+/// The connection owns its descriptor and closes it when closed or released, so we
+/// `dup()` it (with `FD_CLOEXEC`): the duplicate is what the proxy gets, possibly
+/// in another process via `SCM_RIGHTS`. The socket stays open until both the
+/// duplicate and the connection are closed.
+///
+/// # Safety
+/// Call only on the VM queue.
+unsafe fn guest_stream(
+    connection: Retained<VZVirtioSocketConnection>,
+    queue: &DispatchRetained<DispatchQueue>,
+) -> Result<GuestStream, String> {
+    // Whatever happens next, the connection is closed and released on the queue.
+    let keepalive = ConnectionKeepalive {
+        connection: Some(OnQueue::new(connection)),
+        queue: queue.clone(),
+    };
+    // SAFETY: guaranteed by the caller.
+    let raw = unsafe { keepalive.connection()?.fileDescriptor() };
+    if raw < 0 {
+        return Err("the connection was closed before it could be used".into());
+    }
+    // SAFETY: `raw` is open for as long as the connection lives, which `keepalive`
+    // ensures past this borrow.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+    // `try_clone_to_owned` is `fcntl(F_DUPFD_CLOEXEC)`: a new descriptor with
+    // close-on-exec set.
+    let fd: OwnedFd = borrowed
+        .try_clone_to_owned()
+        .map_err(|error| format!("could not duplicate the connection's descriptor: {error}"))?;
+    Ok(GuestStream::new(fd, Some(Box::new(keepalive))))
+}
+
+/// Keeps a `VZVirtioSocketConnection` alive for as long as its stream is used; on
+/// drop, closes and releases it on the VM queue.
+struct ConnectionKeepalive {
+    connection: Option<OnQueue<Retained<VZVirtioSocketConnection>>>,
+    queue: DispatchRetained<DispatchQueue>,
+}
+
+impl ConnectionKeepalive {
+    /// # Safety
+    /// Call only on the VM queue.
+    unsafe fn connection(&self) -> Result<&VZVirtioSocketConnection, String> {
+        match &self.connection {
+            // SAFETY: guaranteed by the caller.
+            Some(connection) => Ok(unsafe { connection.get() }),
+            None => Err("the connection is gone".into()),
+        }
+    }
+}
+
+impl Drop for ConnectionKeepalive {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            self.queue.exec_async(move || {
+                // SAFETY: this closure runs on the VM queue, where the connection
+                // is closed and then dropped (released).
+                unsafe { connection.get().close() };
+                drop(connection);
+            });
+        }
+    }
+}
