@@ -111,7 +111,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
-    let runs = 3;
+    let runs: usize = std::env::var("DVN_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let total = mib * 1024 * 1024;
     let fixture = Fixture::new();
     let harness = Harness::start(
