@@ -106,6 +106,17 @@ fn ssh_sink(config: &std::path::Path, options: &[String], total: usize) -> f64 {
     total as f64 / (1024.0 * 1024.0) / t0.elapsed().as_secs_f64()
 }
 
+/// One line of figures with its ratio to the reference measured in the same run.
+fn row(name: &str, stats: &Stats, reference: &Stats, reference_name: &str) {
+    println!(
+        "  {name:<11} {:>8.0} {:>8.0} {:>8.0}   ratio to {reference_name} {:.2}",
+        stats.min,
+        stats.median,
+        stats.max,
+        stats.median / reference.median
+    );
+}
+
 fn main() {
     let mib: usize = std::env::var("DVN_BENCH_MIB")
         .ok()
@@ -132,18 +143,9 @@ fn main() {
     let base = measure(&|| baseline(total));
     let proxy = measure(&|| through_proxy(&fixture, ECHO_PORT, total));
     let relayed = measure(&|| through_proxy(&fixture, ECHO_RELAYED_PORT, total));
-    let row = |name: &str, s: &Stats| {
-        println!(
-            "  {name:<9} {:>8.0} {:>8.0} {:>8.0}   ratio to baseline {:.2}",
-            s.min,
-            s.median,
-            s.max,
-            s.median / base.median
-        );
-    };
-    row("baseline", &base);
-    row("proxy", &proxy);
-    row("relayed", &relayed);
+    row("baseline", &base, &base, "baseline");
+    row("proxy", &proxy, &base, "baseline");
+    row("relayed", &relayed, &base, "baseline");
 
     // An SSH session as Nix uses it, through our proxy and with no proxy at all.
     let out = fixture.cli(&["ssh-config"]);
@@ -174,16 +176,7 @@ fn main() {
     let relay = measure(&|| ssh_sink(&config, &relay_options, total));
     let fdpass = measure(&|| ssh_sink(&config, &[], total));
     println!("ssh session, {mib} MiB into `cat > /dev/null`, MiB/s (min/median/max)");
-    let row = |name: &str, s: &Stats| {
-        println!(
-            "  {name:<11} {:>8.0} {:>8.0} {:>8.0}   ratio to direct {:.2}",
-            s.min,
-            s.median,
-            s.max,
-            s.median / direct.median
-        );
-    };
-    row("ssh direct", &direct);
-    row("ssh relay", &relay);
-    row("ssh fdpass", &fdpass);
+    row("ssh direct", &direct, &direct, "direct");
+    row("ssh relay", &relay, &direct, "direct");
+    row("ssh fdpass", &fdpass, &direct, "direct");
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use darwin_vz_nix::control::ControlClient;
 use darwin_vz_nix::control::protocol::{ErrorCode, Reply, Request, VmState};
+use nix::sys::signal::Signal;
 use support::*;
 
 fn status(fixture: &Fixture) -> darwin_vz_nix::control::protocol::StatusReport {
@@ -517,6 +518,10 @@ fn child_supervisor() {
     std::process::exit(0);
 }
 
+fn signal(child: &Child, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
 fn spawn_child_supervisor(fixture: &Fixture) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .args([
@@ -547,11 +552,7 @@ fn a_supervisor_killed_with_sigkill_leaves_nothing_that_blocks_the_next_start() 
     wait_answering(&fixture);
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal(&child, Signal::SIGKILL);
     child.wait().unwrap();
     let socket = fixture.state_dir.join("control.sock");
     assert!(socket.exists(), "the stale socket is still there");
@@ -568,11 +569,7 @@ fn a_supervisor_killed_with_sigkill_leaves_nothing_that_blocks_the_next_start() 
     wait_answering(&fixture);
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
     assert_eq!(status(&fixture).state, VmState::Running);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(next.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    signal(&next, Signal::SIGTERM);
     assert!(next.wait().unwrap().success());
 }
 
@@ -582,11 +579,7 @@ fn sigterm_powers_the_vm_off_gracefully_before_exit() {
     let mut child = spawn_child_supervisor(&fixture);
     wait_answering(&fixture);
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    signal(&child, Signal::SIGTERM);
     assert!(child.wait().unwrap().success());
     let log = std::fs::read_to_string(fixture.state_dir.join("logs/daemon.log")).unwrap();
     assert!(log.contains("SIGTERM"), "{log}");
@@ -623,11 +616,7 @@ fn two_supervisors_at_once_end_with_one_owner() {
     assert!(err.contains("another supervisor (pid "), "{err}");
     assert!(err.contains("already owns"), "{err}");
     let mut winner = running.pop().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(winner.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    signal(&winner, Signal::SIGTERM);
     assert!(winner.wait().unwrap().success());
 }
 
@@ -645,11 +634,7 @@ fn logs_show_the_daemon_log() {
         Some(1),
         "no console before the first boot"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    signal(&child, Signal::SIGTERM);
     child.wait().unwrap();
     let _ = std::io::stdout().flush();
 }
