@@ -28,4 +28,14 @@ RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-D warnings" \
   /usr/bin/cargo check --locked --all-targets --target aarch64-apple-darwin -Zbuild-std \
   --target-dir target-apple
 
+# Clippy for the Apple target needs the rustup toolchain's own std sources (rust-src);
+# run it where they are installed, say so where not.
+if [ -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library" ]; then
+  step "cargo clippy for aarch64-apple-darwin"
+  RUSTC_BOOTSTRAP=1 cargo clippy --locked --all-targets --target aarch64-apple-darwin -Zbuild-std \
+    --target-dir target-apple-clippy -- -D warnings
+else
+  step "skipped: clippy for aarch64-apple-darwin (rustup component add rust-src to run it)"
+fi
+
 step "all checks passed"
