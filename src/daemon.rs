@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::artifacts::GuestArtifacts;
 use crate::backend::Backend;
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigErrors, Problem};
 use crate::control::ControlServer;
 use crate::control::protocol::ConfigSummary;
 use crate::host::HostInfo;
@@ -204,6 +205,40 @@ async fn forward_signals(shutdown: Arc<Notify>) {
     shutdown.notify_one();
 }
 
+/// Every reason this configuration cannot boot on this host with this state
+/// directory, all at once; the checked guest artifacts when there is none. `start`
+/// runs it before spawning anything, the supervisor before every boot.
+pub fn check_boot(
+    config: &Config,
+    host: &HostInfo,
+    state: &StateDir,
+) -> Result<GuestArtifacts, ConfigErrors> {
+    let mut problems = config.validate_for_boot(host, disk::existing_size(&state.disk_image()));
+    let artifacts = artifacts::resolve(config)
+        .map_err(|mut more| problems.append(&mut more))
+        .ok();
+    if disk::is_qcow2(&state.disk_image()).unwrap_or(false) {
+        let message = disk::DiskError::Qcow2 {
+            path: state.disk_image(),
+        }
+        .to_string();
+        problems.push(Problem {
+            input: config.input("stateDir"),
+            message,
+        });
+    }
+    if let Err(e) = state.check_socket_path() {
+        problems.push(Problem {
+            input: config.input("stateDir"),
+            message: e.to_string(),
+        });
+    }
+    match artifacts {
+        Some(artifacts) if problems.is_empty() => Ok(artifacts),
+        _ => Err(ConfigErrors(problems)),
+    }
+}
+
 /// Everything a boot needs, checked and made ready: run before every boot so that a
 /// guest garbage-collected since the last one is reported, not booted.
 pub fn plan_boot(
@@ -212,14 +247,7 @@ pub fn plan_boot(
     state: &StateDir,
     host_store: &std::path::Path,
 ) -> Result<BootPlan, String> {
-    let mut problems = config.validate_for_boot(host, disk::existing_size(&state.disk_image()));
-    let artifacts = artifacts::resolve(config)
-        .map_err(|mut p| problems.append(&mut p))
-        .ok();
-    if !problems.is_empty() {
-        return Err(ConfigErrors(problems).to_string());
-    }
-    let artifacts = artifacts.expect("no problems means artifacts resolved");
+    let artifacts = check_boot(config, host, state).map_err(|e| e.to_string())?;
     match disk::ensure(&state.disk_image(), config.disk_size).map_err(|e| e.to_string())? {
         disk::DiskChange::Created => tracing::info!(
             "created disk image {} ({})",

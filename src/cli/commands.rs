@@ -11,13 +11,11 @@ use super::CliError;
 use super::args::{
     self, BenchKind, Cli, Command, GlobalArgs, StartArgs, StopArgs, VmArgs, absolute,
 };
-use crate::artifacts;
 use crate::bench::{self, Stats};
-use crate::config::{self, Config, ConfigErrors, ConfigLayer, Origin, Source};
+use crate::config::{self, Config, ConfigLayer, Origin, Source};
 use crate::control::protocol::{BootTiming, Reply, Request, StatusReport, StopOutcome, VmState};
 use crate::control::{ClientError, ControlClient};
 use crate::daemon::{self, DaemonOptions};
-use crate::disk;
 use crate::doctor;
 use crate::host::HostInfo;
 use crate::mac::MacAddress;
@@ -111,30 +109,6 @@ fn anchor_paths(layer: &mut ConfigLayer, base: &Path) {
     }
 }
 
-/// Every reason the configuration cannot boot here, checked before anything starts.
-fn boot_problems(config: &Config, host: &HostInfo, state: &StateDir) -> Vec<config::Problem> {
-    let mut problems = config.validate_for_boot(host, disk::existing_size(&state.disk_image()));
-    if let Err(mut more) = artifacts::resolve(config) {
-        problems.append(&mut more);
-    }
-    if disk::is_qcow2(&state.disk_image()).unwrap_or(false) {
-        problems.push(config::Problem {
-            input: config.input("stateDir"),
-            message: disk::DiskError::Qcow2 {
-                path: state.disk_image(),
-            }
-            .to_string(),
-        });
-    }
-    if let Err(e) = state.check_socket_path() {
-        problems.push(config::Problem {
-            input: config.input("stateDir"),
-            message: e.to_string(),
-        });
-    }
-    problems
-}
-
 fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
     let host = HostInfo::detect();
     let config = resolve_config(global, args.vm.layer(), &host)?;
@@ -150,10 +124,7 @@ fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
             }
         }
         Err(ClientError::NotRunning { .. }) => {
-            let problems = boot_problems(&config, &host, &state);
-            if !problems.is_empty() {
-                return Err(ConfigErrors(problems).into());
-            }
+            daemon::check_boot(&config, &host, &state)?;
             if !crate::vm_backend_available() {
                 return Err(CliError::Failure(format!(
                     "darwin-vz-nix runs VMs only on macOS 13+ on Apple Silicon (this is {}); `darwin-vz-nix start --dry-run` shows what would boot",
@@ -276,11 +247,7 @@ fn check_same_settings(
 }
 
 fn dry_run(config: &Config, host: &HostInfo, state: &StateDir, json: bool) -> Outcome {
-    let problems = boot_problems(config, host, state);
-    let artifacts = artifacts::resolve(config).ok();
-    let (true, Some(artifacts)) = (problems.is_empty(), artifacts) else {
-        return Err(ConfigErrors(problems).into());
-    };
+    let artifacts = daemon::check_boot(config, host, state)?;
     let (mac, new_mac) = match MacAddress::load(&state.mac_address()) {
         Some(mac) => (mac, false),
         None => (
