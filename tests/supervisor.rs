@@ -40,6 +40,14 @@ fn spawn_proxy(fixture: &Fixture) -> Child {
         .unwrap()
 }
 
+/// Opens a proxied connection, reads the guest's SSH banner, closes it.
+fn one_session_through_the_proxy(fixture: &Fixture) {
+    let mut proxy = spawn_proxy(fixture);
+    assert!(first_line(&mut proxy).starts_with("SSH-2.0-"));
+    drop(proxy.stdin.take());
+    assert!(proxy.wait().unwrap().success());
+}
+
 #[test]
 fn start_status_stop_through_the_cli() {
     let fixture = Fixture::new();
@@ -178,11 +186,8 @@ fn idle_poweroff_after_the_last_connection_and_reboot_on_the_next() {
     assert_eq!(harness.vm.boots(), 1);
 
     // The daemon stays; the next connection boots again.
-    let mut proxy = spawn_proxy(&fixture);
-    assert!(first_line(&mut proxy).starts_with("SSH-2.0-"));
+    one_session_through_the_proxy(&fixture);
     assert_eq!(harness.vm.boots(), 2);
-    drop(proxy.stdin.take());
-    proxy.wait().unwrap();
 }
 
 #[test]
@@ -204,11 +209,8 @@ fn a_crash_is_reported_and_the_next_connection_boots_again() {
         stdout(&out)
     );
 
-    let mut proxy = spawn_proxy(&fixture);
-    assert!(first_line(&mut proxy).starts_with("SSH-2.0-"));
+    one_session_through_the_proxy(&fixture);
     assert_eq!(harness.vm.boots(), 2);
-    drop(proxy.stdin.take());
-    proxy.wait().unwrap();
 }
 
 #[test]
