@@ -34,11 +34,6 @@ impl HostInfo {
     pub fn rosetta_preserves_argv0(&self) -> bool {
         matches!(self.macos_version, Some((major, _)) if major >= 14)
     }
-
-    pub fn macos_version_text(&self) -> Option<String> {
-        self.macos_version
-            .map(|(major, minor)| format!("{major}.{minor}"))
-    }
 }
 
 #[cfg(target_os = "macos")]

@@ -6,7 +6,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -59,7 +59,6 @@ struct FakeVmState {
     running_since: Option<Instant>,
     events: Option<UnboundedSender<BackendEvent>>,
     boots: u32,
-    last_plan: Option<BootPlan>,
 }
 
 /// A VM played by the test process: "boot" is a delay, guest port 22 is `sshd -i`
@@ -81,16 +80,8 @@ impl FakeVm {
         })
     }
 
-    pub fn set_behaviour(&self, change: impl FnOnce(&mut FakeVmBehaviour)) {
-        change(&mut self.behaviour.lock().unwrap());
-    }
-
     pub fn boots(&self) -> u32 {
         self.state.lock().unwrap().boots
-    }
-
-    pub fn last_plan(&self) -> Option<BootPlan> {
-        self.state.lock().unwrap().last_plan.clone()
     }
 
     /// The VM dies with an error, as if the hypervisor failed.
@@ -215,7 +206,7 @@ impl Backend for FakeVm {
 
     fn start(
         &self,
-        plan: BootPlan,
+        _plan: BootPlan,
         events: UnboundedSender<BackendEvent>,
     ) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
@@ -228,7 +219,6 @@ impl Backend for FakeVm {
             state.running_since = Some(Instant::now());
             state.events = Some(events);
             state.boots += 1;
-            state.last_plan = Some(plan);
             Ok(())
         })
     }
@@ -476,13 +466,6 @@ pub fn first_line(child: &mut Child) -> String {
         .read_line(&mut line)
         .unwrap();
     line
-}
-
-/// Reads everything left on a stream with a deadline.
-pub fn read_some(stream: &mut impl Read, n: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; n];
-    stream.read_exact(&mut buf).unwrap();
-    buf
 }
 
 /// Evaluates a builtins-only Nix file to JSON with Debian's `nix-instantiate`.
