@@ -34,6 +34,9 @@ pub const MOUNT_ROSETTA: &str = "/run/rosetta";
 pub const KEY_FILE_HOST_KEY: &str = "ssh_host_ed25519_key";
 pub const KEY_FILE_HOST_KEY_PUB: &str = "ssh_host_ed25519_key.pub";
 pub const KEY_FILE_AUTHORIZED_KEYS: &str = "authorized_keys";
+/// The CA bundle the host's Nix uses, copied into the keys share when there is one
+/// (`cacerts`); the guest's Nix trusts it besides NixOS's own.
+pub const KEY_FILE_CA_BUNDLE: &str = "ca-bundle.crt";
 
 /// File names inside a guest directory (one Nix derivation per guest).
 pub const ARTIFACT_KERNEL: &str = "kernel";
@@ -47,6 +50,10 @@ pub const ARTIFACT_REGISTRATION: &str = "registration";
 pub const PARAM_REGISTRATION: &str = "darwin_vz_nix.registration";
 pub const PARAM_ROSETTA: &str = "darwin_vz_nix.rosetta";
 pub const PARAM_ROSETTA_PRESERVE_ARGV0: &str = "darwin_vz_nix.rosetta_preserve_argv0";
+
+/// Starts the console line on which the guest prints systemd's boot timing
+/// (`guest_timing` reads the last one from the console log).
+pub const CONSOLE_MARKER_BOOT_TIMING: &str = "darwin-vz-nix-boot-timing:";
 
 /// The contract as JSON, for the test that compares it with these constants.
 pub const CONTRACT_JSON: &str = include_str!("../nix/contract.json");

@@ -41,6 +41,7 @@ fn contract_json_matches_the_rust_constants() {
             "/guest/keyFiles/authorizedKeys",
             contract::KEY_FILE_AUTHORIZED_KEYS.into(),
         ),
+        ("/guest/keyFiles/caBundle", contract::KEY_FILE_CA_BUNDLE.into()),
         ("/artifacts/kernel", contract::ARTIFACT_KERNEL.into()),
         ("/artifacts/initrd", contract::ARTIFACT_INITRD.into()),
         ("/artifacts/system", contract::ARTIFACT_SYSTEM.into()),
@@ -56,6 +57,10 @@ fn contract_json_matches_the_rust_constants() {
         (
             "/kernelParams/rosettaPreserveArgv0",
             contract::PARAM_ROSETTA_PRESERVE_ARGV0.into(),
+        ),
+        (
+            "/consoleMarkers/bootTiming",
+            contract::CONSOLE_MARKER_BOOT_TIMING.into(),
         ),
     ];
     for (pointer, value) in expected {

@@ -49,9 +49,36 @@
 # needs to work with the host (extraNixOSConfig has to lib.mkForce it, and
 # should not); lib.mkDefault marks a choice that extraNixOSConfig may simply
 # redefine.
-{ lib, pkgs, ... }:
+{
+  lib,
+  options,
+  pkgs,
+  ...
+}:
 let
   contract = builtins.fromJSON (builtins.readFile ../contract.json);
+
+  # Kernel policy (README, "The kernel"). Rosetta for Linux reads the vDSO's
+  # DT_HASH table, which arm64 kernels stopped emitting in 6.11 ("Failed to
+  # find vdso DT_HASH", UTM#6771, lima#2891), and Linux 6.13 passes an auxv
+  # entry (AT_HWCAP3, type 29) that Rosetta up to at least macOS 15.7 rejects
+  # ("unhandled auxillary vector type 29", lima#3592, apple/container#1142).
+  # One guest image serves every macOS the host supports (13 and later), so it
+  # runs the newest longterm kernel older than 6.11 that this nixpkgs still
+  # has. nixpkgs removes longterm kernels ahead of their end of life (then the
+  # attribute throws, or is absent without aliases): tryEval tells.
+  rosettaSafeKernels = [
+    "linuxPackages_6_6"
+    "linuxPackages_6_1"
+  ];
+  present =
+    name:
+    let
+      probe = builtins.tryEval (pkgs ? ${name} && lib.versionOlder pkgs.${name}.kernel.version "6.11");
+    in
+    probe.success && probe.value;
+  pinnedKernel = lib.findFirst present null rosettaSafeKernels;
+  userChoseKernel = options.boot.kernelPackages.highestPrio < (lib.mkDefault null).priority;
 in
 {
   imports = [
@@ -62,14 +89,25 @@ in
     ./ssh.nix
     ./builder.nix
     ./rosetta.nix
+    ./boot-speed.nix
   ];
 
-  # Rosetta for Linux reads the vDSO's DT_HASH table, which arm64 kernels stopped
-  # emitting in 6.11 ("Failed to find vdso DT_HASH", UTM#6771); 6.13 then added an
-  # auxv entry older Rosetta versions reject ("unhandled auxillary vector type
-  # 29"). 6.6 is a longterm kernel that predates both, and nixpkgs builds and
-  # caches it for aarch64-linux. Re-test x86_64 builds on every kernel bump.
-  boot.kernelPackages = lib.mkDefault pkgs.linuxPackages_6_6;
+  boot.kernelPackages = lib.mkDefault (
+    if pinnedKernel != null then pkgs.${pinnedKernel} else pkgs.linuxPackages
+  );
+  assertions = [
+    {
+      assertion = pinnedKernel != null || userChoseKernel;
+      message = ''
+        darwin-vz-nix: this nixpkgs has none of the kernels the guest pins
+        (${lib.concatStringsSep ", " rosettaSafeKernels}): Linux before 6.11, which Rosetta
+        runs on every macOS from 13 on. Choose a kernel yourself in extraNixOSConfig,
+        e.g. `boot.kernelPackages = pkgs.linuxPackages_6_12;`, and check that an
+        x86_64-linux build still runs (reports say Rosetta on macOS 26 copes with newer
+        kernels; on older macOS, set rosetta = false or keep an older guestNixpkgs).
+      '';
+    }
+  ];
 
   # VZLinuxBootLoader loads the kernel and initrd itself (direct kernel boot);
   # the disk holds no boot loader and no partition table.

@@ -5,16 +5,16 @@
 # every store entry it finds that is not valid in its database. In this guest
 # that is almost the whole lower layer, the host's store (store.nix). Deleting
 # there frees nothing on the guest disk; the overlay writes a whiteout for every
-# such path, after walking each of them file by file. The automatic collection
-# would go on doing so until it had freed max-free bytes, which whiteouts never
-# free.
+# such path, after walking each of them file by file.
 #
-# So the guest collects differently: when free space on its disk falls below
-# `darwin-vz-nix.gc.minFree`, it asks Nix for the dead paths, keeps those that
-# exist in the upper layer (the guest's own copies: paths the host sent, build
-# outputs, adopted systems) and deletes only those, through Nix, so the database
-# stays right. Paths that live only in the lower layer are never touched. The
-# check runs every few minutes while the VM is up; it costs one statfs.
+# So the guest collects differently (scripts/gc.sh, scripts/gc-select.sh): when
+# free space on its disk falls below the threshold, it asks Nix for the dead
+# paths and deletes, through Nix so the database stays right, only those that
+# the upper layer holds and the host's store does not. A path both layers hold
+# is left alone: deleting it would free little and leave a whiteout that hides
+# the host's copy from every later guest. When a collection cannot get above
+# the threshold, the next one waits twice as long (up to an hour), so a small
+# disk is not rescanned every two minutes forever.
 {
   config,
   lib,
@@ -22,23 +22,41 @@
   ...
 }:
 let
+  contract = builtins.fromJSON (builtins.readFile ../contract.json);
   cfg = config.darwin-vz-nix.gc;
   inherit (config.fileSystems."/nix/store".overlay) upperdir;
+  scripts = import ./scripts.nix {
+    inherit pkgs;
+    nix = config.nix.package;
+    systemd = config.systemd.package;
+  };
 in
 {
   options.darwin-vz-nix.gc = {
-    enable = lib.mkEnableOption "collecting the guest's own dead store paths when its disk runs low" // {
-      default = true;
-    };
+    enable =
+      lib.mkEnableOption "collecting the guest's own dead store paths when its disk runs low"
+      // {
+        default = true;
+      };
 
     minFree = lib.mkOption {
-      type = lib.types.ints.unsigned;
-      default = 5 * 1024 * 1024 * 1024;
-      defaultText = lib.literalExpression "5 * 1024 * 1024 * 1024";
+      type = lib.types.nullOr lib.types.ints.positive;
+      default = null;
+      example = 20 * 1024 * 1024 * 1024;
       description = ''
-        Free bytes on the guest disk below which the guest deletes every dead
-        store path it owns. Dead paths that only the host's store holds are
-        never deleted.
+        Free bytes on the guest disk below which the guest deletes the dead
+        store paths only it holds. `null` uses
+        {option}`darwin-vz-nix.gc.minFreePercent` of the disk's size instead.
+      '';
+    };
+
+    minFreePercent = lib.mkOption {
+      type = lib.types.ints.between 1 90;
+      default = 10;
+      description = ''
+        The threshold as a share of the guest disk's size, when
+        {option}`darwin-vz-nix.gc.minFree` is `null`: with the default 10,
+        about 10 GiB of a 100 GiB disk, 51 MiB of the smallest (512 MiB).
       '';
     };
   };
@@ -65,33 +83,16 @@ in
           Type = "oneshot";
           Nice = 19;
           IOSchedulingClass = "idle";
+          ExecStart = lib.concatStringsSep " " [
+            (lib.getExe scripts.gc)
+            "/"
+            contract.guest.mounts.hostStore
+            upperdir
+            (toString (if cfg.minFree == null then 0 else cfg.minFree))
+            (toString cfg.minFreePercent)
+            "/run/darwin-vz-nix/gc-backoff"
+          ];
         };
-        path = [
-          config.nix.package
-          pkgs.coreutils
-          pkgs.findutils
-        ];
-        script = ''
-          set -euo pipefail
-          free=$(df --output=avail --block-size=1 / | tail -n 1)
-          if (( free >= ${toString cfg.minFree} )); then
-            exit 0
-          fi
-          echo "$free bytes free on the guest disk, below ${toString cfg.minFree}: collecting the guest's dead paths"
-
-          # A path is the guest's own if the upper layer holds a real entry for
-          # it; a character device there is a whiteout, i.e. already gone.
-          nix-store --gc --print-dead \
-            | while IFS= read -r path; do
-                entry=${upperdir}/''${path#/nix/store/}
-                if [[ ( -e $entry || -L $entry ) && ! -c $entry ]]; then
-                  printf '%s\0' "$path"
-                fi
-              done \
-            | xargs --null --no-run-if-empty nix-store --delete \
-            || echo "some paths came alive while collecting; the next run picks up the rest" >&2
-          df --human-readable /
-        '';
       };
 
       systemd.timers.darwin-vz-nix-gc = {

@@ -15,7 +15,8 @@
   # fetch retry, and the boot must not wait for a lease.
   systemd.network.wait-online.enable = false;
 
-  # No inbound IP port is open, so the firewall drops everything that is not a
-  # reply. Modules added through extraNixOSConfig can still open ports.
-  networking.firewall.enable = lib.mkDefault true;
+  # Nothing listens on an IP address (sshd is on vsock only), so a firewall
+  # would guard nothing, and loading its rules holds up sysinit.target at every
+  # boot. A module that listens on IP through extraNixOSConfig can turn it on.
+  networking.firewall.enable = lib.mkDefault false;
 }

@@ -23,22 +23,23 @@
 # so it works inside the build sandbox and chroots without the share being
 # visible there; C (credentials, implies O) is what Apple's instructions
 # register; P preserves argv[0] when the host allows it.
-{ pkgs, ... }:
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
 let
   contract = builtins.fromJSON (builtins.readFile ../contract.json);
-
-  mountPoint = contract.guest.mounts.rosetta;
-  rosettaParam = contract.kernelParams.rosetta;
-  preserveArgv0Param = contract.kernelParams.rosettaPreserveArgv0;
 
   # Read by nix-daemon through `!include`; absent unless Rosetta is registered.
   nixConfFragment = "/run/darwin-vz-nix/nix-rosetta.conf";
 
-  # The ELF header of an x86-64 executable or shared object: 64-bit class,
-  # little endian, version 1, type EXEC or DYN (the mask allows both), machine
-  # 0x3e. binfmt_misc decodes the \x escapes itself.
-  magic = ''\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00'';
-  mask = ''\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff'';
+  scripts = import ./scripts.nix {
+    inherit pkgs;
+    nix = config.nix.package;
+    systemd = config.systemd.package;
+  };
 in
 {
   nix.extraOptions = ''
@@ -49,45 +50,17 @@ in
     description = "Run x86_64 Linux binaries with Rosetta";
     wantedBy = [ "multi-user.target" ];
     before = [ "nix-daemon.service" ];
-    unitConfig.ConditionKernelCommandLine = "${rosettaParam}=1";
+    unitConfig.ConditionKernelCommandLine = "${contract.kernelParams.rosetta}=1";
     serviceConfig = {
       Type = "oneshot";
       RemainAfterExit = true;
+      ExecStart = lib.concatStringsSep " " [
+        (lib.getExe scripts.rosetta)
+        contract.tags.rosetta
+        contract.guest.mounts.rosetta
+        contract.kernelParams.rosettaPreserveArgv0
+        nixConfFragment
+      ];
     };
-    path = [
-      pkgs.coreutils
-      pkgs.util-linux
-    ];
-    script = ''
-      set -euo pipefail
-      mkdir -p ${mountPoint}
-      if ! mountpoint -q ${mountPoint}; then
-        mount -t virtiofs -o ro,nodev,nosuid ${contract.tags.rosetta} ${mountPoint}
-      fi
-      if [[ ! -x ${mountPoint}/rosetta ]]; then
-        echo "the Rosetta share (${contract.tags.rosetta}) has no executable 'rosetta'" >&2
-        exit 1
-      fi
-
-      binfmt=/proc/sys/fs/binfmt_misc
-      mountpoint -q $binfmt || mount -t binfmt_misc binfmt_misc $binfmt
-
-      flags=CF
-      if [[ " $(< /proc/cmdline) " == *" ${preserveArgv0Param}=1 "* ]]; then
-        flags=P$flags
-      fi
-      if [[ -e $binfmt/rosetta ]]; then
-        echo -1 > $binfmt/rosetta
-      fi
-      printf ':rosetta:M::%s:%s:%s:%s' '${magic}' '${mask}' ${mountPoint}/rosetta "$flags" \
-        > $binfmt/register
-      echo "registered ${mountPoint}/rosetta for x86_64 ELF binaries (flags $flags)"
-
-      mkdir -p "$(dirname ${nixConfFragment})"
-      cat > ${nixConfFragment} <<EOF
-      extra-platforms = x86_64-linux
-      extra-sandbox-paths = ${mountPoint}
-      EOF
-    '';
   };
 }

@@ -11,8 +11,16 @@
 # every file as owned by whoever reads it, so nothing on the share is used in
 # place: the copies get their owner and mode here. They live in /run, so
 # nothing key-related is ever written to the guest disk and each boot takes the
-# host's current keys.
-{ lib, pkgs, ... }:
+# host's current keys. The same share may carry the CA bundle the host's Nix
+# uses: the guest's Nix then trusts it as well as NixOS's own bundle, so that
+# substitution works behind a TLS-intercepting proxy (scripts/host-handover.sh).
+{
+  config,
+  lib,
+  options,
+  pkgs,
+  ...
+}:
 let
   contract = builtins.fromJSON (builtins.readFile ../contract.json);
 
@@ -23,6 +31,15 @@ let
   runtimeDir = "/run/darwin-vz-nix/ssh";
   hostKey = "${runtimeDir}/${keyFiles.hostKey}";
   authorizedKeysDir = "${runtimeDir}/authorized_keys.d";
+
+  # Read by nix-daemon through `!include`; absent unless the host passed a bundle.
+  caNixConf = "/run/darwin-vz-nix/nix-ca.conf";
+
+  scripts = import ./scripts.nix {
+    inherit pkgs;
+    nix = config.nix.package;
+    systemd = config.systemd.package;
+  };
 in
 {
   services.openssh = {
@@ -32,8 +49,6 @@ in
     # There is nothing to open: the socket below has no IP address.
     openFirewall = false;
 
-    # The host key comes from the host (sshd-keygen would race the copy).
-    generateHostKeys = false;
     hostKeys = [
       {
         type = "ed25519";
@@ -56,7 +71,23 @@ in
       ClientAliveInterval = 15;
       ClientAliveCountMax = 4;
     };
+  }
+  # The host key comes from the host (sshd-keygen would race the copy). The
+  # option exists since nixpkgs 26.05 (NixOS/nixpkgs#418136); older NixOS
+  # generates missing keys only, after the copy is in place. optionalAttrs,
+  # not mkIf: defining an undeclared option is an error even under mkIf false.
+  // lib.optionalAttrs (options.services.openssh ? generateHostKeys) {
+    generateHostKeys = false;
   };
+
+  # The build user's sessions need no logind session and no user manager
+  # (user@.service, started on the first login by pam_systemd): Nix runs
+  # `nix-daemon --stdio`, nothing else. sshd.nix sets it to true.
+  security.pam.services.sshd.startSession = lib.mkForce false;
+
+  nix.extraOptions = ''
+    !include ${caNixConf}
+  '';
 
   systemd.sockets.sshd.socketConfig = {
     # Replaces the module's IP listener (ports = [ 22 ] means every address).
@@ -73,10 +104,11 @@ in
   systemd.generators.systemd-ssh-generator = "/dev/null";
 
   systemd.services.darwin-vz-nix-ssh-keys = {
-    description = "Install the SSH keys handed over by the host";
+    description = "Install the SSH keys and CA certificates handed over by the host";
     requiredBy = [ "sshd.socket" ];
     before = [
       "sshd.socket"
+      "nix-daemon.service"
       "shutdown.target"
     ];
     after = [ "local-fs.target" ];
@@ -87,27 +119,18 @@ in
     serviceConfig = {
       Type = "oneshot";
       RemainAfterExit = true;
+      ExecStart = lib.concatStringsSep " " [
+        (lib.getExe scripts.host-handover)
+        contract.tags.keys
+        share
+        runtimeDir
+        user
+        keyFiles.hostKey
+        keyFiles.authorizedKeys
+        keyFiles.caBundle
+        config.security.pki.caBundle
+        caNixConf
+      ];
     };
-    path = [
-      pkgs.coreutils
-      pkgs.util-linux
-    ];
-    script = ''
-      set -euo pipefail
-      mkdir -p ${share}
-      mount -t virtiofs -o ro,nodev,nosuid,noexec ${contract.tags.keys} ${share}
-      trap 'umount ${share}' EXIT
-
-      for file in ${keyFiles.hostKey} ${keyFiles.hostKeyPub} ${keyFiles.authorizedKeys}; do
-        if [[ ! -s ${share}/$file ]]; then
-          echo "the host's key share (${contract.tags.keys}) has no $file" >&2
-          exit 1
-        fi
-      done
-
-      install -D -o root -g root -m 0600 ${share}/${keyFiles.hostKey} ${hostKey}
-      install -o root -g root -m 0644 ${share}/${keyFiles.hostKeyPub} ${runtimeDir}/${keyFiles.hostKeyPub}
-      install -D -o root -g root -m 0644 ${share}/${keyFiles.authorizedKeys} ${authorizedKeysDir}/${user}
-    '';
   };
 }

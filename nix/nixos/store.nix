@@ -13,33 +13,42 @@
 # a path in the lower layer is valid to the guest only if the guest registered
 # it. Everything else the host holds is, to the guest, an invalid leftover.
 #
-# What this module does about that:
+# What this module does about that (the scripts are in ./scripts):
 #
-# * Registration: the host passes the guest system's closureInfo registration
-#   on the kernel command line. It is loaded into the database once per
-#   registration path (a marker in the database directory remembers which), so
-#   a new guest system registers again and an old one does not pay for it on
-#   every boot. Registration must happen before nix-daemon answers anyone:
-#   otherwise the daemon would treat the running system as invalid and, when
-#   the host sends one of its paths, delete it (writing whiteouts over the host
-#   copy) before re-adding it.
+# * Repair before mounting (store-repair-upper.sh, in the initrd): a whiteout
+#   or a partial copy in the upper layer would hide a path of the system about
+#   to boot, and the boot would fail every time. Before the overlay is
+#   mounted, every upper entry for a path of the registration's closure is
+#   removed (the lower layer holds it complete), except finished adoptions.
 #
-# * Adoption: the host keeps only the current guest system alive. Once it is
-#   registered, its closure is copied into the upper layer in the background.
-#   An older guest system the guest once registered stays valid in the guest's
-#   database, and would otherwise vanish from under it when the host collects
-#   it. Adopted paths are ordinary guest-owned paths: gc.nix reclaims them once
-#   nothing uses them. The copy also undoes the macOS store's case hack (names
-#   that collide case-insensitively are stored as <name>~nix~case~hack~<n>), so
-#   the guest's copy matches the hash it was registered with.
+# * Registration (store-register.sh): the host passes the guest system's
+#   closureInfo registration on the kernel command line. It is loaded into the
+#   database once per registration path (a marker in the database directory
+#   remembers which). nix-daemon requires this unit: a daemon that does not
+#   know the running system would, when the host sends one of its paths,
+#   delete it from under the running programs before writing it again. A
+#   missing parameter fails the unit, loudly on the console.
+#
+# * Adoption (store-adopt.sh, in the background): the host keeps a GC root for
+#   the guest it boots, so the running system's closure stays in the lower
+#   layer. Only the paths the macOS store keeps under case-hack names
+#   (<name>~nix~case~hack~<n>) are copied into the upper layer with their real
+#   names, so that the guest sees them as their hashes say. Registered paths
+#   that have since vanished from both layers (an older system the host
+#   collected) are dropped from the database.
 #
 # * Stale locks: Nix treats a non-empty `<path>.lock` as stale and retries the
 #   lock, forever if the file stays. The host's lock files are visible in the
 #   lower layer; a guest that opens one gets its own copy in the upper layer
-#   (locks never cross the VM boundary: host and guest each lock their own
-#   file). No lock survives a reboot, so non-empty ones left in the upper layer
-#   are removed before nix-daemon starts.
-{ config, pkgs, ... }:
+#   (locks never cross the VM boundary). No lock survives a reboot, so
+#   non-empty ones left in the upper layer are removed before nix-daemon
+#   starts.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
 let
   contract = builtins.fromJSON (builtins.readFile ../contract.json);
 
@@ -53,44 +62,14 @@ let
 
   # Markers live in the database directory: whatever resets the database resets them.
   registeredMarker = "/nix/var/nix/db/darwin-vz-nix-registered";
-  adoptedMarker = "/nix/var/nix/db/darwin-vz-nix-adopted";
+  adoptedList = "/nix/var/nix/db/darwin-vz-nix-adopted";
 
-  # Prints the value of a kernel parameter, or nothing.
-  kernelParam = pkgs.writeShellScript "kernel-param" ''
-    for arg in $(< /proc/cmdline); do
-      case "$arg" in
-        "$1"=*) printf '%s\n' "''${arg#*=}" ;;
-      esac
-    done
-  '';
-
-  # NixOS bind-mounts /nix/store read-only (boot.nixStoreMountOpts) and lets
-  # Nix remount it writable privately. Our own writers do the same: run under
-  # `unshare --mount`, remount writable, exec the command.
-  withWritableStore = pkgs.writeShellScript "with-writable-store" ''
-    set -eu
-    ${pkgs.util-linux}/bin/mount -o remount,bind,rw /nix/store
-    exec "$@"
-  '';
-
-  # Touching a lower-layer file copies it up. The store's canonical times
-  # (1 s after the epoch) are kept; -depth touches a directory after its
-  # entries, whose copy-up would otherwise bump its time. Reads store paths on
-  # stdin.
-  #
-  # A macOS store (use-case-hack) keeps names that collide case-insensitively
-  # as <name>~nix~case~hack~<n>; the path's NAR, which the registration's hash
-  # describes, has <name>. The adopted copy gets the real names back.
-  copyUp = pkgs.writeShellScript "copy-up" ''
-    set -euo pipefail
-    mapfile -t paths
-    (( ''${#paths[@]} )) || exit 0
-    ${pkgs.findutils}/bin/find "''${paths[@]}" -depth \
-      -exec ${pkgs.coreutils}/bin/touch --no-dereference --date=@1 -- {} +
-    while IFS= read -r -d "" hacked; do
-      ${pkgs.coreutils}/bin/mv --no-target-directory -- "$hacked" "''${hacked%~nix~case~hack~*}"
-    done < <(${pkgs.findutils}/bin/find "''${paths[@]}" -depth -name '*~nix~case~hack~*' -print0)
-  '';
+  scripts = import ./scripts.nix {
+    inherit pkgs;
+    nix = config.nix.package;
+    systemd = config.systemd.package;
+  };
+  inherit (lib) getExe;
 in
 {
   fileSystems.${hostStore} = {
@@ -112,8 +91,39 @@ in
     neededForBoot = true;
   };
 
+  boot.initrd.systemd.storePaths = [
+    (getExe scripts.store-repair-upper)
+    (getExe scripts.kernel-param)
+  ];
+  boot.initrd.systemd.services.darwin-vz-nix-store-repair = {
+    description = "Remove whiteouts and partial copies that would hide the booted system";
+    # The overlay module's rw-sysroot-nix-store.service makes the upper
+    # directory; this runs between it and the overlay mount.
+    requiredBy = [ "sysroot-nix-store.mount" ];
+    before = [ "sysroot-nix-store.mount" ];
+    after = [ "rw-sysroot-nix-store.service" ];
+    unitConfig = {
+      DefaultDependencies = false;
+      RequiresMountsFor = [
+        "/sysroot${upperdir}"
+        "/sysroot${hostStore}"
+      ];
+      ConditionKernelCommandLine = registrationParam;
+    };
+    serviceConfig = {
+      Type = "oneshot";
+      StandardOutput = "journal+console";
+      StandardError = "journal+console";
+    };
+    script = ''
+      exec ${getExe scripts.store-repair-upper} \
+        "$(${getExe scripts.kernel-param} ${registrationParam})" \
+        /sysroot${hostStore} /sysroot${upperdir} /sysroot${adoptedList}
+    '';
+  };
+
   systemd.services.darwin-vz-nix-store = {
-    description = "Prepare the guest's Nix database for the host-shared store";
+    description = "Register the guest system in the guest's Nix database";
     wantedBy = [ "multi-user.target" ];
     before = [ "nix-daemon.service" ];
     unitConfig.RequiresMountsFor = [
@@ -123,45 +133,19 @@ in
     serviceConfig = {
       Type = "oneshot";
       RemainAfterExit = true;
+      StandardError = "journal+console";
+      ExecStart = "${getExe scripts.store-register} ${registrationParam} ${upperdir} ${registeredMarker}";
     };
-    path = [
-      config.nix.package
-      pkgs.coreutils
-      pkgs.findutils
-      pkgs.util-linux
-    ];
-    script = ''
-      set -euo pipefail
+  };
 
-      mapfile -d "" staleLocks < <(
-        find ${upperdir} -mindepth 1 -maxdepth 1 -type f -name '*.lock' -size +0 \
-          -printf '/nix/store/%f\0'
-      )
-      if (( ''${#staleLocks[@]} )); then
-        echo "removing ''${#staleLocks[@]} stale store lock file(s)"
-        unshare --mount --propagation private ${withWritableStore} rm -f -- "''${staleLocks[@]}"
-      fi
-
-      registration=$(${kernelParam} ${registrationParam})
-      if [[ -z $registration ]]; then
-        echo "no ${registrationParam}= on the kernel command line: the guest system stays unregistered" >&2
-        exit 0
-      fi
-      if [[ $(cat ${registeredMarker} 2>/dev/null || true) == "$registration" ]]; then
-        exit 0
-      fi
-      if [[ ! -r $registration ]]; then
-        echo "$registration is missing from the host's store; the guest artifacts the host boots must stay in its store" >&2
-        exit 1
-      fi
-      echo "registering the guest system from $registration"
-      nix-store --load-db < "$registration"
-      printf '%s\n' "$registration" > ${registeredMarker}
-    '';
+  # The daemon never serves a system it has not registered.
+  systemd.services.nix-daemon = {
+    requires = [ "darwin-vz-nix-store.service" ];
+    after = [ "darwin-vz-nix-store.service" ];
   };
 
   systemd.services.darwin-vz-nix-adopt-system = {
-    description = "Copy the registered guest system into the guest's own store layer";
+    description = "Copy the booted system's case-hacked store paths into the guest's own layer";
     wantedBy = [ "multi-user.target" ];
     after = [ "darwin-vz-nix-store.service" ];
     requires = [ "darwin-vz-nix-store.service" ];
@@ -171,24 +155,7 @@ in
       Type = "exec";
       Nice = 19;
       IOSchedulingClass = "idle";
+      ExecStart = "${getExe scripts.store-adopt-system} ${hostStore} ${adoptedList}";
     };
-    path = [
-      config.nix.package
-      pkgs.coreutils
-      pkgs.util-linux
-    ];
-    script = ''
-      set -euo pipefail
-      registration=$(${kernelParam} ${registrationParam})
-      if [[ $(cat ${adoptedMarker} 2>/dev/null || true) == "$registration" ]]; then
-        exit 0
-      fi
-      # The system is the directory holding init, as the initrd reasons too.
-      system=$(dirname "$(${kernelParam} init)")
-      echo "copying the closure of $system into the guest disk"
-      nix-store --query --requisites "$system" \
-        | unshare --mount --propagation private ${withWritableStore} ${copyUp}
-      printf '%s\n' "$registration" > ${adoptedMarker}
-    '';
   };
 }
