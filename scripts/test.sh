@@ -2,7 +2,7 @@
 # Every test this repository has that runs without a Mac, in the order a failure is
 # cheapest to find. `.ci/run` calls this after installing what it needs; on a fresh
 # Debian 12 machine: apt install nix-bin openssh-server openssh-client rustc-web
-# cargo-web rust-web-src, then run it.
+# cargo-web rust-web-src shellcheck python3-fusepy, then run it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,11 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "every .nix file parses"
 find . -name '*.nix' -not -path './target*' -print0 | xargs -0 -n1 nix-instantiate --parse >/dev/null
+
+step "shellcheck: the guest's scripts and this repository's"
+# The guest's scripts are checked again (by writeShellApplication) when the guest
+# is built; here they are checked without Nix.
+shellcheck nix/nixos/scripts/*.sh scripts/*.sh .ci/run
 
 step "cargo fmt --check"
 cargo fmt --check

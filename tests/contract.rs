@@ -41,7 +41,10 @@ fn contract_json_matches_the_rust_constants() {
             "/guest/keyFiles/authorizedKeys",
             contract::KEY_FILE_AUTHORIZED_KEYS.into(),
         ),
-        ("/guest/keyFiles/caBundle", contract::KEY_FILE_CA_BUNDLE.into()),
+        (
+            "/guest/keyFiles/caBundle",
+            contract::KEY_FILE_CA_BUNDLE.into(),
+        ),
         ("/artifacts/kernel", contract::ARTIFACT_KERNEL.into()),
         ("/artifacts/initrd", contract::ARTIFACT_INITRD.into()),
         ("/artifacts/system", contract::ARTIFACT_SYSTEM.into()),

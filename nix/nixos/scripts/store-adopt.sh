@@ -35,6 +35,7 @@ adopted_list=$3
 store=/nix/store
 hack='~nix~case~hack~'
 
+mkdir -p -- "$(dirname -- "$adopted_list")"
 declare -A adopted=()
 if [[ -f $adopted_list ]]; then
   while IFS= read -r path; do
