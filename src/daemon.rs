@@ -260,6 +260,7 @@ pub fn plan_boot(
         disk::DiskChange::Unchanged => {}
     }
     keys::ensure(state).map_err(|e| e.to_string())?;
+    crate::cacerts::share_with_guest(&state.guest_keys_dir());
     let mac = MacAddress::load_or_create(&state.mac_address()).map_err(|e| e.to_string())?;
     rotate_console_log(state);
     let plan = BootPlan::build(&PlanInputs {

@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod backend;
 pub mod bench;
+pub mod cacerts;
 pub mod cli;
 pub mod config;
 pub mod contract;
@@ -17,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod disk;
 pub mod doctor;
+pub mod guest_timing;
 pub mod host;
 pub mod keys;
 pub mod limits;
