@@ -47,7 +47,7 @@ in
     (lib.optionalAttrs (options.system ? nixos-init) {
       system.nixos-init.enable = lib.mkDefault (
         config.system.etc.overlay.enable
-        && (config.services.userborn.enable || config.systemd.sysusers.enable)
+        && (config.services.userborn.enable or false || config.systemd.sysusers.enable or false)
         && config.boot.postBootCommands == ""
       );
     })
