@@ -33,6 +33,7 @@ let
 
   # The user's own nix.settings.max-jobs or cores win over the fitted ones.
   userSizedBuilds = config.nix.settings.max-jobs != "auto" || config.nix.settings.cores != 0;
+  fitBuilds = cfg.fitToMemory && !userSizedBuilds;
 in
 {
   options.darwin-vz-nix.builds.fitToMemory = lib.mkOption {
@@ -76,11 +77,11 @@ in
       # the guest fetch inputs itself instead of receiving them over vsock.
     };
 
-    nix.extraOptions = lib.mkIf (cfg.fitToMemory && !userSizedBuilds) ''
+    nix.extraOptions = lib.mkIf fitBuilds ''
       !include ${limitsFragment}
     '';
 
-    systemd.services.darwin-vz-nix-build-limits = lib.mkIf (cfg.fitToMemory && !userSizedBuilds) {
+    systemd.services.darwin-vz-nix-build-limits = lib.mkIf fitBuilds {
       description = "Size Nix builds to the VM's memory and CPUs";
       wantedBy = [ "multi-user.target" ];
       before = [ "nix-daemon.service" ];

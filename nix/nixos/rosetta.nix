@@ -13,9 +13,10 @@
 # advertise x86_64-linux even when nothing can run it. One guest image has to
 # serve either host choice, so here the choice is read at boot:
 #
-# * a oneshot unit, conditional on darwin_vz_nix.rosetta=1, mounts the share,
-#   registers the Rosetta binary with binfmt_misc, and writes a nix.conf
-#   fragment that makes nix-daemon (started after it) offer x86_64-linux;
+# * a oneshot unit (scripts/rosetta.sh), conditional on darwin_vz_nix.rosetta=1,
+#   mounts the share, registers the Rosetta binary with binfmt_misc, and writes
+#   a nix.conf fragment that makes nix-daemon (started after it) offer
+#   x86_64-linux;
 # * nix.conf includes that fragment with `!include`, which ignores a missing
 #   file: with Rosetta off, Nix offers aarch64-linux only.
 #

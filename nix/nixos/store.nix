@@ -134,7 +134,12 @@ in
       Type = "oneshot";
       RemainAfterExit = true;
       StandardError = "journal+console";
-      ExecStart = "${getExe scripts.store-register} ${registrationParam} ${upperdir} ${registeredMarker}";
+      ExecStart = lib.concatStringsSep " " [
+        (getExe scripts.store-register)
+        registrationParam
+        upperdir
+        registeredMarker
+      ];
     };
   };
 
