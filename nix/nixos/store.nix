@@ -98,8 +98,10 @@ in
   boot.initrd.systemd.services.darwin-vz-nix-store-repair = {
     description = "Remove whiteouts and partial copies that would hide the booted system";
     # The overlay module's rw-sysroot-nix-store.service makes the upper
-    # directory; this runs between it and the overlay mount.
-    requiredBy = [ "sysroot-nix-store.mount" ];
+    # directory; this runs between it and the overlay mount. Wanted, not
+    # required: if the repair itself fails, the mount is still tried, and the
+    # console shows why.
+    wantedBy = [ "sysroot-nix-store.mount" ];
     before = [ "sysroot-nix-store.mount" ];
     after = [ "rw-sysroot-nix-store.service" ];
     unitConfig = {
