@@ -54,6 +54,12 @@ let
   # One field of Nix's machines file: no whitespace, and no `,` `;` `#`, which
   # separate list items and entries and start comments (the daemon checks the same).
   machinesName = types.strMatching "[^[:space:],;#]{1,100}";
+
+  # The service account and group must be new ones (see accountProblems).
+  accountAssertions = map (message: {
+    assertion = false;
+    inherit message;
+  }) (dvnLib.accountProblems cfg);
 in
 {
   options.services.darwin-vz = {
@@ -359,10 +365,7 @@ in
             '';
           }
         ]
-        ++ map (message: {
-          assertion = false;
-          inherit message;
-        }) (dvnLib.accountProblems { inherit (cfg) user uid group gid; });
+        ++ accountAssertions;
 
         warnings =
           lib.optional (builtins.elem "kvm" cfg.supportedFeatures) ''

@@ -263,18 +263,20 @@ in
       uid,
       group,
       gid,
+      ...
     }:
     let
       check =
         kind: option: name: id:
         let
+          idName = if kind == "user" then "uid" else "gid";
           why =
             if builtins.elem name macosAccounts || builtins.substring 0 10 name == "com.apple." then
               "is one of macOS's own"
             else if builtins.substring 0 1 name != "_" then
               "does not start with `_` (hidden service accounts do; a name without one may be a person's)"
             else if id < 300 || id == 441 then
-              "has ${if kind == "user" then "uid" else "gid"} ${toString id}, in the range macOS keeps for its own accounts (below 300, and 441)"
+              "has ${idName} ${toString id}, in the range macOS keeps for its own accounts (below 300, and 441)"
             else
               null;
         in
@@ -296,7 +298,9 @@ in
     let
       na = normalisePath a;
       nb = normalisePath b;
-      within = inner: outer: outer == "/" || builtins.substring 0 (builtins.stringLength outer + 1) inner == outer + "/";
+      within =
+        inner: outer:
+        outer == "/" || builtins.substring 0 (builtins.stringLength outer + 1) inner == outer + "/";
     in
     na == nb || within na nb || within nb na;
 

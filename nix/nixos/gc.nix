@@ -27,9 +27,11 @@ let
 in
 {
   options.darwin-vz-nix.gc = {
-    enable = lib.mkEnableOption "collecting the guest's own dead store paths when its disk runs low" // {
-      default = true;
-    };
+    enable =
+      lib.mkEnableOption "collecting the guest's own dead store paths when its disk runs low"
+      // {
+        default = true;
+      };
 
     minFree = lib.mkOption {
       type = lib.types.ints.unsigned;

@@ -10,7 +10,9 @@ let
   tryMachinesInclude =
     stateDir:
     let
-      attempt = builtins.tryEval (builtins.deepSeq (dvnLib.machinesInclude stateDir) (dvnLib.machinesInclude stateDir));
+      attempt = builtins.tryEval (
+        builtins.deepSeq (dvnLib.machinesInclude stateDir) (dvnLib.machinesInclude stateDir)
+      );
     in
     {
       inherit stateDir;
@@ -19,92 +21,86 @@ let
 in
 {
   # services.darwin-vz.{user,uid,group,gid} -> the assertion messages (none = accepted).
-  accounts =
-    map
-      (account: account // { problems = dvnLib.accountProblems account; })
-      [
-        {
-          user = "_darwin-vz";
-          uid = 455;
-          group = "_darwin-vz";
-          gid = 455;
-        }
-        {
-          user = "_darwin-vz";
-          uid = 455;
-          group = "admin";
-          gid = 80;
-        }
-        {
-          user = "_darwin-vz";
-          uid = 455;
-          group = "staff";
-          gid = 455;
-        }
-        {
-          user = "_darwin-vz";
-          uid = 455;
-          group = "everyone";
-          gid = 455;
-        }
-        {
-          user = "alice";
-          uid = 501;
-          group = "_darwin-vz";
-          gid = 455;
-        }
-        {
-          user = "_darwin-vz";
-          uid = 70;
-          group = "_darwin-vz";
-          gid = 455;
-        }
-        {
-          user = "_oahd";
-          uid = 441;
-          group = "com.apple.access_ssh";
-          gid = 399;
-        }
-      ];
+  accounts = map (account: account // { problems = dvnLib.accountProblems account; }) [
+    {
+      user = "_darwin-vz";
+      uid = 455;
+      group = "_darwin-vz";
+      gid = 455;
+    }
+    {
+      user = "_darwin-vz";
+      uid = 455;
+      group = "admin";
+      gid = 80;
+    }
+    {
+      user = "_darwin-vz";
+      uid = 455;
+      group = "staff";
+      gid = 455;
+    }
+    {
+      user = "_darwin-vz";
+      uid = 455;
+      group = "everyone";
+      gid = 455;
+    }
+    {
+      user = "alice";
+      uid = 501;
+      group = "_darwin-vz";
+      gid = 455;
+    }
+    {
+      user = "_darwin-vz";
+      uid = 70;
+      group = "_darwin-vz";
+      gid = 455;
+    }
+    {
+      user = "_oahd";
+      uid = 441;
+      group = "com.apple.access_ssh";
+      gid = 399;
+    }
+  ];
 
   # (services.darwin-vz.workingDirectory, nix.linux-builder.workingDirectory) -> overlap?
-  overlaps =
-    map
-      (pair: pair // { overlap = dvnLib.pathsOverlap pair.ours pair.linuxBuilder; })
-      [
-        {
-          ours = "/var/lib/darwin-vz";
-          linuxBuilder = "/var/lib/linux-builder";
-        }
-        {
-          ours = "/var/lib/linux-builder";
-          linuxBuilder = "/var/lib/linux-builder";
-        }
-        {
-          ours = "/var/lib/linux-builder/";
-          linuxBuilder = "/var/lib/linux-builder";
-        }
-        {
-          ours = "/var/lib/linux-builder/vz";
-          linuxBuilder = "/var/lib/linux-builder";
-        }
-        {
-          ours = "/private/var/lib/Linux-Builder/./vz";
-          linuxBuilder = "/var/lib/linux-builder";
-        }
-        {
-          ours = "/var/lib";
-          linuxBuilder = "/var/lib/linux-builder";
-        }
-        {
-          ours = "/var/lib/linux-builder-vz";
-          linuxBuilder = "/var/lib/linux-builder";
-        }
-        {
-          ours = "/var/lib/darwin-vz/../linux-builder";
-          linuxBuilder = "/var/lib/linux-builder";
-        }
-      ];
+  overlaps = map (pair: pair // { overlap = dvnLib.pathsOverlap pair.ours pair.linuxBuilder; }) [
+    {
+      ours = "/var/lib/darwin-vz";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/linux-builder";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/linux-builder/";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/linux-builder/vz";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/private/var/lib/Linux-Builder/./vz";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/linux-builder-vz";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/darwin-vz/../linux-builder";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+  ];
 
   # The line added to /etc/nix/machines; null where the module refuses the directory.
   machinesIncludes = map tryMachinesInclude [
