@@ -83,8 +83,8 @@ fn module_include_line(state_dir: &Path) -> String {
     let out = Command::new("nix-instantiate")
         .args(["--eval", "--strict", "--json", "--expr"])
         .arg(format!(
-            "(import {}/nix/lib.nix).machinesInclude {}",
-            env!("CARGO_MANIFEST_DIR"),
+            "(import {}).machinesInclude {}",
+            serde_json::to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nix/lib.nix")).unwrap(),
             serde_json::to_string(state_dir.to_str().unwrap()).unwrap()
         ))
         .output()
