@@ -53,11 +53,17 @@
       defaultGuest = self.packages.${guestSystem}.guest;
 
       # Evaluates the module inside a real nix-darwin system and returns what it
-      # generates (launchd plist, daemon config, machines file, ssh_config), as a
+      # generates (launchd plist, daemon config, /etc/nix/machines, ssh_config), as a
       # file. The check builds neither the guest nor the CLI: it is about the
       # module's evaluation, so string context is dropped.
       evalModule =
-        name: settings: expect:
+        {
+          name,
+          settings ? { },
+          # More of the system's configuration (e.g. nix.enable = false).
+          modules ? [ ],
+          expect,
+        }:
         let
           system = nix-darwin.lib.darwinSystem {
             modules = [
@@ -65,9 +71,12 @@
               {
                 nixpkgs.hostPlatform = hostSystem;
                 system.stateVersion = 6;
-                services.darwin-vz = settings // { enable = true; };
+                services.darwin-vz = settings // {
+                  enable = true;
+                };
               }
-            ];
+            ]
+            ++ modules;
           };
           inherit (system) config;
           daemon = config.launchd.daemons.darwin-vz-nix;
@@ -103,7 +112,9 @@
           find ${nixFiles} -name '*.nix' -print0 | xargs -0 nixfmt --check
           touch $out
         '';
-      formattingChecks = forDevSystems (system: { formatting = formatting system; });
+      formattingChecks = forDevSystems (system: {
+        formatting = formatting system;
+      });
     in
     {
       packages = {
@@ -140,10 +151,11 @@
         {
           imports = [ ./nix/darwin-module.nix ];
           services.darwin-vz = {
-            package = lib.mkDefault (
-              self.packages.${pkgs.stdenv.hostPlatform.system}.default
-                or (pkgs.callPackage ./nix/package.nix { })
-            );
+            package =
+              let
+                inherit (pkgs.stdenv.hostPlatform) system;
+              in
+              lib.mkDefault (self.packages.${system}.default or (pkgs.callPackage ./nix/package.nix { }));
             # The guest's Nixpkgs is the flake's pin, whatever the system's nixpkgs
             # is: that is the guest the binary cache holds.
             guestNixpkgs = lib.mkDefault nixpkgs.outPath;
@@ -177,37 +189,62 @@
       checks = lib.recursiveUpdate formattingChecks {
         ${hostSystem} = {
           package = cli;
-          module-defaults = evalModule "defaults" { } [
-            {
-              what = "x86_64-linux builds go to the VM";
-              holds = g: lib.hasInfix "aarch64-linux,x86_64-linux" g.machines;
-            }
-            {
-              what = "the daemon gets rosetta = true";
-              holds = g: g.daemonConfig.rosetta;
-            }
-          ];
-          module-no-rosetta-never-idle =
-            evalModule "no-rosetta-never-idle"
+          module-defaults = evalModule {
+            name = "defaults";
+            expect = [
               {
-                rosetta = false;
-                idleTimeout = 0;
+                what = "Nix reads the daemon's machines file through /etc/nix/machines";
+                holds = g: lib.hasInfix "@/var/lib/darwin-vz/machines" g.machines;
               }
-              [
-                {
-                  what = "no x86_64-linux without Rosetta";
-                  holds = g: !lib.hasInfix "x86_64-linux" g.machines;
-                }
-                {
-                  what = "the daemon gets idleTimeout = 0 and rosetta = false";
-                  holds = g: g.daemonConfig.idleTimeout == 0 && !g.daemonConfig.rosetta;
-                }
-              ];
+              {
+                what = "x86_64-linux builds go to the VM";
+                holds = g: builtins.elem "x86_64-linux" g.daemonConfig.builder.systems;
+              }
+              {
+                what = "cores, memory and maxJobs are left to the daemon";
+                holds = g: !(g.daemonConfig ? cores || g.daemonConfig ? memory || g.daemonConfig.builder ? maxJobs);
+              }
+              {
+                what = "the daemon gets rosetta = true";
+                holds = g: g.daemonConfig.rosetta;
+              }
+            ];
+          };
+          module-no-rosetta-never-idle = evalModule {
+            name = "no-rosetta-never-idle";
+            settings = {
+              rosetta = false;
+              idleTimeout = 0;
+            };
+            expect = [
+              {
+                what = "no x86_64-linux without Rosetta";
+                holds = g: !builtins.elem "x86_64-linux" g.daemonConfig.builder.systems;
+              }
+              {
+                what = "the daemon gets idleTimeout = 0 and rosetta = false";
+                holds = g: g.daemonConfig.idleTimeout == 0 && !g.daemonConfig.rosetta;
+              }
+            ];
+          };
+          # Determinate Nix without its module: nix-darwin leaves Nix alone.
+          module-nix-disabled = evalModule {
+            name = "nix-disabled";
+            modules = [ { nix.enable = false; } ];
+            expect = [
+              {
+                what = "the builder is still registered through /etc/nix/machines";
+                holds = g: lib.hasInfix "@/var/lib/darwin-vz/machines" g.machines;
+              }
+            ];
+          };
         };
         ${guestSystem}.guest = defaultGuest;
       };
 
-      formatter = forDevSystems (system: (pkgsFor system).nixfmt);
+      # `nix fmt` with no arguments formats the whole tree (plain nixfmt would read
+      # standard input on newer Nix).
+      formatter = forDevSystems (system: (pkgsFor system).nixfmt-tree);
 
       devShells = forDevSystems (
         system:

@@ -1,8 +1,18 @@
 # nix-darwin module: services.darwin-vz.
 #
 # Declares what the host needs and leaves the doing to the daemon: one JSON config
-# file, a launchd daemon running `darwin-vz-nix daemon` as a hidden service user, a
-# build machine for Nix and the ssh_config block root's nix-daemon uses to reach it.
+# file, a launchd daemon running `darwin-vz-nix daemon` as a hidden service user, the
+# line that points Nix at the build machine the daemon writes, and the ssh_config
+# block root's nix-daemon uses to reach it.
+#
+# Nix's build machines: the daemon writes its own machines-file line to
+# <workingDirectory>/machines (so maxJobs follows the cores it fits to this Mac), and
+# this module adds `@<workingDirectory>/machines` to /etc/nix/machines, which Nix reads
+# by default and in which it follows `@` entries. That file is the one every way of
+# installing Nix reads: nix-darwin's (nix.enable), Determinate Nix's (nix.enable =
+# false, with or without Determinate's module), and it merges with the user's own
+# nix.buildMachines / determinateNix.buildMachines.
+#
 # The VM is not booted here: the daemon starts idle, boots the guest when the first
 # build connects through `darwin-vz-nix proxy`, and powers it off after
 # idleTimeout minutes without a connection.
@@ -37,6 +47,19 @@ let
   guestModules = lib.optional customGuest cfg.extraNixOSConfig;
 
   linuxBuilderDir = toString config.nix.linux-builder.workingDirectory;
+
+  # Determinate Nix's nix-darwin module (DeterminateSystems/determinate) is imported.
+  determinateModule = options ? determinateNix;
+
+  # One field of Nix's machines file: no whitespace, and no `,` `;` `#`, which
+  # separate list items and entries and start comments (the daemon checks the same).
+  machinesName = types.strMatching "[^[:space:],;#]{1,100}";
+
+  # The service account and group must be new ones (see accountProblems).
+  accountAssertions = map (message: {
+    assertion = false;
+    inherit message;
+  }) (dvnLib.accountProblems cfg);
 in
 {
   options.services.darwin-vz = {
@@ -56,19 +79,25 @@ in
     };
 
     cores = mkOption {
-      type = types.ints.positive;
+      type = types.nullOr types.ints.positive;
       default = defaults.cores;
       example = 8;
-      description = "Virtual CPUs of the VM.";
+      description = ''
+        Virtual CPUs of the VM. `null`: fitted to this Mac when the daemon starts,
+        4 or the Mac's CPU count if that is lower. A number is taken as given (more
+        than the Mac has is an error at boot).
+      '';
     };
 
     memory = mkOption {
-      type = types.ints.positive;
+      type = types.nullOr types.ints.positive;
       default = defaults.memory;
       example = 12288;
       description = ''
-        Memory of the VM in MiB. It is held only while the VM runs: the VM powers
-        off after {option}`services.darwin-vz.idleTimeout` and gives it back.
+        Memory of the VM in MiB. `null`: fitted to this Mac when the daemon starts,
+        6144 or half the Mac's memory if that is lower (at least 1024). It is held
+        only while the VM runs: the VM powers off after
+        {option}`services.darwin-vz.idleTimeout` and gives it back.
       '';
     };
 
@@ -193,48 +222,53 @@ in
     };
 
     maxJobs = mkOption {
-      type = types.ints.positive;
-      default = cfg.cores;
-      defaultText = lib.literalExpression "config.services.darwin-vz.cores";
-      example = 2;
-      description = "How many builds Nix runs on the VM at once (`nix.buildMachines.*.maxJobs`).";
-    };
-
-    speedFactor = mkOption {
-      type = types.ints.positive;
-      default = 1;
+      type = types.nullOr (types.ints.between 1 1024);
+      default = dvnLib.builderDefaults.maxJobs;
       example = 2;
       description = ''
-        Relative speed of the VM among your build machines (`nix.buildMachines.*.speedFactor`).
+        How many builds Nix runs on the VM at once (the machines file's max-jobs
+        field). `null`: the VM's cores, as the daemon fitted them to this Mac.
       '';
     };
 
+    speedFactor = mkOption {
+      type = types.ints.between 1 1000000;
+      default = dvnLib.builderDefaults.speedFactor;
+      example = 2;
+      description = "Relative speed of the VM among your build machines.";
+    };
+
     supportedFeatures = mkOption {
-      type = types.listOf types.str;
+      type = types.listOf machinesName;
       # No "kvm" (and so no "nixos-test"): the guest has no /dev/kvm, and
       # advertising it sends builds there that can only fail.
-      default = [
-        "benchmark"
-        "big-parallel"
-      ];
+      default = dvnLib.builderDefaults.supportedFeatures;
       example = [
         "benchmark"
         "big-parallel"
         "my-feature"
       ];
-      description = "System features of the VM (`nix.buildMachines.*.supportedFeatures`).";
+      description = "System features of the VM: Nix sends it builds that require only these.";
+    };
+
+    mandatoryFeatures = mkOption {
+      type = types.listOf machinesName;
+      default = dvnLib.builderDefaults.mandatoryFeatures;
+      example = [ "big-parallel" ];
+      description = ''
+        Features a build must require to be sent to the VM (they count as supported too).
+      '';
     };
 
     systems = mkOption {
-      type = types.listOf types.str;
+      type = types.nonEmptyListOf machinesName;
       default = dvnLib.defaultSystems cfg.rosetta;
       defaultText = lib.literalExpression ''
         [ "aarch64-linux" ] ++ lib.optional config.services.darwin-vz.rosetta "x86_64-linux"
       '';
       example = [ "aarch64-linux" ];
       description = ''
-        Systems the VM builds for (`nix.buildMachines.*.systems`). Nix sends
-        x86_64-linux builds to it only if listed here.
+        Systems the VM builds for. Nix sends x86_64-linux builds to it only if listed here.
       '';
     };
 
@@ -242,7 +276,11 @@ in
       type = types.str;
       default = "_darwin-vz";
       example = "_nixvm";
-      description = "Hidden service account the daemon runs as; created by nix-darwin.";
+      description = ''
+        Hidden service account the daemon runs as. The module creates and manages it
+        (`users.knownUsers`), so it must be a new account: a name starting with `_`,
+        not one of macOS's own, with a {option}`services.darwin-vz.uid` from 300 up.
+      '';
     };
 
     uid = mkOption {
@@ -259,9 +297,11 @@ in
       default = defaults.group;
       example = "_nixvm";
       description = ''
-        Group of the service account. Its members may use the daemon's control
-        socket (`darwin-vz-nix status --state-dir …`); add yourself with
-        `users.groups.<group>.members`.
+        Group of the service account, created and managed by the module
+        (`users.knownGroups`, members set to
+        {option}`services.darwin-vz.groupMembers`), so a new group like
+        {option}`services.darwin-vz.user`, never an existing one such as `admin` or
+        `staff`. Its members may use the daemon's control socket.
       '';
     };
 
@@ -271,125 +311,166 @@ in
       example = 456;
       description = "GID of {option}`services.darwin-vz.group`.";
     };
+
+    groupMembers = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "alice" ];
+      description = ''
+        Existing users to add to {option}`services.darwin-vz.group`: they may use
+        the daemon's control socket (`darwin-vz-nix status`, `start`, `stop`)
+        without sudo, from their next login. The accounts themselves are not
+        managed. `darwin-vz-nix ssh` still needs sudo: the client key is readable by
+        the service account only.
+      '';
+    };
   };
 
-  config = lib.mkIf cfg.enable {
-    assertions = [
+  config = lib.mkIf cfg.enable (
+    lib.mkMerge [
       {
-        assertion = pkgs.stdenv.hostPlatform.system == "aarch64-darwin";
-        message = "services.darwin-vz needs an Apple Silicon Mac: the guest is aarch64-linux.";
-      }
-      {
-        assertion = config.nix.enable;
-        message = "services.darwin-vz registers a Nix build machine, so it requires nix.enable.";
-      }
-      {
-        assertion = !config.nix.linux-builder.enable;
-        message = ''
-          services.darwin-vz replaces nix.linux-builder; enable only one of them.
-          To migrate: set nix.linux-builder.enable = false and keep
-          services.darwin-vz.enable = true, then run darwin-rebuild switch.
-          Nothing needs to be copied over: with nix.linux-builder disabled,
-          nix-darwin deletes the old VM image in /var/lib/linux-builder itself.
-          Settings from nix.linux-builder.config move to
-          services.darwin-vz.extraNixOSConfig.
+        assertions = [
+          {
+            assertion = pkgs.stdenv.hostPlatform.system == "aarch64-darwin";
+            message = "services.darwin-vz needs an Apple Silicon Mac: the guest is aarch64-linux.";
+          }
+          {
+            assertion = !config.nix.linux-builder.enable;
+            message = ''
+              services.darwin-vz replaces nix.linux-builder; enable only one of them.
+              To migrate: set nix.linux-builder.enable = false and keep
+              services.darwin-vz.enable = true, then run darwin-rebuild switch.
+              Nothing needs to be copied over: with nix.linux-builder disabled,
+              nix-darwin deletes the old VM image in /var/lib/linux-builder itself.
+              Settings from nix.linux-builder.config move to
+              services.darwin-vz.extraNixOSConfig.
+            '';
+          }
+          {
+            # nix-darwin runs `rm -rf` on that directory at every activation while
+            # nix.linux-builder is disabled: ours must be neither it, inside it, nor
+            # around it.
+            assertion = !dvnLib.pathsOverlap cfg.workingDirectory linuxBuilderDir;
+            message = ''
+              services.darwin-vz.workingDirectory (${toString cfg.workingDirectory}) must be
+              outside nix.linux-builder.workingDirectory (${linuxBuilderDir}) and not contain it:
+              nix-darwin deletes that directory while nix.linux-builder is disabled.
+            '';
+          }
+          {
+            assertion = builtins.elem "x86_64-linux" cfg.systems -> cfg.rosetta;
+            message = ''
+              services.darwin-vz.systems lists x86_64-linux but services.darwin-vz.rosetta is off:
+              those builds would fail inside the VM.
+            '';
+          }
+        ]
+        ++ accountAssertions;
+
+        warnings =
+          lib.optional (builtins.elem "kvm" cfg.supportedFeatures) ''
+            services.darwin-vz.supportedFeatures lists "kvm", but the guest has no /dev/kvm:
+            builds that need it will be sent to the VM and fail there.
+          ''
+          # nix.distributedBuilds throws when read with nix.enable off.
+          ++ lib.optional (config.nix.enable && !config.nix.distributedBuilds) ''
+            nix.distributedBuilds is false: Nix reads no build machines then, so it never
+            uses the darwin-vz builder. Remove that setting (the module defaults it to true).
+          '';
+
+        # Only the hidden account and group created here are managed (the
+        # assertions above refuse existing ones); existing users join the group
+        # through groupMembers, and their own accounts are left alone.
+        users.users.${cfg.user} = {
+          inherit (cfg) uid gid;
+          description = "darwin-vz-nix builder VM";
+          isHidden = true;
+        };
+        users.knownUsers = [ cfg.user ];
+        users.groups.${cfg.group} = {
+          inherit (cfg) gid;
+          description = "darwin-vz-nix builder VM";
+          members = cfg.groupMembers;
+        };
+        users.knownGroups = [ cfg.group ];
+
+        # The daemon creates everything inside its state directory on first start, but
+        # runs unprivileged and cannot create the directory itself under /var/lib, nor
+        # the log file launchd opens for it. extraActivation is one of the fixed script
+        # names nix-darwin runs (modules/system/activation-scripts.nix); it runs before
+        # the `users` script creates the account, hence numeric ids.
+        system.activationScripts.extraActivation.text = ''
+          mkdir -p ${lib.escapeShellArg cfg.workingDirectory}
+          chown ${toString cfg.uid}:${toString cfg.gid} ${lib.escapeShellArg cfg.workingDirectory}
+          chmod 0750 ${lib.escapeShellArg cfg.workingDirectory}
+          mkdir -p "$(dirname ${lib.escapeShellArg cfg.logFile})"
+          touch ${lib.escapeShellArg cfg.logFile}
+          chown ${toString cfg.uid}:${toString cfg.gid} ${lib.escapeShellArg cfg.logFile}
         '';
+
+        launchd.daemons.darwin-vz-nix = {
+          # `command` (rather than ProgramArguments) makes nix-darwin wrap it in
+          # `/bin/wait4path /nix/store`: at boot the Nix volume may mount after launchd
+          # loads the daemon.
+          command = lib.escapeShellArgs [
+            exe
+            "daemon"
+            "--config"
+            configFile
+          ];
+          serviceConfig = {
+            # The daemon itself never exits on idle (only the VM stops), so KeepAlive
+            # restarts it only after a crash.
+            KeepAlive = true;
+            RunAtLoad = true;
+            UserName = cfg.user;
+            GroupName = cfg.group;
+            StandardOutPath = cfg.logFile;
+            StandardErrorPath = cfg.logFile;
+            # On SIGTERM (darwin-rebuild, shutdown) the daemon powers the guest off
+            # gracefully; launchd must not SIGKILL it in the middle.
+            ExitTimeOut = dvnLib.launchdExitTimeout cfg.stopTimeout;
+            # The VM runs builds someone is waiting for, and only while they run (it is
+            # off when idle): no launchd CPU or I/O throttling.
+            ProcessType = "Interactive";
+            # One proxied connection holds a few descriptors; Nix opens them in bursts.
+            SoftResourceLimits.NumberOfFiles = 4096;
+          };
+        };
+
+        # For `darwin-vz-nix status`, `ssh-config` and `ssh`; the variable makes them
+        # talk to this daemon without --state-dir (sudo drops it: pass --state-dir there).
+        environment.systemPackages = [ cfg.package ];
+        environment.variables.DARWIN_VZ_NIX_STATE_DIR = toString cfg.workingDirectory;
+
+        # Root's nix-daemon reads root's ssh configuration: the Host block must be
+        # system-wide. macOS's /etc/ssh/ssh_config includes ssh_config.d/*.
+        environment.etc."ssh/ssh_config.d/100-darwin-vz-nix.conf".text = dvnLib.sshConfig {
+          bin = exe;
+          stateDir = cfg.workingDirectory;
+        };
+
+        # `text` is a `lines` option: this line joins whatever nix.buildMachines (or
+        # determinateNix.buildMachines) writes there, with no conflicting definition.
+        environment.etc."nix/machines".text = lib.mkAfter (dvnLib.machinesInclude cfg.workingDirectory);
       }
-      {
-        # nix-darwin empties that directory on every activation while
-        # nix.linux-builder is disabled.
-        assertion = toString cfg.workingDirectory != linuxBuilderDir;
-        message = ''
-          services.darwin-vz.workingDirectory must not be ${linuxBuilderDir}:
-          nix-darwin deletes that directory while nix.linux-builder is disabled.
-        '';
-      }
-      {
-        assertion = builtins.elem "x86_64-linux" cfg.systems -> cfg.rosetta;
-        message = ''
-          services.darwin-vz.systems lists x86_64-linux but services.darwin-vz.rosetta is off:
-          those builds would fail inside the VM.
-        '';
-      }
-    ];
 
-    warnings = lib.optional (builtins.elem "kvm" cfg.supportedFeatures) ''
-      services.darwin-vz.supportedFeatures lists "kvm", but the guest has no /dev/kvm:
-      builds that need it will be sent to the VM and fail there.
-    '';
+      # nix-darwin manages Nix: its settings, as defaults the user may override.
+      (lib.mkIf config.nix.enable {
+        nix.distributedBuilds = lib.mkDefault true;
+        # The guest fetches what it can from caches itself rather than receiving every
+        # input from the Mac.
+        nix.settings.builders-use-substitutes = lib.mkDefault true;
+      })
 
-    users.users.${cfg.user} = {
-      inherit (cfg) uid gid;
-      description = "darwin-vz-nix builder VM";
-      isHidden = true;
-    };
-    users.knownUsers = [ cfg.user ];
-    users.groups.${cfg.group} = {
-      inherit (cfg) gid;
-      description = "darwin-vz-nix builder VM";
-    };
-    users.knownGroups = [ cfg.group ];
-
-    # The daemon creates everything inside its state directory on first start, but
-    # runs unprivileged and cannot create the directory itself under /var/lib, nor
-    # the log file launchd opens for it. extraActivation is one of the fixed script
-    # names nix-darwin runs (modules/system/activation-scripts.nix); it runs before
-    # the `users` script creates the account, hence numeric ids.
-    system.activationScripts.extraActivation.text = ''
-      mkdir -p ${lib.escapeShellArg cfg.workingDirectory}
-      chown ${toString cfg.uid}:${toString cfg.gid} ${lib.escapeShellArg cfg.workingDirectory}
-      chmod 0750 ${lib.escapeShellArg cfg.workingDirectory}
-      mkdir -p "$(dirname ${lib.escapeShellArg cfg.logFile})"
-      touch ${lib.escapeShellArg cfg.logFile}
-      chown ${toString cfg.uid}:${toString cfg.gid} ${lib.escapeShellArg cfg.logFile}
-    '';
-
-    launchd.daemons.darwin-vz-nix = {
-      # `command` (rather than ProgramArguments) makes nix-darwin wrap it in
-      # `/bin/wait4path /nix/store`: at boot the Nix volume may mount after launchd
-      # loads the daemon.
-      command = lib.escapeShellArgs [
-        exe
-        "daemon"
-        "--config"
-        configFile
-      ];
-      serviceConfig = {
-        # The daemon itself never exits on idle (only the VM stops), so KeepAlive
-        # restarts it only after a crash.
-        KeepAlive = true;
-        RunAtLoad = true;
-        UserName = cfg.user;
-        GroupName = cfg.group;
-        StandardOutPath = cfg.logFile;
-        StandardErrorPath = cfg.logFile;
-        # On SIGTERM (darwin-rebuild, shutdown) the daemon powers the guest off
-        # gracefully; launchd must not SIGKILL it in the middle.
-        ExitTimeOut = dvnLib.launchdExitTimeout cfg.stopTimeout;
-        # The VM runs builds someone is waiting for, and only while they run (it is
-        # off when idle): no launchd CPU or I/O throttling.
-        ProcessType = "Interactive";
-        # One proxied connection holds a few descriptors; Nix opens them in bursts.
-        SoftResourceLimits.NumberOfFiles = 4096;
-      };
-    };
-
-    # For `darwin-vz-nix status`, `ssh-config` and `ssh`; the variable makes them
-    # talk to this daemon without --state-dir (sudo drops it: pass --state-dir there).
-    environment.systemPackages = [ cfg.package ];
-    environment.variables.DARWIN_VZ_NIX_STATE_DIR = toString cfg.workingDirectory;
-
-    # Root's nix-daemon reads root's ssh configuration: the Host block must be
-    # system-wide. macOS's /etc/ssh/ssh_config includes ssh_config.d/*.
-    environment.etc."ssh/ssh_config.d/100-darwin-vz-nix.conf".text = dvnLib.sshConfig {
-      bin = exe;
-      stateDir = cfg.workingDirectory;
-    };
-
-    nix.buildMachines = [ (dvnLib.buildMachine cfg) ];
-    nix.distributedBuilds = true;
-    # The guest fetches what it can from caches itself rather than receiving every
-    # input from the Mac.
-    nix.settings.builders-use-substitutes = true;
-  };
+      # Determinate Nix with its nix-darwin module: the same setting, through the
+      # module's own option (it writes /etc/nix/nix.custom.conf). Without the module,
+      # nix.custom.conf is the user's file, left alone (see the README).
+      (lib.optionalAttrs determinateModule (
+        lib.mkIf config.determinateNix.enable {
+          determinateNix.customSettings.builders-use-substitutes = lib.mkDefault true;
+        }
+      ))
+    ]
+  );
 }

@@ -41,26 +41,25 @@ let
   closure = pkgs.closureInfo { rootPaths = [ toplevel ]; };
 
   # Symlinks into the system's closure: the store path references all of it.
-  buildCommand =
-    ''
-      mkdir $out
-      ln -s ${toplevel} $out/${artifacts.system}
-      ln -s ${toplevel}/kernel $out/${artifacts.kernel}
-      ln -s ${toplevel}/initrd $out/${artifacts.initrd}
-      ln -s ${closure}/registration $out/${artifacts.registration}
-    ''
-    + lib.optionalString pkgs.stdenv.hostPlatform.isAarch64 ''
-      # An arm64 Image carries the magic "ARM\x64" at offset 0x38; a compressed
-      # kernel does not, and VZ fails on it without saying why. Fail here instead.
-      magic=$(od --address-radix=n --format=x1 --skip-bytes=56 --read-bytes=4 \
-        $out/${artifacts.kernel} | tr -d ' \n')
-      if [ "$magic" != 41524d64 ]; then
-        echo "$(readlink -f $out/${artifacts.kernel}) is not an uncompressed arm64 Image" \
-          "(no ARM\\x64 magic at offset 0x38): VZLinuxBootLoader cannot boot it." \
-          "Check boot.kernelPackages and system.boot.loader.kernelFile." >&2
-        exit 1
-      fi
-    '';
+  buildCommand = ''
+    mkdir $out
+    ln -s ${toplevel} $out/${artifacts.system}
+    ln -s ${toplevel}/kernel $out/${artifacts.kernel}
+    ln -s ${toplevel}/initrd $out/${artifacts.initrd}
+    ln -s ${closure}/registration $out/${artifacts.registration}
+  ''
+  + lib.optionalString pkgs.stdenv.hostPlatform.isAarch64 ''
+    # An arm64 Image carries the magic "ARM\x64" at offset 0x38; a compressed
+    # kernel does not, and VZ fails on it without saying why. Fail here instead.
+    magic=$(od --address-radix=n --format=x1 --skip-bytes=56 --read-bytes=4 \
+      $out/${artifacts.kernel} | tr -d ' \n')
+    if [ "$magic" != 41524d64 ]; then
+      echo "$(readlink -f $out/${artifacts.kernel}) is not an uncompressed arm64 Image" \
+        "(no ARM\\x64 magic at offset 0x38): VZLinuxBootLoader cannot boot it." \
+        "Check boot.kernelPackages and system.boot.loader.kernelFile." >&2
+      exit 1
+    fi
+  '';
 in
 pkgs.runCommand "darwin-vz-nix-guest" {
   passthru = {

@@ -1,5 +1,6 @@
 # The host side's pure data mapping: nix-darwin option values in, the daemon's JSON
-# config, the ssh_config block and the nix.buildMachines entry out.
+# config, the ssh_config block and the line that points Nix at the daemon's machines
+# file out; and the module's checks that need no nixpkgs (accounts, paths).
 #
 # Builtins only, no nixpkgs: CI evaluates this file with a bare `nix-instantiate`
 # (tests/nix/*.nix), and the Rust tests load what it produces, so the two sides of
@@ -10,10 +11,28 @@ let
   # Where the daemon keeps what ssh needs. The Rust side (src/state.rs) owns the
   # state directory's layout; a test compares the ssh_config text both sides print,
   # so a rename that reaches only one side fails CI.
-  statePaths = stateDir: {
-    clientKey = "${stateDir}/keys/client_ed25519";
-    knownHosts = "${stateDir}/keys/known_hosts";
-  };
+  statePaths =
+    stateDir:
+    let
+      # "/var/lib/darwin-vz/" names the same directory; join as Rust's Path::join does.
+      dir = withoutTrailingSlash (toString stateDir);
+    in
+    {
+      clientKey = "${dir}/keys/client_ed25519";
+      knownHosts = "${dir}/keys/known_hosts";
+      # The daemon's build-machine line (src/machines.rs).
+      machines = "${dir}/machines";
+    };
+
+  withoutTrailingSlash =
+    path:
+    let
+      length = builtins.stringLength path;
+    in
+    if length > 1 && builtins.substring (length - 1) 1 path == "/" then
+      withoutTrailingSlash (builtins.substring 0 (length - 1) path)
+    else
+      path;
 
   # An omitted key means "the daemon's built-in default"; null never reaches the JSON.
   withoutNulls =
@@ -60,17 +79,99 @@ let
 
   optionalValue = cfg: name: if cfg ? ${name} then cfg.${name} else null;
   stringOrNull = value: if value == null then null else toString value;
+
+  # Nix's machines-file parser (src/libstore/machines.cc) ends a line's text at `#`
+  # and splits entries on `;` and newlines; an `@PATH` entry is the path up to there.
+  machinesForbidden = [
+    "#"
+    ";"
+    "\n"
+  ];
+
+  # "/private/var/lib/./x//" -> "/var/lib/x", lower case. Lexical only (no symlinks
+  # are read at evaluation), with macOS's own symlinks /var, /etc and /tmp (to
+  # /private/...) folded, and lower case because macOS volumes are case-insensitive
+  # by default: /var/lib/Linux-Builder is /var/lib/linux-builder there.
+  normalisePath =
+    path:
+    let
+      parts = builtins.filter (p: builtins.isString p && p != "" && p != ".") (
+        builtins.split "/" (toString path)
+      );
+      resolve =
+        done: part:
+        if part == ".." then
+          (if done == [ ] then [ ] else builtins.genList (builtins.elemAt done) (builtins.length done - 1))
+        else
+          done ++ [ part ];
+      resolved = builtins.foldl' resolve [ ] parts;
+      unprivate =
+        if
+          builtins.length resolved >= 2
+          && builtins.head resolved == "private"
+          && builtins.elem (builtins.elemAt resolved 1) [
+            "var"
+            "etc"
+            "tmp"
+          ]
+        then
+          builtins.tail resolved
+        else
+          resolved;
+      upper = builtins.genList (i: builtins.substring i 1 "ABCDEFGHIJKLMNOPQRSTUVWXYZ") 26;
+      lower = builtins.genList (i: builtins.substring i 1 "abcdefghijklmnopqrstuvwxyz") 26;
+    in
+    builtins.replaceStrings upper lower ("/" + builtins.concatStringsSep "/" unprivate);
+
+  # Names of macOS's own accounts and groups that a configuration is likely to
+  # reach for ("its members may use the socket"). With any of them in
+  # users.knownGroups/knownUsers nix-darwin would rewrite the account (a group's
+  # members are reset to the listed ones: every admin loses sudo).
+  macosAccounts = [
+    "root"
+    "daemon"
+    "nobody"
+    "wheel"
+    "admin"
+    "staff"
+    "everyone"
+    "localaccounts"
+    "netaccounts"
+    "authedusers"
+    "interactusers"
+    "network"
+    "operator"
+    "kmem"
+    "sys"
+    "tty"
+    "bin"
+    "mail"
+    "certusers"
+    "_developer"
+    "_lpadmin"
+    "_lpoperator"
+    "_analyticsusers"
+    "_oahd"
+    "_nixbld"
+    "nixbld"
+  ];
 in
 {
-  inherit contract statePaths sshConfigForbidden;
+  inherit
+    contract
+    statePaths
+    sshConfigForbidden
+    normalisePath
+    ;
 
   # Defaults of the services.darwin-vz options that become daemon settings. The
   # module declares its options with these; tests/nix/daemon-config.nix feeds them
   # to daemonConfig, and the Rust tests load the result and compare it with the
   # daemon's own defaults (src/config.rs), so the two cannot drift apart unseen.
+  # cores and memory are null: the daemon fits them to the Mac it runs on.
   optionDefaults = {
-    cores = 4;
-    memory = 6144;
+    cores = null;
+    memory = null;
     diskSize = "100G";
     rosetta = true;
     idleTimeout = 180;
@@ -79,6 +180,19 @@ in
     workingDirectory = "/var/lib/darwin-vz";
     logLevel = "info";
     group = "_darwin-vz";
+  };
+
+  # Defaults of the options that shape the builder's machines line; the daemon has
+  # the same ones (src/machines.rs), compared by tests/contract.rs. maxJobs is null:
+  # the daemon writes the cores the VM really gets.
+  builderDefaults = {
+    maxJobs = null;
+    speedFactor = 1;
+    supportedFeatures = [
+      "benchmark"
+      "big-parallel"
+    ];
+    mandatoryFeatures = [ ];
   };
 
   # Systems the builder advertises: aarch64-linux natively, x86_64-linux only when
@@ -108,7 +222,87 @@ in
       # The service's group may use the control socket (darwin-vz-nix status, stop).
       controlGroup = optionalValue cfg "group";
       sshUser = optionalValue cfg "sshUser";
+      builder =
+        let
+          settings = withoutNulls {
+            maxJobs = optionalValue cfg "maxJobs";
+            speedFactor = optionalValue cfg "speedFactor";
+            systems = optionalValue cfg "systems";
+            supportedFeatures = optionalValue cfg "supportedFeatures";
+            mandatoryFeatures = optionalValue cfg "mandatoryFeatures";
+          };
+        in
+        if settings == { } then null else settings;
     };
+
+  # The line the module adds to /etc/nix/machines. Nix reads the daemon's file in
+  # its place (an `@` entry is followed inside a machines file too, and a missing
+  # file is skipped), so the builder Nix sees is the one the daemon wrote. It starts
+  # the line: Nix before 2.29 did not trim an entry before looking for the `@`.
+  machinesInclude =
+    stateDir:
+    let
+      file = (statePaths stateDir).machines;
+      contains = c: builtins.length (builtins.split c file) > 1;
+      bad = builtins.filter contains machinesForbidden;
+    in
+    if bad != [ ] then
+      throw ''
+        darwin-vz-nix: the state directory ${builtins.toJSON (toString stateDir)} contains ${builtins.toJSON (builtins.head bad)},
+        which Nix's machines file cannot carry; choose a path without #, ; or a newline.
+      ''
+    else
+      "@${file}\n";
+
+  # Why these cannot be the service account and group the module creates and
+  # manages (empty when they can). Only a new, hidden account is safe to manage:
+  # nix-darwin rewrites what it manages (a group's members, a user's primary group).
+  accountProblems =
+    {
+      user,
+      uid,
+      group,
+      gid,
+      ...
+    }:
+    let
+      check =
+        kind: option: name: id:
+        let
+          idName = if kind == "user" then "uid" else "gid";
+          why =
+            if builtins.elem name macosAccounts || builtins.substring 0 10 name == "com.apple." then
+              "is one of macOS's own"
+            else if builtins.substring 0 1 name != "_" then
+              "does not start with `_` (hidden service accounts do; a name without one may be a person's)"
+            else if id < 300 || id == 441 then
+              "has ${idName} ${toString id}, in the range macOS keeps for its own accounts (below 300, and 441)"
+            else
+              null;
+        in
+        if why == null then
+          [ ]
+        else
+          [
+            "services.darwin-vz.${option} = ${builtins.toJSON name} ${why}. The module creates and manages this ${kind} (nix-darwin rewrites managed ${kind}s), so it must be a new one: keep the default \"_darwin-vz\" (id 455) or choose another name starting with `_` and an unused id from 300 to 500. To let existing users use the control socket, list them in services.darwin-vz.groupMembers."
+          ];
+    in
+    check "user" "user" user uid ++ check "group" "group" group gid;
+
+  # Whether two directories are the same or one contains the other, after
+  # normalisePath. nix-darwin deletes nix.linux-builder.workingDirectory while that
+  # builder is disabled: the state directory must be neither it, inside it, nor
+  # around it.
+  pathsOverlap =
+    a: b:
+    let
+      na = normalisePath a;
+      nb = normalisePath b;
+      within =
+        inner: outer:
+        outer == "/" || builtins.substring 0 (builtins.stringLength outer + 1) inner == outer + "/";
+    in
+    na == nb || within na nb || within nb na;
 
   # The Host block that lets root's nix-daemon (and `sudo ssh darwin-vz-nix`) reach
   # the guest with no prompt. `darwin-vz-nix ssh-config` prints the same text; a
@@ -135,23 +329,6 @@ in
         IdentitiesOnly yes
         StrictHostKeyChecking yes
     '';
-
-  # The nix.buildMachines entry for the guest. publicHostKey stays unset: the host
-  # key is generated on the Mac at first start and pinned by the ssh_config block's
-  # UserKnownHostsFile instead.
-  buildMachine = cfg: {
-    hostName = contract.hostKeyAlias;
-    protocol = "ssh-ng";
-    sshUser = contract.guest.user;
-    sshKey = (statePaths (toString cfg.workingDirectory)).clientKey;
-    inherit (cfg)
-      systems
-      maxJobs
-      speedFactor
-      supportedFeatures
-      ;
-    mandatoryFeatures = [ ];
-  };
 
   # launchd sends SIGKILL this many seconds after SIGTERM. The daemon answers
   # SIGTERM with a graceful guest poweroff that may take stopTimeout seconds, then

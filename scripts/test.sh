@@ -16,6 +16,18 @@ step "shellcheck: the guest's scripts and this repository's"
 # is built; here they are checked without Nix.
 shellcheck nix/nixos/scripts/*.sh scripts/*.sh .ci/run
 
+# The flake's checks.*.formatting runs nixpkgs' nixfmt (Haskell); Debian 12 has none,
+# so this runs nixfmt_rs, a byte-compatible reimplementation that .ci/run installs
+# (pinned) into .ci/tools. A nixfmt on PATH (nix develop) is used otherwise.
+nixfmt=$PWD/.ci/tools/bin/nixfmt
+[ -x "$nixfmt" ] || nixfmt=$(command -v nixfmt || true)
+if [ -z "$nixfmt" ]; then
+  echo "no nixfmt: run .ci/run once (it installs nixfmt_rs into .ci/tools), or use nix develop" >&2
+  exit 1
+fi
+step "every .nix file is nixfmt-formatted ($("$nixfmt" --version | head -n1))"
+find . -name '*.nix' -not -path './target*' -not -path './.ci/tools/*' -print0 | xargs -0 "$nixfmt" --check
+
 step "cargo fmt --check"
 cargo fmt --check
 

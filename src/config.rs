@@ -106,6 +106,9 @@ pub struct ConfigLayer {
     pub control_group: Option<String>,
     /// User that `ssh` and Nix log in as on the guest.
     pub ssh_user: Option<String>,
+    /// How Nix uses the builder: the line the daemon writes to `<state>/machines`.
+    /// Config file only (the nix-darwin module sets it).
+    pub builder: Option<crate::machines::BuilderSettings>,
 }
 
 /// Where a setting's value came from.
@@ -149,6 +152,8 @@ const FIELDS: &[FieldNames] = &[
     field("logLevel", "LOG_LEVEL", "--log-level"),
     field("controlGroup", "CONTROL_GROUP", "--control-group"),
     field("sshUser", "SSH_USER", "--ssh-user"),
+    // Config file only: no variable or flag sets it, so these names are never shown.
+    field("builder", "BUILDER", "--config"),
 ];
 
 const fn field(key: &'static str, env: &'static str, flag: &'static str) -> FieldNames {
@@ -237,6 +242,7 @@ pub struct Config {
     pub log_level: LogLevel,
     pub control_group: Option<String>,
     pub ssh_user: String,
+    pub builder: crate::machines::BuilderSettings,
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -290,6 +296,7 @@ impl Config {
         let control_group = pick!(control_group, "controlGroup");
         let ssh_user =
             pick!(ssh_user, "sshUser").unwrap_or_else(|| crate::contract::GUEST_USER.to_string());
+        let builder = pick!(builder, "builder").unwrap_or_default();
 
         let Some(state_dir) = state_dir else {
             return Err(ConfigErrors(vec![Problem {
@@ -311,6 +318,7 @@ impl Config {
             log_level,
             control_group,
             ssh_user,
+            builder,
             origins,
         };
         let problems = config.check_values();

@@ -135,6 +135,8 @@ pub async fn serve(
             created.host
         );
     }
+    // Before the socket: once Nix reads the line it may connect at once.
+    crate::machines::publish(&state, &crate::machines::MachineLine::new(&config, &state))?;
     let server = ControlServer::bind(&state.socket(), access)?;
     tracing::info!(
         "supervisor {} ready on {} with the {} backend",

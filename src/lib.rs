@@ -23,6 +23,7 @@ pub mod host;
 pub mod keys;
 pub mod limits;
 pub mod mac;
+pub mod machines;
 pub mod plan;
 pub mod proxy;
 pub mod size;

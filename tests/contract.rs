@@ -7,6 +7,9 @@ use std::path::Path;
 
 use darwin_vz_nix::config::{self, Config, Origin, Source, defaults};
 use darwin_vz_nix::contract;
+use darwin_vz_nix::host::HostInfo;
+use darwin_vz_nix::machines::{self, MachineLine};
+use darwin_vz_nix::state::StateDir;
 use serde_json::Value;
 
 #[test]
@@ -110,7 +113,12 @@ fn the_tags_the_plan_uses_are_valid_virtiofs_tags() {
 fn the_module_daemon_config_loads_with_the_rust_loader() {
     let cases = support::nix_eval_json(Path::new("tests/nix/daemon-config.nix"));
     let cases = cases.as_object().unwrap();
-    assert!(cases.contains_key("defaults") && cases.contains_key("no-rosetta-never-idle"));
+    for name in ["defaults", "chosen", "no-rosetta-never-idle", "minimal"] {
+        assert!(
+            cases.contains_key(name),
+            "tests/nix/daemon-config.nix lacks {name}"
+        );
+    }
     let load = |name: &str| -> Config {
         let text = serde_json::to_string(&cases[name]).unwrap();
         let layer = config::parse_layer(&text).unwrap_or_else(|e| panic!("case {name}: {e}"));
@@ -147,4 +155,165 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     let minimal = load("minimal");
     assert_eq!(minimal.cores, defaults::CORES);
     assert_eq!(minimal.control_group, None);
+}
+
+/// The module leaves cores and memory unset (null), so the daemon fits them to the
+/// Mac, and the machines line it writes carries the cores it really uses.
+#[test]
+fn module_defaults_are_fitted_to_a_small_mac_and_max_jobs_follows_the_cores() {
+    let cases = support::nix_eval_json(Path::new("tests/nix/daemon-config.nix"));
+    let load = |name: &str| -> Config {
+        let layer = config::parse_layer(&cases[name].to_string()).unwrap();
+        Config::resolve(
+            &[Source {
+                origin: Origin::File(name.into()),
+                layer,
+            }],
+            None,
+        )
+        .unwrap()
+    };
+    assert!(
+        cases["defaults"].get("cores").is_none(),
+        "{}",
+        cases["defaults"]
+    );
+    assert!(cases["defaults"].get("memory").is_none());
+    let eight_gib_two_cores = HostInfo {
+        cpus: 2,
+        memory_bytes: 8 << 30,
+        macos_version: Some((15, 0)),
+        arch: "aarch64".into(),
+    };
+    let state = StateDir::new("/var/lib/darwin-vz");
+
+    let mut module = load("defaults");
+    module.fit_defaults_to(&eight_gib_two_cores);
+    assert_eq!((module.cores, module.memory_mib), (2, 4096));
+    assert_eq!(
+        MachineLine::new(&module, &state).to_string(),
+        "ssh-ng://builder@darwin-vz-nix aarch64-linux,x86_64-linux /var/lib/darwin-vz/keys/client_ed25519 2 1 benchmark,big-parallel - -"
+    );
+
+    // What the user sets is the user's: neither fitted nor overridden.
+    let mut chosen = load("chosen");
+    chosen.fit_defaults_to(&eight_gib_two_cores);
+    assert_eq!((chosen.cores, chosen.memory_mib), (6, 8192));
+    assert_eq!(
+        MachineLine::new(&chosen, &state).to_string(),
+        "ssh-ng://builder@darwin-vz-nix aarch64-linux /var/lib/darwin-vz/keys/client_ed25519 3 2 big-parallel,dvn dvn -"
+    );
+}
+
+/// The module's builtins-only checks (nix/lib.nix): account assertions, the
+/// linux-builder directory overlap, the /etc/nix/machines line and the builder
+/// defaults, which must be the daemon's.
+#[test]
+fn the_module_checks_give_the_expected_answers() {
+    let checks = support::nix_eval_json(Path::new("tests/nix/module-checks.nix"));
+
+    let problems: Vec<(String, usize, String)> = checks["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let found = a["problems"].as_array().unwrap();
+            let text = found
+                .iter()
+                .map(|p| p.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join("\n");
+            (a["group"].as_str().unwrap().to_string(), found.len(), text)
+        })
+        .collect();
+    let expected = [
+        ("_darwin-vz", 0, ""),
+        (
+            "admin",
+            1,
+            "services.darwin-vz.group = \"admin\" is one of macOS's own",
+        ),
+        (
+            "staff",
+            1,
+            "services.darwin-vz.group = \"staff\" is one of macOS's own",
+        ),
+        ("everyone", 1, "\"everyone\" is one of macOS's own"),
+        (
+            "_darwin-vz",
+            1,
+            "services.darwin-vz.user = \"alice\" does not start with `_`",
+        ),
+        (
+            "_darwin-vz",
+            1,
+            "services.darwin-vz.user = \"_darwin-vz\" has uid 70, in the range macOS keeps",
+        ),
+        (
+            "com.apple.access_ssh",
+            2,
+            "\"com.apple.access_ssh\" is one of macOS's own",
+        ),
+    ];
+    assert_eq!(problems.len(), expected.len());
+    for ((group, count, text), (want_group, want_count, want_text)) in problems.iter().zip(expected)
+    {
+        assert_eq!((group.as_str(), *count), (want_group, want_count), "{text}");
+        assert!(text.contains(want_text), "{text}");
+        if *count > 0 {
+            assert!(
+                text.contains("services.darwin-vz.groupMembers"),
+                "points at the way for existing users: {text}"
+            );
+        }
+    }
+
+    let overlaps: Vec<bool> = checks["overlaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["overlap"].as_bool().unwrap())
+        .collect();
+    assert_eq!(
+        overlaps,
+        [false, true, true, true, true, true, false, true],
+        "{}",
+        checks["overlaps"]
+    );
+
+    for case in checks["machinesIncludes"].as_array().unwrap() {
+        let dir = case["stateDir"].as_str().unwrap();
+        let refused = dir.contains(['#', ';', '\n']);
+        if refused {
+            assert!(case["line"].is_null(), "{dir:?} must be refused");
+        } else {
+            let rust_path = machines::path(&StateDir::new(dir));
+            assert_eq!(
+                case["line"].as_str(),
+                Some(format!("@{}\n", rust_path.display()).as_str()),
+                "the module must point Nix at the file the daemon writes"
+            );
+        }
+    }
+
+    let systems = |v: &Value| -> Vec<String> { serde_json::from_value(v.clone()).unwrap() };
+    assert_eq!(
+        systems(&checks["defaultSystems"]["rosetta"]),
+        machines::default_systems(true)
+    );
+    assert_eq!(
+        systems(&checks["defaultSystems"]["noRosetta"]),
+        machines::default_systems(false)
+    );
+    let builder = &checks["builderDefaults"];
+    assert_eq!(
+        systems(&builder["supportedFeatures"]),
+        machines::DEFAULT_SUPPORTED_FEATURES
+    );
+    assert_eq!(builder["mandatoryFeatures"], serde_json::json!([]));
+    assert_eq!(builder["speedFactor"], 1);
+    assert!(
+        builder["maxJobs"].is_null(),
+        "maxJobs follows the cores the daemon uses"
+    );
 }

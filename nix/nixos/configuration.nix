@@ -74,9 +74,7 @@ let
   present =
     name:
     let
-      probe = builtins.tryEval (
-        pkgs ? ${name} && lib.versionOlder pkgs.${name}.kernel.version "6.11"
-      );
+      probe = builtins.tryEval (pkgs ? ${name} && lib.versionOlder pkgs.${name}.kernel.version "6.11");
     in
     probe.success && probe.value;
   pinnedKernel = lib.findFirst present null rosettaSafeKernels;

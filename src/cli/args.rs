@@ -185,6 +185,8 @@ impl VmArgs {
             log_level: self.log_level,
             control_group: self.control_group.clone(),
             ssh_user: self.ssh_user.clone(),
+            // Config file only.
+            builder: None,
         }
     }
 

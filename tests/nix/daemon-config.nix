@@ -13,24 +13,36 @@ let
 
   # The module's option values with nothing set, as nix-darwin hands them over
   # (options that are not daemon settings included: daemonConfig must ignore them).
-  defaults = dvnLib.optionDefaults // {
-    enable = true;
-    inherit guest;
-    logFile = "/var/log/darwin-vz-nix.log";
-    user = "_darwin-vz";
-    uid = 455;
-    gid = 455;
-    maxJobs = dvnLib.optionDefaults.cores;
-    speedFactor = 1;
-    supportedFeatures = [
-      "benchmark"
-      "big-parallel"
-    ];
-    systems = dvnLib.defaultSystems dvnLib.optionDefaults.rosetta;
-  };
+  defaults =
+    dvnLib.optionDefaults
+    // dvnLib.builderDefaults
+    // {
+      enable = true;
+      inherit guest;
+      logFile = "/var/log/darwin-vz-nix.log";
+      user = "_darwin-vz";
+      uid = 455;
+      gid = 455;
+      groupMembers = [ ];
+      systems = dvnLib.defaultSystems dvnLib.optionDefaults.rosetta;
+    };
 in
 {
   defaults = dvnLib.daemonConfig defaults;
+
+  # Everything a user may choose for the VM and its machines line.
+  chosen = dvnLib.daemonConfig (
+    defaults
+    // {
+      cores = 6;
+      memory = 8192;
+      maxJobs = 3;
+      speedFactor = 2;
+      systems = [ "aarch64-linux" ];
+      supportedFeatures = [ "big-parallel" ];
+      mandatoryFeatures = [ "dvn" ];
+    }
+  );
 
   no-rosetta-never-idle = dvnLib.daemonConfig (
     defaults

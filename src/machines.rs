@@ -1,0 +1,497 @@
+//! How Nix finds this builder: one line of Nix's machines-file format, which the
+//! daemon writes to `<state>/machines` at start (and again whenever it changes).
+//!
+//! Nix reads its build machines from the `builders` setting, `@/etc/nix/machines` by
+//! default. An entry `@FILE` is replaced by the entries of FILE — also inside a
+//! machines file, recursively — and a missing FILE is skipped without an error
+//! (`expandBuilderLines` in Nix's `src/libstore/machines.cc`, the same from 2.18 to
+//! today and in Determinate Nix). The nix-darwin module adds the line
+//! `@<state>/machines` to `/etc/nix/machines`, so the line written here is what
+//! Nix uses: it can follow what only the daemon knows, such as the cores it fitted
+//! to this Mac, where a `nix.buildMachines` entry is fixed at switch time.
+//!
+//! The format, as every Nix since 2.18 parses it: entries separated by newlines or
+//! `;`, everything from `#` to the end of a line a comment, and in an entry the
+//! fields separated by whitespace: store URI, systems, SSH key, max jobs, speed
+//! factor, supported features, mandatory features, public host key (`-` = unset).
+//! So no field may contain whitespace, `,` inside a list item, `;` or `#`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::contract;
+use crate::state::{StateDir, StateError};
+
+/// The file's name in the state directory; `nix/lib.nix` names the same path.
+pub const FILE_NAME: &str = "machines";
+
+/// Features advertised unless the configuration lists its own. No `kvm` (and so no
+/// `nixos-test`): without `/dev/kvm` in the guest, such builds would be sent to the
+/// VM and fail there instead of going to a machine that has it.
+pub const DEFAULT_SUPPORTED_FEATURES: &[&str] = &["benchmark", "big-parallel"];
+
+/// Accepted `maxJobs`: Nix runs that many builds on the VM at once.
+pub const MAX_JOBS_RANGE: std::ops::RangeInclusive<u32> = 1..=1024;
+/// Accepted `speedFactor`: Nix prefers faster machines, weighted by this.
+pub const SPEED_FACTOR_RANGE: std::ops::RangeInclusive<u32> = 1..=1_000_000;
+
+/// Longest system or feature name accepted (Nix's own are far shorter).
+const MAX_NAME_LEN: usize = 100;
+
+/// Written above the entry. Nix drops everything from `#` on; it must hold no `;`,
+/// which Nix before 2.29 split on before it removed comments.
+const HEADER: &str =
+    "# The darwin-vz-nix builder, written by its daemon at every start: edits are lost.\n";
+
+/// The `builder` section of the JSON config: how Nix should use this builder.
+/// Every field is optional; unset ones follow the VM (see [`MachineLine::new`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BuilderSettings {
+    /// Builds Nix runs on the VM at once; unset = the VM's cores.
+    pub max_jobs: Option<MaxJobs>,
+    /// Preference among build machines.
+    pub speed_factor: Option<SpeedFactor>,
+    /// Systems Nix sends to the VM; unset = aarch64-linux, plus x86_64-linux with Rosetta.
+    pub systems: Option<Systems>,
+    /// Features the VM offers; unset = [`DEFAULT_SUPPORTED_FEATURES`].
+    pub supported_features: Option<Vec<Name>>,
+    /// Features a derivation must ask for to be sent to the VM.
+    pub mandatory_features: Option<Vec<Name>>,
+}
+
+/// A `maxJobs` value inside [`MAX_JOBS_RANGE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u64", into = "u32")]
+pub struct MaxJobs(u32);
+
+/// A `speedFactor` value inside [`SPEED_FACTOR_RANGE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u64", into = "u32")]
+pub struct SpeedFactor(u32);
+
+fn in_range(what: &str, value: u64, range: std::ops::RangeInclusive<u32>) -> Result<u32, String> {
+    u32::try_from(value)
+        .ok()
+        .filter(|v| range.contains(v))
+        .ok_or_else(|| {
+            format!(
+                "{what} {value} is out of range; use {} to {}",
+                range.start(),
+                range.end()
+            )
+        })
+}
+
+impl TryFrom<u64> for MaxJobs {
+    type Error = String;
+    fn try_from(value: u64) -> Result<Self, String> {
+        in_range("builder.maxJobs", value, MAX_JOBS_RANGE).map(MaxJobs)
+    }
+}
+
+impl TryFrom<u64> for SpeedFactor {
+    type Error = String;
+    fn try_from(value: u64) -> Result<Self, String> {
+        in_range("builder.speedFactor", value, SPEED_FACTOR_RANGE).map(SpeedFactor)
+    }
+}
+
+impl From<MaxJobs> for u32 {
+    fn from(value: MaxJobs) -> u32 {
+        value.0
+    }
+}
+
+impl From<SpeedFactor> for u32 {
+    fn from(value: SpeedFactor) -> u32 {
+        value.0
+    }
+}
+
+/// A system or feature name that fits into one field of a machines-file entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Name(String);
+
+impl TryFrom<String> for Name {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let fits = !text.is_empty()
+            && text.len() <= MAX_NAME_LEN
+            && !text
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ',' | ';' | '#'));
+        if fits {
+            Ok(Name(text))
+        } else {
+            Err(format!(
+                "{text:?} cannot be a system or feature name in Nix's machines file; use 1 to {MAX_NAME_LEN} characters without spaces, `,`, `;` or `#`"
+            ))
+        }
+    }
+}
+
+impl From<Name> for String {
+    fn from(name: Name) -> String {
+        name.0
+    }
+}
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A non-empty list of systems: an empty field would mean "the Mac's own system".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<Name>", into = "Vec<Name>")]
+pub struct Systems(Vec<Name>);
+
+impl TryFrom<Vec<Name>> for Systems {
+    type Error = String;
+    fn try_from(names: Vec<Name>) -> Result<Self, String> {
+        if names.is_empty() {
+            Err(
+                "builder.systems is empty; list at least one system, e.g. [\"aarch64-linux\"]"
+                    .into(),
+            )
+        } else {
+            Ok(Systems(names))
+        }
+    }
+}
+
+impl From<Systems> for Vec<Name> {
+    fn from(systems: Systems) -> Vec<Name> {
+        systems.0
+    }
+}
+
+/// The builder as Nix should see it: every field of one machines-file entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineLine {
+    /// `ssh-ng://USER@darwin-vz-nix`: the `Host` alias of the generated ssh_config.
+    pub store_uri: String,
+    pub systems: Vec<String>,
+    /// The client key; `None` writes `-`, and ssh takes the key from the Host block.
+    pub ssh_key: Option<PathBuf>,
+    pub max_jobs: u32,
+    pub speed_factor: u32,
+    pub supported_features: Vec<String>,
+    pub mandatory_features: Vec<String>,
+}
+
+impl MachineLine {
+    /// The entry for a daemon with this (resolved, host-fitted) configuration: unset
+    /// builder settings follow the VM, so `maxJobs` is the cores the VM really gets.
+    pub fn new(config: &Config, state: &StateDir) -> MachineLine {
+        let builder = &config.builder;
+        let names = |list: &[Name]| list.iter().map(|n| n.as_str().to_string()).collect();
+        let systems = match &builder.systems {
+            Some(Systems(list)) => names(list),
+            None => default_systems(config.rosetta),
+        };
+        let supported_features = match &builder.supported_features {
+            Some(list) => names(list),
+            None => DEFAULT_SUPPORTED_FEATURES
+                .iter()
+                .map(|f| f.to_string())
+                .collect(),
+        };
+        let key = state.client_key();
+        MachineLine {
+            store_uri: format!("ssh-ng://{}@{}", config.ssh_user, contract::HOST_KEY_ALIAS),
+            systems,
+            ssh_key: fits_one_field(&key).then_some(key),
+            max_jobs: builder.max_jobs.map_or(config.cores, u32::from),
+            speed_factor: builder.speed_factor.map_or(1, u32::from),
+            supported_features,
+            mandatory_features: builder
+                .mandatory_features
+                .as_deref()
+                .map_or_else(Vec::new, names),
+        }
+    }
+
+    /// The file's text: a comment and the entry, newline-terminated.
+    pub fn render(&self) -> String {
+        format!("{HEADER}{self}\n")
+    }
+}
+
+/// One entry, fields in Nix's order. Mandatory features are listed among the
+/// supported ones too, as nix-darwin and NixOS write them.
+impl fmt::Display for MachineLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |items: &[String]| {
+            if items.is_empty() {
+                "-".to_string()
+            } else {
+                items.join(",")
+            }
+        };
+        let mut supported = self.supported_features.clone();
+        for feature in &self.mandatory_features {
+            if !supported.contains(feature) {
+                supported.push(feature.clone());
+            }
+        }
+        let key = self
+            .ssh_key
+            .as_deref()
+            .and_then(Path::to_str)
+            .unwrap_or("-");
+        write!(
+            f,
+            "{} {} {} {} {} {} {} -",
+            self.store_uri,
+            list(&self.systems),
+            key,
+            self.max_jobs,
+            self.speed_factor,
+            list(&supported),
+            list(&self.mandatory_features),
+        )
+    }
+}
+
+/// aarch64-linux natively; x86_64-linux only when Rosetta runs it. Listing
+/// x86_64-linux is what makes Nix send those builds at all; listing it without
+/// Rosetta makes them fail inside the VM.
+pub fn default_systems(rosetta: bool) -> Vec<String> {
+    let mut systems = vec!["aarch64-linux".to_string()];
+    if rosetta {
+        systems.push("x86_64-linux".to_string());
+    }
+    systems
+}
+
+/// Whether a path can be one whitespace-separated field of an entry. The default
+/// state directory on macOS (`~/Library/Application Support/…`) cannot; the line then
+/// leaves the key to the generated ssh_config's `IdentityFile`.
+fn fits_one_field(path: &Path) -> bool {
+    path.to_str().is_some_and(|text| {
+        !text
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ';' | '#'))
+    })
+}
+
+/// Where the daemon writes the entry.
+pub fn path(state: &StateDir) -> PathBuf {
+    state.root().join(FILE_NAME)
+}
+
+/// What [`publish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Written,
+    Unchanged,
+}
+
+/// Longest machines file read back (ours is one short line).
+const READ_LIMIT: u64 = 64 * 1024;
+
+/// Writes `line` to `<state>/machines` (0644: root's nix-daemon and every user's
+/// `nix` read it) unless the file already holds exactly that, atomically so Nix never
+/// reads half a line.
+pub fn publish(state: &StateDir, line: &MachineLine) -> Result<Published, StateError> {
+    let path = path(state);
+    let text = line.render();
+    if read_capped(&path).as_deref() == Some(text.as_str()) {
+        return Ok(Published::Unchanged);
+    }
+    crate::state::write_file_atomic(&path, text.as_bytes(), 0o644)?;
+    tracing::info!("build machine for Nix in {}: {line}", path.display());
+    Ok(Published::Written)
+}
+
+/// The file's text if it is a regular file (never following a symlink) of sane size.
+fn read_capped(path: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(READ_LIMIT).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigLayer, Origin, Source};
+
+    fn config(builder: &str, extra: ConfigLayer) -> Config {
+        let layer = crate::config::parse_layer(&format!(r#"{{"builder": {builder}}}"#)).unwrap();
+        Config::resolve(
+            &[
+                Source {
+                    origin: Origin::File("/etc/dvn.json".into()),
+                    layer,
+                },
+                Source {
+                    origin: Origin::Flag,
+                    layer: extra,
+                },
+            ],
+            Some(PathBuf::from("/var/lib/darwin-vz")),
+        )
+        .unwrap()
+    }
+
+    fn state() -> StateDir {
+        StateDir::new("/var/lib/darwin-vz")
+    }
+
+    #[test]
+    fn unset_settings_follow_the_vm_cores_and_rosetta() {
+        let config = config(
+            "{}",
+            ConfigLayer {
+                cores: Some(3),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            MachineLine::new(&config, &state()).to_string(),
+            "ssh-ng://builder@darwin-vz-nix aarch64-linux,x86_64-linux /var/lib/darwin-vz/keys/client_ed25519 3 1 benchmark,big-parallel - -"
+        );
+        let mut no_rosetta = config;
+        no_rosetta.rosetta = false;
+        let line = MachineLine::new(&no_rosetta, &state());
+        assert_eq!(line.systems, ["aarch64-linux"]);
+    }
+
+    #[test]
+    fn set_settings_win_and_mandatory_features_are_also_supported() {
+        let config = config(
+            r#"{"maxJobs": 2, "speedFactor": 5, "systems": ["aarch64-linux"],
+                "supportedFeatures": ["big-parallel"], "mandatoryFeatures": ["slow", "big-parallel"]}"#,
+            ConfigLayer::default(),
+        );
+        assert_eq!(
+            MachineLine::new(&config, &state()).to_string(),
+            "ssh-ng://builder@darwin-vz-nix aarch64-linux /var/lib/darwin-vz/keys/client_ed25519 2 5 big-parallel,slow slow,big-parallel -"
+        );
+    }
+
+    #[test]
+    fn empty_feature_lists_are_written_as_a_dash() {
+        let config = config(r#"{"supportedFeatures": []}"#, ConfigLayer::default());
+        let line = MachineLine::new(&config, &state()).to_string();
+        assert!(line.ends_with(" 4 1 - - -"), "{line}");
+    }
+
+    #[test]
+    fn a_key_path_with_a_space_leaves_the_key_to_ssh_config() {
+        let config = config("{}", ConfigLayer::default());
+        for dir in [
+            "/Users/me/Library/Application Support/darwin-vz-nix",
+            "/tmp/a#b",
+            "/tmp/a;b",
+        ] {
+            let line = MachineLine::new(&config, &StateDir::new(dir));
+            assert_eq!(line.ssh_key, None, "{dir}");
+            assert_eq!(line.to_string().split(' ').nth(2), Some("-"), "{dir}");
+        }
+    }
+
+    #[test]
+    fn the_file_is_one_comment_and_one_entry_as_nix_splits_it() {
+        let text = MachineLine::new(&config("{}", ConfigLayer::default()), &state()).render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with('#'));
+        assert!(
+            !text.contains(';'),
+            "Nix < 2.29 splits entries on `;` before comments"
+        );
+        assert!(text.ends_with('\n'));
+        assert_eq!(lines[1].split(' ').count(), 8, "all eight fields");
+    }
+
+    #[test]
+    fn bad_builder_settings_are_refused_with_the_reason() {
+        let cases = [
+            (
+                r#"{"maxJobs": 0}"#,
+                "builder.maxJobs 0 is out of range; use 1 to 1024",
+            ),
+            (
+                r#"{"maxJobs": 5000000000}"#,
+                "builder.maxJobs 5000000000 is out of range",
+            ),
+            (
+                r#"{"speedFactor": 0}"#,
+                "builder.speedFactor 0 is out of range; use 1 to 1000000",
+            ),
+            (r#"{"systems": []}"#, "builder.systems is empty"),
+            (
+                r#"{"supportedFeatures": ["big parallel"]}"#,
+                "\"big parallel\" cannot be a system or feature name in Nix's machines file",
+            ),
+            (r#"{"mandatoryFeatures": ["a,b"]}"#, "\"a,b\" cannot be"),
+            (r#"{"systems": ["x#y"]}"#, "\"x#y\" cannot be"),
+            (r#"{"systems": [""]}"#, "\"\" cannot be"),
+            (r#"{"maxjobs": 2}"#, "unknown field `maxjobs`"),
+        ];
+        for (builder, expected) in cases {
+            let err =
+                crate::config::parse_layer(&format!(r#"{{"builder": {builder}}}"#)).unwrap_err();
+            assert!(err.contains(expected), "{builder}: {err}");
+        }
+    }
+
+    #[test]
+    fn publish_writes_0644_atomically_and_only_when_the_line_changes() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path());
+        let config = config("{}", ConfigLayer::default());
+        let line = MachineLine::new(&config, &state);
+        assert_eq!(publish(&state, &line).unwrap(), Published::Written);
+        let file = path(&state);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), line.render());
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        assert_eq!(publish(&state, &line).unwrap(), Published::Unchanged);
+
+        let fewer = MachineLine {
+            max_jobs: 1,
+            ..line.clone()
+        };
+        assert_eq!(publish(&state, &fewer).unwrap(), Published::Written);
+        assert!(std::fs::read_to_string(&file).unwrap().contains(" 1 1 "));
+        assert!(!tmp.path().join("machines.tmp").exists());
+    }
+
+    #[test]
+    fn publish_replaces_a_symlink_instead_of_writing_through_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        std::fs::create_dir(state.root()).unwrap();
+        let target = tmp.path().join("elsewhere");
+        std::fs::write(&target, "untouched").unwrap();
+        std::os::unix::fs::symlink(&target, path(&state)).unwrap();
+        let line = MachineLine::new(&config("{}", ConfigLayer::default()), &state);
+        assert_eq!(publish(&state, &line).unwrap(), Published::Written);
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
+        assert!(
+            !std::fs::symlink_metadata(path(&state))
+                .unwrap()
+                .is_symlink()
+        );
+    }
+}

@@ -1,0 +1,121 @@
+# The nix-darwin module's checks that need no nixpkgs, for tests/contract.rs:
+#
+#   nix-instantiate --eval --strict --json tests/nix/module-checks.nix
+#
+# Each list holds the inputs and what nix/lib.nix answers; the Rust test holds the
+# expected answers. Builtins only.
+let
+  dvnLib = import ../../nix/lib.nix;
+
+  tryMachinesInclude =
+    stateDir:
+    let
+      attempt = builtins.tryEval (
+        builtins.deepSeq (dvnLib.machinesInclude stateDir) (dvnLib.machinesInclude stateDir)
+      );
+    in
+    {
+      inherit stateDir;
+      line = if attempt.success then attempt.value else null;
+    };
+in
+{
+  # services.darwin-vz.{user,uid,group,gid} -> the assertion messages (none = accepted).
+  accounts = map (account: account // { problems = dvnLib.accountProblems account; }) [
+    {
+      user = "_darwin-vz";
+      uid = 455;
+      group = "_darwin-vz";
+      gid = 455;
+    }
+    {
+      user = "_darwin-vz";
+      uid = 455;
+      group = "admin";
+      gid = 80;
+    }
+    {
+      user = "_darwin-vz";
+      uid = 455;
+      group = "staff";
+      gid = 455;
+    }
+    {
+      user = "_darwin-vz";
+      uid = 455;
+      group = "everyone";
+      gid = 455;
+    }
+    {
+      user = "alice";
+      uid = 501;
+      group = "_darwin-vz";
+      gid = 455;
+    }
+    {
+      user = "_darwin-vz";
+      uid = 70;
+      group = "_darwin-vz";
+      gid = 455;
+    }
+    {
+      user = "_oahd";
+      uid = 441;
+      group = "com.apple.access_ssh";
+      gid = 399;
+    }
+  ];
+
+  # (services.darwin-vz.workingDirectory, nix.linux-builder.workingDirectory) -> overlap?
+  overlaps = map (pair: pair // { overlap = dvnLib.pathsOverlap pair.ours pair.linuxBuilder; }) [
+    {
+      ours = "/var/lib/darwin-vz";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/linux-builder";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/linux-builder/";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/linux-builder/vz";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/private/var/lib/Linux-Builder/./vz";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/linux-builder-vz";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+    {
+      ours = "/var/lib/darwin-vz/../linux-builder";
+      linuxBuilder = "/var/lib/linux-builder";
+    }
+  ];
+
+  # The line added to /etc/nix/machines; null where the module refuses the directory.
+  machinesIncludes = map tryMachinesInclude [
+    "/var/lib/darwin-vz"
+    "/var/lib/darwin-vz/"
+    "/Volumes/Build Disk/darwin-vz"
+    "/tmp/a#b"
+    "/tmp/a;b"
+    "/tmp/a\nb"
+  ];
+
+  defaultSystems = {
+    rosetta = dvnLib.defaultSystems true;
+    noRosetta = dvnLib.defaultSystems false;
+  };
+
+  inherit (dvnLib) builderDefaults;
+}
