@@ -17,6 +17,7 @@ pub mod control;
 pub mod daemon;
 pub mod disk;
 pub mod doctor;
+pub mod files;
 pub mod host;
 pub mod keys;
 pub mod limits;

@@ -11,15 +11,13 @@ fn host_cpus() -> usize {
     std::thread::available_parallelism().unwrap().get()
 }
 
-/// Runs the binary with a clean environment for our variables.
-fn run(fixture: &Fixture, args: &[&str], env: &[(&str, &str)]) -> Output {
+/// The binary with a clean environment for our variables, the fixture's guest, and
+/// `args` (no `--state-dir`: tests of the default directory need that).
+fn bare_command(fixture: &Fixture, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_darwin-vz-nix"));
-    command
-        .arg("--state-dir")
-        .arg(&fixture.state_dir)
-        .args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("DARWIN_VZ_NIX_") {
+    command.args(args);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DARWIN_VZ_NIX_") {
             command.env_remove(key);
         }
     }
@@ -27,7 +25,19 @@ fn run(fixture: &Fixture, args: &[&str], env: &[(&str, &str)]) -> Output {
     for (key, value) in env {
         command.env(key, value);
     }
-    command.output().unwrap()
+    command
+}
+
+/// The binary on the fixture's state directory.
+fn command(fixture: &Fixture, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut full = vec!["--state-dir", fixture.state_dir.to_str().unwrap()];
+    full.extend_from_slice(args);
+    bare_command(fixture, &full, env)
+}
+
+/// Runs the binary with a clean environment for our variables.
+fn run(fixture: &Fixture, args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(fixture, args, env).output().unwrap()
 }
 
 /// A dry run of the small test configuration (set through the environment, so that
@@ -246,7 +256,7 @@ fn each_bad_value_names_its_input_and_the_fix() {
     let fixture = Fixture::new();
     assert_usage_error(
         &dry_run(&fixture, &["--cores", "0"], &[]),
-        "invalid configuration: --cores: must be at least 1",
+        "invalid configuration: --cores: 0 is out of range; give 1 to 1024 virtual CPUs",
     );
     assert_usage_error(
         &dry_run(&fixture, &["--memory", "512"], &[]),
@@ -261,10 +271,10 @@ fn each_bad_value_names_its_input_and_the_fix() {
             cpus + 1
         ),
     );
-    let out = dry_run(&fixture, &["--memory", "99999999"], &[]);
+    let out = dry_run(&fixture, &["--memory", "16777216"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).starts_with("darwin-vz-nix: invalid configuration: --memory: 99999999 MiB is more than this machine's "),
+        stderr(&out).starts_with("darwin-vz-nix: invalid configuration: --memory: 16777216 MiB is more than this machine's "),
         "{}",
         stderr(&out)
     );
@@ -343,11 +353,10 @@ fn broken_guests_are_caught_before_boot() {
             fixture.guest_dir.display()
         ),
     );
-    let out = run(
-        &fixture,
-        &["start", "--dry-run"],
-        &[("DARWIN_VZ_NIX_GUEST", "")],
-    );
+    let out = command(&fixture, &["start", "--dry-run"], &[])
+        .env_remove("DARWIN_VZ_NIX_GUEST")
+        .output()
+        .unwrap();
     assert_usage_error(
         &out,
         "invalid configuration: `guest` (built-in default): no guest configured; pass --guest DIR (a guest built by `nix build .#guest`), set DARWIN_VZ_NIX_GUEST, or set `guest` in the config file — `nix run` and the nix-darwin module set it for you",
@@ -366,7 +375,7 @@ fn several_problems_are_reported_together() {
     assert_eq!(
         stderr(&out),
         "darwin-vz-nix: invalid configuration (3 problems):\n  \
-         - --cores: must be at least 1\n  \
+         - --cores: 0 is out of range; give 1 to 1024 virtual CPUs\n  \
          - --memory: 10 MiB is below the 1024 MiB the guest needs to boot and build; give it at least 1024 (memory is in MiB: 6144 = 6 GiB)\n  \
          - --disk-size: 1M is too small; use at least 512M\n"
     );
@@ -476,7 +485,7 @@ fn unknown_commands_and_destroy_without_yes_are_usage_errors() {
     assert_eq!(
         stdout(&out),
         format!(
-            "nothing to delete: {} does not exist\n",
+            "state directory {0}\nnothing to delete: {0} does not exist\n",
             fixture.state_dir.display()
         )
     );
