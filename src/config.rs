@@ -344,11 +344,7 @@ impl Config {
         out_of_range("diskSize", check_disk_size(disk_size));
         out_of_range(
             "idleTimeout",
-            check_range(
-                idle_timeout_minutes,
-                &ranges::IDLE_TIMEOUT_MINUTES,
-                "minutes (0 = never power off)",
-            ),
+            check_range(idle_timeout_minutes, &ranges::IDLE_TIMEOUT_MINUTES, IDLE_UNIT),
         );
         out_of_range(
             "stopTimeout",
@@ -653,11 +649,13 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Sets `key` of `layer` from its text form (an environment variable's value).
+/// Numbers are only parsed here; `Config::resolve` judges their range, with the
+/// same message for every layer.
 fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), String> {
-    let number = |range: &RangeInclusive<u64>, unit: &str| parse_number(text, range, unit);
+    let number = |range: &RangeInclusive<u64>, unit: &str| parse_whole(text, range, unit);
     match key {
         "cores" => layer.cores = Some(number(&ranges::CORES, "virtual CPUs")?),
-        "memory" => layer.memory = Some(number(&ranges::MEMORY_MIB, "MiB")?),
+        "memory" => layer.memory = Some(number(&ranges::MEMORY_MIB, MIB_UNIT)?),
         "diskSize" => layer.disk_size = Some(text.parse().map_err(|e| format!("{e}"))?),
         "rosetta" => {
             layer.rosetta = Some(parse_bool(text).ok_or_else(|| {
@@ -665,10 +663,7 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
             })?)
         }
         "idleTimeout" => {
-            layer.idle_timeout = Some(number(
-                &ranges::IDLE_TIMEOUT_MINUTES,
-                "minutes (0 = never power off)",
-            )?)
+            layer.idle_timeout = Some(number(&ranges::IDLE_TIMEOUT_MINUTES, IDLE_UNIT)?)
         }
         "stopTimeout" => {
             layer.stop_timeout = Some(number(&ranges::STOP_TIMEOUT_SECONDS, "seconds")?)
@@ -690,18 +685,31 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
     Ok(())
 }
 
-/// A whole number in `range`; a number too large for any range gets the range's
-/// message too, not a parse error.
+/// Units as the range messages say them.
+const MIB_UNIT: &str = "MiB (memory is in MiB: 6144 = 6 GiB)";
+const IDLE_UNIT: &str = "minutes (0 = never power off)";
+
+/// A whole number in `range`, for flags that only a command takes.
 pub fn parse_number(text: &str, range: &RangeInclusive<u64>, unit: &str) -> Result<u64, String> {
+    let value = parse_whole(text, range, unit)?;
+    check_range(value, range, unit).map_or(Ok(value), Err)
+}
+
+/// A whole number; one too large for any integer gets the message of `range`,
+/// like any other number outside it.
+fn parse_whole(text: &str, range: &RangeInclusive<u64>, unit: &str) -> Result<u64, String> {
     let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
     match text.parse::<u64>() {
-        Ok(value) => check_range(value, range, unit).map_or(Ok(value), Err),
+        Ok(value) => Ok(value),
         Err(_) if digits => Err(format!(
             "{text} is out of range; give {} to {} {unit}",
             range.start(),
             range.end()
         )),
-        Err(_) => Err(format!("`{text}` is not a whole number of {unit}")),
+        Err(_) => Err(format!(
+            "`{text}` is not a whole number of {}",
+            unit.split(" (").next().unwrap_or(unit)
+        )),
     }
 }
 
@@ -723,7 +731,7 @@ fn check_memory(mib: u64) -> Option<String> {
             "{mib} MiB is below the {MIN_MEMORY_MIB} MiB the guest needs to boot and build; give it at least {MIN_MEMORY_MIB} (memory is in MiB: 6144 = 6 GiB)"
         ))
     } else {
-        check_range(mib, &range, "MiB (memory is in MiB: 6144 = 6 GiB)")
+        check_range(mib, &range, MIB_UNIT)
     }
 }
 
@@ -1034,18 +1042,28 @@ mod tests {
                 "--stop-timeout: 18446744073709551615 is out of range; give 1 to 3600 seconds",
             ]
         );
-        let env = read_env(vars(&[
-            ("DARWIN_VZ_NIX_STOP_TIMEOUT", "18446744073709551615"),
-            ("DARWIN_VZ_NIX_IDLE_TIMEOUT", "99999999999999999999999"),
-        ]))
+        // Too large for any integer: refused while reading, with the range's message.
+        let env = read_env(vars(&[(
+            "DARWIN_VZ_NIX_IDLE_TIMEOUT",
+            "99999999999999999999999",
+        )]))
         .unwrap_err();
-        let text: Vec<String> = env.0.iter().map(|p| p.to_string()).collect();
         assert_eq!(
-            text,
-            [
-                "DARWIN_VZ_NIX_IDLE_TIMEOUT: 99999999999999999999999 is out of range; give 0 to 525600 minutes (0 = never power off)",
-                "DARWIN_VZ_NIX_STOP_TIMEOUT: 18446744073709551615 is out of range; give 1 to 3600 seconds",
-            ]
+            env.to_string(),
+            "invalid configuration: DARWIN_VZ_NIX_IDLE_TIMEOUT: 99999999999999999999999 is out of range; give 0 to 525600 minutes (0 = never power off)"
+        );
+        // An integer out of range: judged with the others, named by its variable.
+        let layer = read_env(vars(&[("DARWIN_VZ_NIX_STOP_TIMEOUT", "18446744073709551615")]))
+            .unwrap()
+            .layer;
+        let env = resolve(vec![Source {
+            origin: Origin::Env,
+            layer,
+        }])
+        .unwrap_err();
+        assert_eq!(
+            env.to_string(),
+            "invalid configuration: DARWIN_VZ_NIX_STOP_TIMEOUT: 18446744073709551615 is out of range; give 1 to 3600 seconds"
         );
         let most = resolve(vec![file(ConfigLayer {
             idle_timeout: Some(525_600),

@@ -780,6 +780,14 @@ fn reset(global: &GlobalArgs, keys_only: bool, confirmed: bool) -> Outcome {
         )));
     }
     let acting = act_as_owner(&config)?;
+    if std::fs::symlink_metadata(state.root()).is_ok() && !state.root().is_dir() {
+        // Say exactly what is there (a file, a link to a file) before anything else.
+        let access = Access::from_group_name(config.control_group.as_deref())
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        state
+            .create(access)
+            .map_err(|e| CliError::Failure(e.to_string()))?;
+    }
     println!(
         "state directory {}{}",
         state.root().display(),
