@@ -49,7 +49,8 @@ pub mod ranges {
     /// MiB of guest memory: the guest's minimum to 16 TiB.
     pub const MEMORY_MIB: RangeInclusive<u64> = super::MIN_MEMORY_MIB..=16 * 1024 * 1024;
     /// The disk image: room for the guest's store to 64 TiB.
-    pub const DISK_SIZE: RangeInclusive<ByteSize> = super::MIN_DISK_SIZE..=ByteSize::from_gib(64 * 1024);
+    pub const DISK_SIZE: RangeInclusive<ByteSize> =
+        super::MIN_DISK_SIZE..=ByteSize::from_gib(64 * 1024);
     /// Minutes without a connection before poweroff: 0 (never) to a year.
     pub const IDLE_TIMEOUT_MINUTES: RangeInclusive<u64> = 0..=525_600;
     /// Seconds a graceful poweroff may take: 1 s to an hour.
@@ -344,11 +345,19 @@ impl Config {
         out_of_range("diskSize", check_disk_size(disk_size));
         out_of_range(
             "idleTimeout",
-            check_range(idle_timeout_minutes, &ranges::IDLE_TIMEOUT_MINUTES, IDLE_UNIT),
+            check_range(
+                idle_timeout_minutes,
+                &ranges::IDLE_TIMEOUT_MINUTES,
+                IDLE_UNIT,
+            ),
         );
         out_of_range(
             "stopTimeout",
-            check_range(stop_timeout_seconds, &ranges::STOP_TIMEOUT_SECONDS, "seconds"),
+            check_range(
+                stop_timeout_seconds,
+                &ranges::STOP_TIMEOUT_SECONDS,
+                "seconds",
+            ),
         );
         // In range means it fits; the placeholder is never used (problems are reported).
         let cores = u32::try_from(cores).unwrap_or(defaults::CORES);
@@ -1053,9 +1062,12 @@ mod tests {
             "invalid configuration: DARWIN_VZ_NIX_IDLE_TIMEOUT: 99999999999999999999999 is out of range; give 0 to 525600 minutes (0 = never power off)"
         );
         // An integer out of range: judged with the others, named by its variable.
-        let layer = read_env(vars(&[("DARWIN_VZ_NIX_STOP_TIMEOUT", "18446744073709551615")]))
-            .unwrap()
-            .layer;
+        let layer = read_env(vars(&[(
+            "DARWIN_VZ_NIX_STOP_TIMEOUT",
+            "18446744073709551615",
+        )]))
+        .unwrap()
+        .layer;
         let env = resolve(vec![Source {
             origin: Origin::Env,
             layer,
@@ -1071,10 +1083,7 @@ mod tests {
             ..Default::default()
         })])
         .unwrap();
-        assert_eq!(
-            most.idle_timeout(),
-            Some(Duration::from_secs(525_600 * 60))
-        );
+        assert_eq!(most.idle_timeout(), Some(Duration::from_secs(525_600 * 60)));
     }
 
     #[test]

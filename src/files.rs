@@ -305,7 +305,10 @@ mod tests {
         let err = open_input(&fifo).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("{} is a FIFO, not a regular file; remove it", fifo.display())
+            format!(
+                "{} is a FIFO, not a regular file; remove it",
+                fifo.display()
+            )
         );
         assert!(matches!(
             open_input(Path::new("/dev/zero")),

@@ -31,9 +31,7 @@ pub enum KeyError {
     NoKeygen,
     #[error("ssh-keygen failed for {path}: {message}")]
     Keygen { path: PathBuf, message: String },
-    #[error(
-        "{path} is not a valid public key; run `darwin-vz-nix rotate-keys` to make new keys"
-    )]
+    #[error("{path} is not a valid public key; run `darwin-vz-nix rotate-keys` to make new keys")]
     BadPublicKey { path: PathBuf },
     #[error(
         "{path} belongs to uid {owner}, not to this user (uid {me}); run `darwin-vz-nix rotate-keys` as the state directory's owner (or as root, which acts as the owner)"
@@ -166,7 +164,10 @@ fn key_files(state: &StateDir) -> [PathBuf; 6] {
 /// temporary files (older versions wrote `<name>.tmp` next to the file, even inside
 /// the guest's share).
 fn remove_leftovers(state: &StateDir) {
-    files::remove_leftovers(&state.keys_dir(), &["known_hosts.tmp", "client_ed25519.tmp"]);
+    files::remove_leftovers(
+        &state.keys_dir(),
+        &["known_hosts.tmp", "client_ed25519.tmp"],
+    );
     files::remove_leftovers(
         &state.guest_keys_dir(),
         &["authorized_keys.tmp", "ssh_host_ed25519_key.tmp"],
@@ -205,11 +206,9 @@ pub fn known_hosts_line(host_pub: &str) -> String {
 /// `type base64` of a public key file, checked for shape. The file's content never
 /// appears in an error: it may be anything a link pointed at.
 pub fn read_public_key(path: &Path) -> Result<String, KeyError> {
-    let bytes = files::read_state_file(path, KEY_FILE_LIMIT)?.ok_or_else(|| {
-        FileError::Io {
-            path: path.to_path_buf(),
-            source: std::io::ErrorKind::NotFound.into(),
-        }
+    let bytes = files::read_state_file(path, KEY_FILE_LIMIT)?.ok_or_else(|| FileError::Io {
+        path: path.to_path_buf(),
+        source: std::io::ErrorKind::NotFound.into(),
     })?;
     public_key_fields(&bytes).ok_or_else(|| KeyError::BadPublicKey {
         path: path.to_path_buf(),
@@ -268,9 +267,7 @@ fn ensure_pair(
         }
         Err(KeyError::Keygen { message, .. }) => {
             generate(state, pair.clone())?.install()?;
-            notices.push(replaced(format!(
-                "is not a usable private key ({message})"
-            )));
+            notices.push(replaced(format!("is not a usable private key ({message})")));
             return Ok(true);
         }
         Err(e) => return Err(e),
@@ -331,7 +328,10 @@ fn private_key_exists(path: &Path) -> Result<bool, KeyError> {
 
 /// `type base64` of the public half, computed from the private key by ssh-keygen.
 fn derive_public(private: &Path) -> Result<String, KeyError> {
-    let out = keygen(Command::new("ssh-keygen").arg("-y").arg("-f").arg(private), private)?;
+    let out = keygen(
+        Command::new("ssh-keygen").arg("-y").arg("-f").arg(private),
+        private,
+    )?;
     public_key_fields(out.as_bytes()).ok_or_else(|| KeyError::Keygen {
         path: private.to_path_buf(),
         message: "`ssh-keygen -y` printed no public key".into(),
@@ -412,7 +412,12 @@ fn keygen(command: &mut Command, path: &Path) -> Result<String, KeyError> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(KeyError::Keygen {
             path: path.into(),
-            message: stderr.lines().next().unwrap_or("no message").trim().to_string(),
+            message: stderr
+                .lines()
+                .next()
+                .unwrap_or("no message")
+                .trim()
+                .to_string(),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -457,7 +462,11 @@ mod tests {
     #[test]
     fn makes_both_pairs_once_with_private_modes_and_pins_the_host_key() {
         let (_tmp, state) = state();
-        assert_eq!(ensure(&state).unwrap(), both_created(), "first keys: no notice");
+        assert_eq!(
+            ensure(&state).unwrap(),
+            both_created(),
+            "first keys: no notice"
+        );
         assert_eq!(mode(&state.client_key()), 0o600);
         assert_eq!(mode(&state.guest_host_key()), 0o600);
         assert_eq!(mode(&state.client_key_pub()), 0o644);
@@ -488,7 +497,12 @@ mod tests {
         );
         assert_eq!(
             names(&state.keys_dir()),
-            ["client_ed25519", "client_ed25519.pub", "guest", "known_hosts"]
+            [
+                "client_ed25519",
+                "client_ed25519.pub",
+                "guest",
+                "known_hosts"
+            ]
         );
 
         let replaced = replace_all(&state).unwrap();
@@ -568,7 +582,11 @@ mod tests {
         let (tmp, state) = state();
         ensure(&state).unwrap();
         let secret = tmp.path().join("secret");
-        fs::write(&secret, "ssh-ed25519 SECRETSECRETSECRETSECRET do-not-print\n").unwrap();
+        fs::write(
+            &secret,
+            "ssh-ed25519 SECRETSECRETSECRETSECRET do-not-print\n",
+        )
+        .unwrap();
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
         fs::remove_file(state.guest_host_key_pub()).unwrap();
         std::os::unix::fs::symlink(&secret, state.guest_host_key_pub()).unwrap();
@@ -630,7 +648,9 @@ mod tests {
             "no temporary file in the share"
         );
         assert!(
-            !names(&state.keys_dir()).iter().any(|n| n.starts_with(".tmp")),
+            !names(&state.keys_dir())
+                .iter()
+                .any(|n| n.starts_with(".tmp")),
             "nor in keys/"
         );
     }

@@ -604,7 +604,10 @@ mod tests {
         state.create(Access::OwnerOnly).unwrap();
         assert!(real.join("keys/guest").is_dir());
         let _lock = state.lock().unwrap();
-        assert!(StateDir::new(&real).is_locked(), "the lock is the directory's");
+        assert!(
+            StateDir::new(&real).is_locked(),
+            "the lock is the directory's"
+        );
 
         let dangling = tmp.path().join("dangling");
         std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
@@ -656,7 +659,10 @@ mod tests {
         );
         drop(lock);
         assert!(!state.is_locked());
-        assert!(!state.pid_file().exists(), "the pid file goes with the owner");
+        assert!(
+            !state.pid_file().exists(),
+            "the pid file goes with the owner"
+        );
         state.lock().unwrap();
     }
 

@@ -607,8 +607,14 @@ fn every_number_has_a_range_in_every_layer_and_one_message() {
     for (key, var, flag, json, text, message) in settings {
         std::fs::write(&file, format!("{{\"{key}\": {json}}}")).unwrap();
         let layers = [
-            (flag.to_string(), run(&fixture, &["start", "--dry-run", flag, text], &[])),
-            (var.to_string(), run(&fixture, &["start", "--dry-run"], &[(var, text)])),
+            (
+                flag.to_string(),
+                run(&fixture, &["start", "--dry-run", flag, text], &[]),
+            ),
+            (
+                var.to_string(),
+                run(&fixture, &["start", "--dry-run"], &[(var, text)]),
+            ),
             (
                 format!("`{key}` in {path}"),
                 run(&fixture, &["start", "--dry-run", "--config", &path], &[]),
@@ -631,14 +637,46 @@ fn every_number_has_a_range_in_every_layer_and_one_message() {
     // Numbers that only a command's own flags take; `18446744073709552` s used to
     // wrap to 0.38 s, `18446744073709551615` to end in an overflow panic (exit 101).
     let flags: [(&[&str], &str, &str); 8] = [
-        (&["start", "--timeout", "18446744073709551615"], "--timeout <SECONDS>", "18446744073709551615 is out of range; give 1 to 86400 seconds"),
-        (&["start", "--timeout", "18446744073709552"], "--timeout <SECONDS>", "18446744073709552 is out of range; give 1 to 86400 seconds"),
-        (&["stop", "--timeout", "18446744073709551615"], "--timeout <SECONDS>", "18446744073709551615 is out of range; give 1 to 3600 seconds"),
-        (&["stop", "--timeout", "0"], "--timeout <SECONDS>", "0 is out of range; give 1 to 3600 seconds"),
-        (&["proxy", "--timeout", "99999999999999999999999"], "--timeout <SECONDS>", "99999999999999999999999 is out of range; give 1 to 86400 seconds"),
-        (&["bench", "boot", "--runs", "0"], "--runs <RUNS>", "0 is out of range; give 1 to 100 runs"),
-        (&["bench", "control", "--runs", "100001"], "--runs <RUNS>", "100001 is out of range; give 1 to 100000 runs"),
-        (&["logs", "-n", "18446744073709551616"], "--lines <N>", "18446744073709551616 is out of range; give 0 to 100000 lines"),
+        (
+            &["start", "--timeout", "18446744073709551615"],
+            "--timeout <SECONDS>",
+            "18446744073709551615 is out of range; give 1 to 86400 seconds",
+        ),
+        (
+            &["start", "--timeout", "18446744073709552"],
+            "--timeout <SECONDS>",
+            "18446744073709552 is out of range; give 1 to 86400 seconds",
+        ),
+        (
+            &["stop", "--timeout", "18446744073709551615"],
+            "--timeout <SECONDS>",
+            "18446744073709551615 is out of range; give 1 to 3600 seconds",
+        ),
+        (
+            &["stop", "--timeout", "0"],
+            "--timeout <SECONDS>",
+            "0 is out of range; give 1 to 3600 seconds",
+        ),
+        (
+            &["proxy", "--timeout", "99999999999999999999999"],
+            "--timeout <SECONDS>",
+            "99999999999999999999999 is out of range; give 1 to 86400 seconds",
+        ),
+        (
+            &["bench", "boot", "--runs", "0"],
+            "--runs <RUNS>",
+            "0 is out of range; give 1 to 100 runs",
+        ),
+        (
+            &["bench", "control", "--runs", "100001"],
+            "--runs <RUNS>",
+            "100001 is out of range; give 1 to 100000 runs",
+        ),
+        (
+            &["logs", "-n", "18446744073709551616"],
+            "--lines <N>",
+            "18446744073709551616 is out of range; give 0 to 100000 lines",
+        ),
     ];
     for (args, arg, message) in flags {
         let out = run(&fixture, args, &[]);
@@ -665,8 +703,14 @@ fn a_config_file_that_is_a_fifo_a_device_or_huge_is_refused_at_once() {
     std::fs::write(&huge, vec![b' '; (1 << 20) + 1]).unwrap();
     let hint = "check the path given to --config or DARWIN_VZ_NIX_CONFIG";
     let cases = [
-        (fifo.display().to_string(), "is a FIFO, not a regular file".to_string()),
-        ("/dev/zero".to_string(), "is a character device, not a regular file".to_string()),
+        (
+            fifo.display().to_string(),
+            "is a FIFO, not a regular file".to_string(),
+        ),
+        (
+            "/dev/zero".to_string(),
+            "is a character device, not a regular file".to_string(),
+        ),
         (
             huge.display().to_string(),
             "is larger than 1048576 bytes (a configuration file is a few hundred)".to_string(),
@@ -675,7 +719,10 @@ fn a_config_file_that_is_a_fifo_a_device_or_huge_is_refused_at_once() {
     let limit = std::time::Duration::from_secs(20);
     for (path, what) in cases {
         let expected = format!("invalid configuration: config file {path}: {what}; {hint}");
-        let by_flag = output_within(command(&fixture, &["status", "--config", &path], &[]), limit);
+        let by_flag = output_within(
+            command(&fixture, &["status", "--config", &path], &[]),
+            limit,
+        );
         assert_usage_error(&by_flag, &expected);
         let by_env = output_within(
             command(&fixture, &["status"], &[("DARWIN_VZ_NIX_CONFIG", &path)]),
@@ -747,9 +794,23 @@ fn a_variable_that_is_set_but_unusable_is_an_error_and_destroy_deletes_nothing()
 
     // Every variable, set but empty, is named.
     for name in [
-        "CORES", "MEMORY", "DISK_SIZE", "ROSETTA", "IDLE_TIMEOUT", "STOP_TIMEOUT", "GUEST",
-        "KERNEL", "INITRD", "SYSTEM", "REGISTRATION", "KERNEL_PARAMS", "STATE_DIR",
-        "LOG_LEVEL", "CONTROL_GROUP", "SSH_USER", "CONFIG",
+        "CORES",
+        "MEMORY",
+        "DISK_SIZE",
+        "ROSETTA",
+        "IDLE_TIMEOUT",
+        "STOP_TIMEOUT",
+        "GUEST",
+        "KERNEL",
+        "INITRD",
+        "SYSTEM",
+        "REGISTRATION",
+        "KERNEL_PARAMS",
+        "STATE_DIR",
+        "LOG_LEVEL",
+        "CONTROL_GROUP",
+        "SSH_USER",
+        "CONFIG",
     ] {
         let name = format!("DARWIN_VZ_NIX_{name}");
         assert_usage_error(
@@ -851,25 +912,43 @@ fn destroy_and_rotate_keys_check_everything_before_they_act() {
     std::fs::create_dir(&empty).unwrap();
     let failures = [
         (path_with(&bin), "ssh-keygen failed for"),
-        (empty.clone().into_os_string(), "ssh-keygen was not found on PATH"),
+        (
+            empty.clone().into_os_string(),
+            "ssh-keygen was not found on PATH",
+        ),
     ];
     for (path, why) in failures {
         for args in [&["destroy", "--yes"][..], &["rotate-keys"]] {
-            let out = command(&fixture, args, &[]).env("PATH", &path).output().unwrap();
+            let out = command(&fixture, args, &[])
+                .env("PATH", &path)
+                .output()
+                .unwrap();
             assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
             let err = stderr(&out);
             assert!(err.starts_with(&format!("darwin-vz-nix: {why}")), "{err}");
-            assert!(err.ends_with("; nothing was deleted or replaced\n"), "{err}");
+            assert!(
+                err.ends_with("; nothing was deleted or replaced\n"),
+                "{err}"
+            );
             assert_eq!(std::fs::read(&disk).unwrap(), b"the guest's store");
             assert_eq!(std::fs::read(&key).unwrap(), before, "{args:?}");
             assert_eq!(
                 names_in(&fixture.state_dir.join("keys")),
-                ["client_ed25519", "client_ed25519.pub", "guest", "known_hosts"],
+                [
+                    "client_ed25519",
+                    "client_ed25519.pub",
+                    "guest",
+                    "known_hosts"
+                ],
                 "no half pair, no leftovers"
             );
             assert_eq!(
                 names_in(&fixture.state_dir.join("keys/guest")),
-                ["authorized_keys", "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+                [
+                    "authorized_keys",
+                    "ssh_host_ed25519_key",
+                    "ssh_host_ed25519_key.pub"
+                ]
             );
         }
     }
@@ -878,8 +957,14 @@ fn destroy_and_rotate_keys_check_everything_before_they_act() {
     let out = run(&fixture, &["destroy", "--yes"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.starts_with(&format!("state directory {dir}\ndeleted {dir}/disk.img\n")), "{text}");
-    assert!(text.contains(&format!("replaced {dir}/keys/client_ed25519\n")), "{text}");
+    assert!(
+        text.starts_with(&format!("state directory {dir}\ndeleted {dir}/disk.img\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("replaced {dir}/keys/client_ed25519\n")),
+        "{text}"
+    );
     assert!(!disk.exists());
     assert_ne!(std::fs::read(&key).unwrap(), before);
 }
@@ -903,25 +988,42 @@ fn ssh_never_sees_a_user_that_would_inject_an_option() {
     let args_file = fixture.dir.path().join("ssh-args");
     std::fs::write(
         bin.join("ssh"),
-        format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > \"{}\"\n", args_file.display()),
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"{}\"\n",
+            args_file.display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(bin.join("ssh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let path_env = path_with(&bin);
 
     let cases: [(Command, String); 6] = [
-        (command(&fixture, &["ssh-config", "--user", &bad], &[]), "--user".into()),
         (
-            command(&fixture, &["ssh-config"], &[("DARWIN_VZ_NIX_SSH_USER", &bad)]),
+            command(&fixture, &["ssh-config", "--user", &bad], &[]),
+            "--user".into(),
+        ),
+        (
+            command(
+                &fixture,
+                &["ssh-config"],
+                &[("DARWIN_VZ_NIX_SSH_USER", &bad)],
+            ),
             "DARWIN_VZ_NIX_SSH_USER".into(),
         ),
         (
             command(&fixture, &["ssh-config", "--config", &path], &[]),
             format!("`sshUser` in {path}"),
         ),
-        (command(&fixture, &["ssh", "-l", &bad, "--", "true"], &[]), "-l/--user".into()),
         (
-            command(&fixture, &["ssh", "--", "true"], &[("DARWIN_VZ_NIX_SSH_USER", &bad)]),
+            command(&fixture, &["ssh", "-l", &bad, "--", "true"], &[]),
+            "-l/--user".into(),
+        ),
+        (
+            command(
+                &fixture,
+                &["ssh", "--", "true"],
+                &[("DARWIN_VZ_NIX_SSH_USER", &bad)],
+            ),
             "DARWIN_VZ_NIX_SSH_USER".into(),
         ),
         (
@@ -965,7 +1067,10 @@ fn ssh_never_sees_a_user_that_would_inject_an_option() {
         .collect();
     assert_eq!(proxy.len(), 1, "{resolved}");
     assert!(
-        proxy[0].ends_with(&format!("proxy --fdpass --state-dir \"{}\"", fixture.state_dir.display())),
+        proxy[0].ends_with(&format!(
+            "proxy --fdpass --state-dir \"{}\"",
+            fixture.state_dir.display()
+        )),
         "{}",
         proxy[0]
     );
@@ -999,9 +1104,13 @@ fn a_state_dir_that_is_not_utf8_is_refused_and_a_link_to_a_directory_is_used() {
     std::fs::create_dir(&real).unwrap();
     let link = fixture.dir.path().join("link");
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    let out = bare_command(&fixture, &["--state-dir", link.to_str().unwrap(), "rotate-keys"], &[])
-        .output()
-        .unwrap();
+    let out = bare_command(
+        &fixture,
+        &["--state-dir", link.to_str().unwrap(), "rotate-keys"],
+        &[],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(real.join("keys/client_ed25519").is_file());
 
@@ -1010,9 +1119,13 @@ fn a_state_dir_that_is_not_utf8_is_refused_and_a_link_to_a_directory_is_used() {
     std::fs::write(&file, "").unwrap();
     let to_file = fixture.dir.path().join("to-file");
     std::os::unix::fs::symlink(&file, &to_file).unwrap();
-    let out = bare_command(&fixture, &["--state-dir", to_file.to_str().unwrap(), "rotate-keys"], &[])
-        .output()
-        .unwrap();
+    let out = bare_command(
+        &fixture,
+        &["--state-dir", to_file.to_str().unwrap(), "rotate-keys"],
+        &[],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         stderr(&out),
@@ -1039,7 +1152,12 @@ fn a_kernel_command_line_the_guest_would_cut_is_refused_naming_kernel_params() {
     let base_len = base.join(" ").len();
     // Exactly the 2047 bytes the kernel keeps: accepted.
     let fits = "x".repeat(2047 - base_len - 1);
-    assert_eq!(dry_run(&fixture, &["--kernel-param", &fits], &[]).status.code(), Some(0));
+    assert_eq!(
+        dry_run(&fixture, &["--kernel-param", &fits], &[])
+            .status
+            .code(),
+        Some(0)
+    );
     let long = "x".repeat(2047 - base_len);
     assert_usage_error(
         &dry_run(&fixture, &["--kernel-param", &long], &[]),

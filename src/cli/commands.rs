@@ -824,8 +824,7 @@ fn reset(global: &GlobalArgs, keys_only: bool, confirmed: bool) -> Outcome {
                 .create(access)
                 .map_err(|e| CliError::Failure(e.to_string()))?;
             let _lock = state.lock().map_err(|e| CliError::Failure(e.to_string()))?;
-            daemon::reset_state(&state, keys_only)
-                .map_err(|e| CliError::Failure(e.to_string()))?
+            daemon::reset_state(&state, keys_only).map_err(|e| CliError::Failure(e.to_string()))?
         }
         Err(e) => return Err(e.into()),
     };
