@@ -356,6 +356,8 @@ impl StateDir {
                 Err((_, errno)) => return Err(fail(errno.into())),
             }
         };
+        // Only the owner writes here: what a crashed writer left can go.
+        files::remove_leftovers(&self.root, &["mac-address.tmp"]);
         let pid_file = self.pid_file();
         files::write_atomic(
             &pid_file,

@@ -953,6 +953,22 @@ fn destroy_and_rotate_keys_check_everything_before_they_act() {
         }
     }
 
+    // keys/ that cannot be made (a file stands there): refused before anything goes.
+    let keys = fixture.state_dir.join("keys");
+    std::fs::rename(&keys, fixture.dir.path().join("keys.saved")).unwrap();
+    std::fs::write(&keys, "").unwrap();
+    let out = run(&fixture, &["destroy", "--yes"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "darwin-vz-nix: {dir}/keys exists but is a regular file, not a directory; remove it or choose another --state-dir\n"
+        )
+    );
+    assert!(disk.exists());
+    std::fs::remove_file(&keys).unwrap();
+    std::fs::rename(fixture.dir.path().join("keys.saved"), &keys).unwrap();
+
     // With ssh-keygen, destroy says what it deleted and what it replaced.
     let out = run(&fixture, &["destroy", "--yes"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

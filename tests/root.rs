@@ -290,6 +290,7 @@ fn root_rotate_keys_and_destroy_leave_the_owner_able_to_start() {
     std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = bin_dir.path().join("root-tests");
     std::fs::copy(std::env::current_exe().unwrap(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut child = Command::new(&bin)
         .args([
             "--exact",
@@ -333,6 +334,53 @@ fn root_rotate_keys_and_destroy_leave_the_owner_able_to_start() {
         .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// A copy of the binary that any account can run (the build directory may not be).
+fn shared_binary() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("darwin-vz-nix");
+    std::fs::copy(env!("CARGO_BIN_EXE_darwin-vz-nix"), &bin).unwrap();
+    (dir, bin)
+}
+
+#[test]
+fn an_account_is_refused_a_state_directory_it_does_not_own() {
+    use std::os::unix::process::CommandExt;
+    if !running_as_root("an_account_is_refused_a_state_directory_it_does_not_own") {
+        return;
+    }
+    let account = Account::create("other");
+    let fixture = Fixture::new();
+    std::fs::set_permissions(fixture.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Root's directory, which the account may enter and read (mode 0755).
+    std::fs::create_dir(&fixture.state_dir).unwrap();
+    std::fs::set_permissions(&fixture.state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_dir, bin) = shared_binary();
+    for args in [&["rotate-keys"][..], &["destroy", "--yes"], &["daemon"]] {
+        let out = Command::new(&bin)
+            .arg("--state-dir")
+            .arg(&fixture.state_dir)
+            .args(args)
+            .env("DARWIN_VZ_NIX_GUEST", &fixture.guest_dir)
+            .current_dir("/")
+            .uid(account.uid)
+            .gid(account.gid)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out),
+            format!(
+                "darwin-vz-nix: {} belongs to uid 0, not to this user (uid {}); run as its owner (or as root, which acts as the owner) or choose another --state-dir\n",
+                fixture.state_dir.display(),
+                account.uid
+            ),
+            "{args:?}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(&fixture.state_dir).unwrap().count(), 0);
 }
 
 /// A tmpfs mounted on `keys/`, unmounted on drop.
