@@ -18,13 +18,16 @@ use darwin_vz_nix::control::protocol::Request;
 use support::*;
 
 /// True when the test can run; prints why not otherwise.
-fn running_as_root(test: &str) -> bool {
+fn running_as_root(test: &str, why: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    println!("skipped {test}: it needs root (to make a second account and act for it)");
+    println!("skipped {test}: it needs root ({why})");
     false
 }
+
+const SECOND_ACCOUNT: &str = "to make a second account and act for it";
+const MOUNT: &str = "to mount a tiny filesystem on keys/";
 
 /// An account made for one test (`useradd`), deleted on drop (`userdel`).
 struct Account {
@@ -141,8 +144,10 @@ fn plant_link(account: &Account, target: &Path, link: &Path) {
 
 #[test]
 fn links_planted_in_the_state_directory_hurt_nobody_when_root_runs_a_command() {
-    if !running_as_root("links_planted_in_the_state_directory_hurt_nobody_when_root_runs_a_command")
-    {
+    if !running_as_root(
+        "links_planted_in_the_state_directory_hurt_nobody_when_root_runs_a_command",
+        SECOND_ACCOUNT,
+    ) {
         return;
     }
     let account = Account::create("links");
@@ -245,7 +250,10 @@ fn owner_supervisor() {
 #[test]
 fn root_rotate_keys_and_destroy_leave_the_owner_able_to_start() {
     use std::os::unix::process::CommandExt;
-    if !running_as_root("root_rotate_keys_and_destroy_leave_the_owner_able_to_start") {
+    if !running_as_root(
+        "root_rotate_keys_and_destroy_leave_the_owner_able_to_start",
+        SECOND_ACCOUNT,
+    ) {
         return;
     }
     let account = Account::create("owner");
@@ -348,7 +356,10 @@ fn shared_binary() -> (tempfile::TempDir, PathBuf) {
 #[test]
 fn an_account_is_refused_a_state_directory_it_does_not_own() {
     use std::os::unix::process::CommandExt;
-    if !running_as_root("an_account_is_refused_a_state_directory_it_does_not_own") {
+    if !running_as_root(
+        "an_account_is_refused_a_state_directory_it_does_not_own",
+        SECOND_ACCOUNT,
+    ) {
         return;
     }
     let account = Account::create("other");
@@ -445,7 +456,10 @@ fn fill_leaving(dir: &Path, free: u64) -> PathBuf {
 
 #[test]
 fn a_full_disk_during_key_generation_leaves_no_half_pair() {
-    if !running_as_root("a_full_disk_during_key_generation_leaves_no_half_pair") {
+    if !running_as_root(
+        "a_full_disk_during_key_generation_leaves_no_half_pair",
+        MOUNT,
+    ) {
         return;
     }
     let fixture = Fixture::new();
