@@ -33,14 +33,19 @@ fn boot_wait_seconds(text: &str) -> Result<u64, String> {
 fn stop_seconds(text: &str) -> Result<u64, String> {
     in_range(text, &ranges::STOP_TIMEOUT_SECONDS, "seconds")
 }
-fn boot_runs(text: &str) -> Result<u64, String> {
-    in_range(text, &flag_ranges::BOOT_RUNS, "runs")
+/// A count in `range`, in the width the program counts in (the ranges are small).
+fn count_in(text: &str, range: &RangeInclusive<u64>, unit: &str) -> Result<usize, String> {
+    let count = in_range(text, range, unit)?;
+    usize::try_from(count).map_err(|_| format!("{count} is too large for this machine"))
 }
-fn control_runs(text: &str) -> Result<u64, String> {
-    in_range(text, &flag_ranges::CONTROL_RUNS, "runs")
+fn boot_runs(text: &str) -> Result<usize, String> {
+    count_in(text, &flag_ranges::BOOT_RUNS, "runs")
 }
-fn log_lines(text: &str) -> Result<u64, String> {
-    in_range(text, &flag_ranges::LOG_LINES, "lines")
+fn control_runs(text: &str) -> Result<usize, String> {
+    count_in(text, &flag_ranges::CONTROL_RUNS, "runs")
+}
+fn log_lines(text: &str) -> Result<usize, String> {
+    count_in(text, &flag_ranges::LOG_LINES, "lines")
 }
 
 const ABOUT: &str = "Run a NixOS VM on Apple Silicon through Virtualization.framework and use it as this Mac's Linux builder (aarch64-linux natively, x86_64-linux through Rosetta 2).";
@@ -376,7 +381,7 @@ pub struct LogsArgs {
     pub previous: bool,
     /// Lines to show from the end [0 to 100000].
     #[arg(long, short = 'n', value_name = "N", default_value = "50", value_parser = log_lines)]
-    pub lines: u64,
+    pub lines: usize,
     /// Keep printing what is appended.
     #[arg(long, short = 'f')]
     pub follow: bool,
@@ -394,14 +399,14 @@ pub enum BenchKind {
     Boot {
         /// Number of boots [1 to 100].
         #[arg(long, default_value = "5", value_parser = boot_runs)]
-        runs: u64,
+        runs: usize,
     },
     /// Control round-trip latency (`status`) and connect-to-first-byte from a stopped VM.
     Control {
         /// Number of round-trips; connect-to-first-byte runs a fortieth as many cold
         /// boots (1 to 10) [1 to 100000].
         #[arg(long, default_value = "200", value_parser = control_runs)]
-        runs: u64,
+        runs: usize,
     },
 }
 

@@ -652,9 +652,8 @@ fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
         (true, false) => state.console_log(),
         (true, true) => state.previous_console_log(),
     };
-    let lines = usize::try_from(args.lines).unwrap_or(usize::MAX);
     match crate::files::open_state_file(&path) {
-        Ok(file) => print!("{}", tail(file, lines)),
+        Ok(file) => print!("{}", tail(file, args.lines)),
         Err(e) if e.is_not_found() => {
             return Err(CliError::Failure(format!(
                 "{} does not exist yet (nothing has run)",
@@ -711,25 +710,13 @@ fn tail_of(path: &Path, lines: usize) -> String {
         .unwrap_or_default()
 }
 
-/// `bench` with its run count in the width the measurements count in.
-enum BenchRuns {
-    Boot(usize),
-    Control(usize),
-}
-
 fn run_bench(global: &GlobalArgs, what: BenchKind) -> Outcome {
-    let what = match what {
-        BenchKind::Boot { runs } => BenchRuns::Boot(usize::try_from(runs).unwrap_or(usize::MAX)),
-        BenchKind::Control { runs } => {
-            BenchRuns::Control(usize::try_from(runs).unwrap_or(usize::MAX))
-        }
-    };
     let host = HostInfo::detect();
     let config = resolve_config(global, ConfigLayer::default(), &host)?;
     let dir = &config.state_dir;
     let boot_timeout = Duration::from_secs(180);
     match what {
-        BenchRuns::Boot(runs) => {
+        BenchKind::Boot { runs } => {
             println!(
                 "cold boots against the supervisor of {} ({runs} runs)…",
                 dir.display()
@@ -744,7 +731,7 @@ fn run_bench(global: &GlobalArgs, what: BenchKind) -> Outcome {
                 println!("guest sshd ready  {ready}");
             }
         }
-        BenchRuns::Control(runs) => {
+        BenchKind::Control { runs } => {
             let trips = bench::control_round_trips(dir, runs)?;
             if let Some(stats) = Stats::of(&trips) {
                 println!("control round-trip (status)   {stats}");
