@@ -4,7 +4,6 @@
 //! be overridden. Everything is checked before boot because Virtualization.framework
 //! reports a bad kernel only as an opaque start failure.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -139,13 +138,13 @@ pub fn resolve(config: &Config) -> Result<GuestArtifacts, Vec<Problem>> {
                     problem(key, format!("kernel {} {why}", path.display()));
                 }
             }
-            Err(e) => problem(key, format!("cannot read kernel {}: {e}", path.display())),
+            Err(e) => problem(key, unreadable("kernel", path, e)),
         }
     }
     if let Some((path, key)) = &initrd
-        && let Err(e) = File::open(path)
+        && let Err(e) = crate::files::open_input(path)
     {
-        problem(key, format!("cannot read initrd {}: {e}", path.display()));
+        problem(key, unreadable("initrd", path, e));
     }
     let mut system_kernel_params = Vec::new();
     if let Some((path, key)) = &system {
@@ -157,8 +156,21 @@ pub fn resolve(config: &Config) -> Result<GuestArtifacts, Vec<Problem>> {
                     path.display()
                 ),
             );
-        } else if let Ok(text) = std::fs::read_to_string(path.join("kernel-params")) {
-            system_kernel_params = text.split_whitespace().map(String::from).collect();
+        } else {
+            // NixOS writes `boot.kernelParams` here: one line, far below the cap.
+            let params = path.join("kernel-params");
+            match crate::files::open_input(&params)
+                .and_then(|file| crate::files::read_capped(file, &params, 64 * 1024))
+            {
+                Ok(bytes) => {
+                    system_kernel_params = String::from_utf8_lossy(&bytes)
+                        .split_whitespace()
+                        .map(String::from)
+                        .collect();
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => problem(key, unreadable("the system's", &params, e)),
+            }
         }
     }
     // Only a guest directory promises a registration; single files may go without.
@@ -198,9 +210,26 @@ fn canonical(path: PathBuf) -> PathBuf {
     std::fs::canonicalize(&path).unwrap_or(path)
 }
 
-fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+/// Why an artifact cannot be read, phrased for a configuration problem.
+fn unreadable(what: &str, path: &Path, error: crate::files::FileError) -> String {
+    match error {
+        crate::files::FileError::Io { source, .. } => {
+            format!("cannot read {what} {}: {source}", path.display())
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The first KiB of the kernel (a FIFO or device is refused, never waited on).
+fn read_head(path: &Path) -> Result<Vec<u8>, crate::files::FileError> {
     let mut head = Vec::with_capacity(1024);
-    File::open(path)?.take(1024).read_to_end(&mut head)?;
+    crate::files::open_input(path)?
+        .take(1024)
+        .read_to_end(&mut head)
+        .map_err(|source| crate::files::FileError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(head)
 }
 

@@ -7,12 +7,15 @@
 //! Validation collects every problem before reporting, so one run shows them all.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::files::{self, FileError};
 use crate::host::HostInfo;
 use crate::size::ByteSize;
 
@@ -32,6 +35,33 @@ pub mod defaults {
 pub const MIN_MEMORY_MIB: u64 = 1024;
 /// Room for the guest's Nix database, `/var` and a few builds.
 pub const MIN_DISK_SIZE: ByteSize = ByteSize::from_mib(512);
+
+/// The range of every number a user can set (the README's configuration table).
+/// Values are refused outside them, never clamped; the host's own limits (its CPUs,
+/// its memory) are checked on top before a boot.
+pub mod ranges {
+    use std::ops::RangeInclusive;
+
+    use crate::size::ByteSize;
+
+    /// Virtual CPUs; far above any Mac, so that the host check names the real limit.
+    pub const CORES: RangeInclusive<u64> = 1..=1024;
+    /// MiB of guest memory: the guest's minimum to 16 TiB.
+    pub const MEMORY_MIB: RangeInclusive<u64> = super::MIN_MEMORY_MIB..=16 * 1024 * 1024;
+    /// The disk image: room for the guest's store to 64 TiB.
+    pub const DISK_SIZE: RangeInclusive<ByteSize> =
+        super::MIN_DISK_SIZE..=ByteSize::from_gib(64 * 1024);
+    /// Minutes without a connection before poweroff: 0 (never) to a year.
+    pub const IDLE_TIMEOUT_MINUTES: RangeInclusive<u64> = 0..=525_600;
+    /// Seconds a graceful poweroff may take: 1 s to an hour.
+    pub const STOP_TIMEOUT_SECONDS: RangeInclusive<u64> = 1..=3600;
+    /// Largest config file read; a real one is a few hundred bytes.
+    pub const CONFIG_FILE_BYTES: u64 = 1 << 20;
+    /// Longest user name for the guest (what `useradd` accepts on Linux).
+    pub const SSH_USER_BYTES: usize = 32;
+    /// Longest group name for `controlGroup`.
+    pub const GROUP_NAME_BYTES: usize = 64;
+}
 
 /// Prefix of every environment variable the tool reads.
 pub const ENV_PREFIX: &str = "DARWIN_VZ_NIX_";
@@ -74,8 +104,9 @@ impl std::str::FromStr for LogLevel {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigLayer {
-    /// Virtual CPUs.
-    pub cores: Option<u32>,
+    /// Virtual CPUs. Every number is read as u64 in every layer, so that one range
+    /// check with one message judges it, whichever layer it came from.
+    pub cores: Option<u64>,
     /// Guest memory in MiB.
     pub memory: Option<u64>,
     /// Size of the guest's disk image.
@@ -275,7 +306,7 @@ impl Config {
             }};
         }
 
-        let cores = pick!(cores, "cores").unwrap_or(defaults::CORES);
+        let cores = pick!(cores, "cores").unwrap_or(u64::from(defaults::CORES));
         let memory_mib = pick!(memory, "memory").unwrap_or(defaults::MEMORY_MIB);
         let disk_size = pick!(disk_size, "diskSize").unwrap_or(defaults::DISK_SIZE);
         let rosetta = pick!(rosetta, "rosetta").unwrap_or(defaults::ROSETTA);
@@ -305,6 +336,39 @@ impl Config {
             }]));
         };
 
+        // Range checks on the numbers as given, before any is narrowed.
+        let input = |key: &str| origins.get(key).unwrap_or(&Origin::Default).describe(key);
+        let mut problems = Vec::new();
+        let mut out_of_range = |key: &str, message: Option<String>| {
+            if let Some(message) = message {
+                problems.push(Problem {
+                    input: input(key),
+                    message,
+                });
+            }
+        };
+        out_of_range("cores", check_range(cores, &ranges::CORES, "virtual CPUs"));
+        out_of_range("memory", check_memory(memory_mib));
+        out_of_range("diskSize", check_disk_size(disk_size));
+        out_of_range(
+            "idleTimeout",
+            check_range(
+                idle_timeout_minutes,
+                &ranges::IDLE_TIMEOUT_MINUTES,
+                IDLE_UNIT,
+            ),
+        );
+        out_of_range(
+            "stopTimeout",
+            check_range(
+                stop_timeout_seconds,
+                &ranges::STOP_TIMEOUT_SECONDS,
+                "seconds",
+            ),
+        );
+        // In range means it fits; the placeholder is never used (problems are reported).
+        let cores = u32::try_from(cores).unwrap_or(defaults::CORES);
+
         let config = Config {
             cores,
             memory_mib,
@@ -321,7 +385,7 @@ impl Config {
             builder,
             origins,
         };
-        let problems = config.check_values();
+        problems.extend(config.check_values());
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -354,7 +418,8 @@ impl Config {
     }
 
     pub fn idle_timeout(&self) -> Option<Duration> {
-        (self.idle_timeout_minutes > 0).then(|| Duration::from_secs(self.idle_timeout_minutes * 60))
+        let secs = self.idle_timeout_minutes.checked_mul(60)?;
+        (secs > 0).then(|| Duration::from_secs(secs))
     }
 
     pub fn stop_timeout(&self) -> Duration {
@@ -371,30 +436,6 @@ impl Config {
     /// Checks that need nothing but the values themselves.
     fn check_values(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
-        if self.cores == 0 {
-            problems.push(self.problem("cores", "must be at least 1"));
-        }
-        if self.memory_mib < MIN_MEMORY_MIB {
-            problems.push(self.problem(
-                "memory",
-                format!(
-                    "{} MiB is below the {MIN_MEMORY_MIB} MiB the guest needs to boot and build; give it at least {MIN_MEMORY_MIB} (memory is in MiB: 6144 = 6 GiB)",
-                    self.memory_mib
-                ),
-            ));
-        }
-        if self.disk_size < MIN_DISK_SIZE {
-            problems.push(self.problem(
-                "diskSize",
-                format!(
-                    "{} is too small; use at least {MIN_DISK_SIZE}",
-                    self.disk_size
-                ),
-            ));
-        }
-        if self.stop_timeout_seconds == 0 {
-            problems.push(self.problem("stopTimeout", "must be at least 1 second"));
-        }
         for param in &self.kernel_params {
             if param.is_empty() || param.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 problems.push(self.problem(
@@ -403,7 +444,20 @@ impl Config {
                 ));
             }
         }
-        if !self.state_dir.is_absolute() {
+        for (key, path) in [
+            ("guest", &self.guest.dir),
+            ("kernel", &self.guest.kernel),
+            ("initrd", &self.guest.initrd),
+            ("system", &self.guest.system),
+            ("registration", &self.guest.registration),
+        ] {
+            if let Some(message) = path.as_deref().and_then(path_problem) {
+                problems.push(self.problem(key, message));
+            }
+        }
+        if let Some(message) = path_problem(&self.state_dir) {
+            problems.push(self.problem("stateDir", message));
+        } else if !self.state_dir.is_absolute() {
             problems.push(self.problem(
                 "stateDir",
                 format!(
@@ -412,19 +466,13 @@ impl Config {
                 ),
             ));
         }
-        if self.ssh_user.is_empty()
-            || !self
-                .ssh_user
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        if let Err(message) = crate::ssh::check_user(&self.ssh_user) {
+            problems.push(self.problem("sshUser", message));
+        }
+        if let Some(group) = &self.control_group
+            && let Err(message) = check_group_name(group)
         {
-            problems.push(self.problem(
-                "sshUser",
-                format!(
-                    "{:?} is not a user name; use letters, digits, `_`, `-` or `.`",
-                    self.ssh_user
-                ),
-            ));
+            problems.push(self.problem("controlGroup", message));
         }
         problems
     }
@@ -471,7 +519,8 @@ impl Config {
     }
 }
 
-/// Reads and parses the JSON config file.
+/// Reads and parses the JSON config file: a regular file (a FIFO would block, a
+/// device never end) of at most `ranges::CONFIG_FILE_BYTES`.
 pub fn load_file(path: &Path) -> Result<ConfigLayer, ConfigErrors> {
     let fail = |message: String| {
         ConfigErrors(vec![Problem {
@@ -479,11 +528,22 @@ pub fn load_file(path: &Path) -> Result<ConfigLayer, ConfigErrors> {
             message,
         }])
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        fail(format!(
-            "cannot read it ({e}); check the path given to --config or DARWIN_VZ_NIX_CONFIG"
-        ))
-    })?;
+    const WHERE: &str = "check the path given to --config or DARWIN_VZ_NIX_CONFIG";
+    let bytes = files::open_input(path)
+        .and_then(|file| files::read_capped(file, path, ranges::CONFIG_FILE_BYTES))
+        .map_err(|e| {
+            fail(match e {
+                FileError::Io { source, .. } => format!("cannot read it ({source}); {WHERE}"),
+                FileError::NotRegular { kind, .. } => {
+                    format!("is {kind}, not a regular file; {WHERE}")
+                }
+                FileError::TooLarge { limit, .. } => format!(
+                    "is larger than {limit} bytes (a configuration file is a few hundred); {WHERE}"
+                ),
+            })
+        })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| fail(format!("is not UTF-8 text, so not JSON; {WHERE}")))?;
     parse_layer(&text).map_err(fail)
 }
 
@@ -496,91 +556,249 @@ pub fn parse_layer(text: &str) -> Result<ConfigLayer, String> {
     })
 }
 
-/// Reads `DARWIN_VZ_NIX_*` variables through `lookup` (the process environment in
-/// production, a map in tests).
-pub fn env_layer(lookup: impl Fn(&str) -> Option<String>) -> Result<ConfigLayer, ConfigErrors> {
-    let mut layer = ConfigLayer::default();
-    let mut problems = Vec::new();
-    let get = |key: &str| lookup(&env_var(key)).filter(|v| !v.is_empty());
+/// What the environment sets: settings, and the config file to read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnvSettings {
+    pub layer: ConfigLayer,
+    /// `DARWIN_VZ_NIX_CONFIG`.
+    pub config_file: Option<PathBuf>,
+}
 
-    fn parsed<T: std::str::FromStr>(
-        key: &str,
-        value: Option<String>,
-        expected: &str,
-        problems: &mut Vec<Problem>,
-    ) -> Option<T>
-    where
-        T::Err: fmt::Display,
-    {
-        let value = value?;
-        match value.parse::<T>() {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let detail = e.to_string();
-                problems.push(Problem {
-                    input: env_var(key),
-                    message: if detail.contains(&value) {
-                        detail
-                    } else {
-                        format!("`{value}` is not {expected}")
-                    },
-                });
-                None
-            }
+/// The variable naming the config file (not a setting itself).
+pub const CONFIG_FILE_VAR: &str = "DARWIN_VZ_NIX_CONFIG";
+
+/// Variables of the test suite (`tests/macos.rs`), which the program does not read.
+const TEST_SUITE_VARS: [&str; 2] = ["DARWIN_VZ_NIX_MAC_TESTS", "DARWIN_VZ_NIX_TEST_GUEST"];
+
+/// Reads every `DARWIN_VZ_NIX_*` variable of `vars` (the process environment in
+/// production). None is ever ignored: a variable that is set but empty, not UTF-8,
+/// not a value of its setting, or not a setting at all (a typo) is an error naming
+/// it — a silently ignored `DARWIN_VZ_NIX_STATE_DIR` would make `destroy` act on the
+/// default state directory.
+pub fn read_env(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<EnvSettings, ConfigErrors> {
+    use std::os::unix::ffi::OsStrExt;
+
+    let mut settings = EnvSettings::default();
+    let mut problems = Vec::new();
+    let mut vars: Vec<(OsString, OsString)> = vars
+        .into_iter()
+        .filter(|(name, _)| name.as_bytes().starts_with(ENV_PREFIX.as_bytes()))
+        .collect();
+    vars.sort();
+    for (name, value) in vars {
+        let problem = |message: String| Problem {
+            input: name.to_string_lossy().into_owned(),
+            message,
+        };
+        let Some(name_text) = name.to_str() else {
+            problems.push(problem(
+                "is not a setting darwin-vz-nix knows (its name is not UTF-8); unset it".into(),
+            ));
+            continue;
+        };
+        if TEST_SUITE_VARS.contains(&name_text) {
+            continue;
+        }
+        let key = FIELDS.iter().find(|f| env_var(f.key) == name_text);
+        if key.is_none() && name_text != CONFIG_FILE_VAR {
+            problems.push(problem(format!(
+                "is not a setting darwin-vz-nix knows{}; unset it",
+                suggestion(name_text)
+            )));
+            continue;
+        }
+        let Some(value) = value.to_str() else {
+            problems.push(problem(
+                "is not valid UTF-8; give a UTF-8 value, or unset it".into(),
+            ));
+            continue;
+        };
+        if value.trim().is_empty() {
+            problems.push(problem(
+                "is set but empty; give it a value, or unset it to use the default".into(),
+            ));
+            continue;
+        }
+        let Some(key) = key else {
+            settings.config_file = Some(PathBuf::from(value));
+            continue;
+        };
+        if let Err(message) = set_from_text(&mut settings.layer, key.key, value) {
+            problems.push(problem(message));
         }
     }
-
-    layer.cores = parsed(
-        "cores",
-        get("cores"),
-        "a whole number of CPUs",
-        &mut problems,
-    );
-    layer.memory = parsed(
-        "memory",
-        get("memory"),
-        "a whole number of MiB",
-        &mut problems,
-    );
-    layer.disk_size = parsed("diskSize", get("diskSize"), "a size", &mut problems);
-    layer.rosetta = get("rosetta").and_then(|v| match parse_bool(&v) {
-        Some(b) => Some(b),
-        None => {
-            problems.push(Problem {
-                input: env_var("rosetta"),
-                message: format!("`{v}` is not a boolean; use 1/0, true/false or yes/no"),
-            });
-            None
-        }
-    });
-    layer.idle_timeout = parsed(
-        "idleTimeout",
-        get("idleTimeout"),
-        "a whole number of minutes",
-        &mut problems,
-    );
-    layer.stop_timeout = parsed(
-        "stopTimeout",
-        get("stopTimeout"),
-        "a whole number of seconds",
-        &mut problems,
-    );
-    layer.guest = get("guest").map(PathBuf::from);
-    layer.kernel = get("kernel").map(PathBuf::from);
-    layer.initrd = get("initrd").map(PathBuf::from);
-    layer.system = get("system").map(PathBuf::from);
-    layer.registration = get("registration").map(PathBuf::from);
-    layer.kernel_params =
-        get("kernelParams").map(|v| v.split_whitespace().map(String::from).collect());
-    layer.state_dir = get("stateDir").map(PathBuf::from);
-    layer.log_level = parsed("logLevel", get("logLevel"), "a log level", &mut problems);
-    layer.control_group = get("controlGroup");
-    layer.ssh_user = get("sshUser");
-
     if problems.is_empty() {
-        Ok(layer)
+        Ok(settings)
     } else {
         Err(ConfigErrors(problems))
+    }
+}
+
+/// `, did you mean X?` for a misspelt variable name (same letters but the
+/// underscores, or two letters off).
+fn suggestion(name: &str) -> String {
+    let squeeze = |s: &str| s.replace('_', "").to_ascii_uppercase();
+    FIELDS
+        .iter()
+        .map(|f| env_var(f.key))
+        .chain([CONFIG_FILE_VAR.to_string()])
+        .find(|known| squeeze(known) == squeeze(name) || edit_distance(known, name) <= 2)
+        .map(|known| format!(" (did you mean {known}?)"))
+        .unwrap_or_default()
+}
+
+/// Levenshtein distance, for short names only.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// Sets `key` of `layer` from its text form (an environment variable's value).
+/// Numbers are only parsed here; `Config::resolve` judges their range, with the
+/// same message for every layer.
+fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), String> {
+    let number = |range: &RangeInclusive<u64>, unit: &str| parse_whole(text, range, unit);
+    match key {
+        "cores" => layer.cores = Some(number(&ranges::CORES, "virtual CPUs")?),
+        "memory" => layer.memory = Some(number(&ranges::MEMORY_MIB, MIB_UNIT)?),
+        "diskSize" => layer.disk_size = Some(text.parse().map_err(|e| format!("{e}"))?),
+        "rosetta" => {
+            layer.rosetta = Some(parse_bool(text).ok_or_else(|| {
+                format!("`{text}` is not a boolean; use 1/0, true/false or yes/no")
+            })?)
+        }
+        "idleTimeout" => {
+            layer.idle_timeout = Some(number(&ranges::IDLE_TIMEOUT_MINUTES, IDLE_UNIT)?)
+        }
+        "stopTimeout" => {
+            layer.stop_timeout = Some(number(&ranges::STOP_TIMEOUT_SECONDS, "seconds")?)
+        }
+        "guest" => layer.guest = Some(text.into()),
+        "kernel" => layer.kernel = Some(text.into()),
+        "initrd" => layer.initrd = Some(text.into()),
+        "system" => layer.system = Some(text.into()),
+        "registration" => layer.registration = Some(text.into()),
+        "kernelParams" => {
+            layer.kernel_params = Some(text.split_whitespace().map(String::from).collect())
+        }
+        "stateDir" => layer.state_dir = Some(text.into()),
+        "logLevel" => layer.log_level = Some(text.parse()?),
+        "controlGroup" => layer.control_group = Some(text.into()),
+        "sshUser" => layer.ssh_user = Some(text.into()),
+        _ => unreachable!("every key in FIELDS is handled: {key}"),
+    }
+    Ok(())
+}
+
+/// Units as the range messages say them.
+const MIB_UNIT: &str = "MiB (memory is in MiB: 6144 = 6 GiB)";
+const IDLE_UNIT: &str = "minutes (0 = never power off)";
+
+/// A whole number in `range`, for flags that only a command takes.
+pub fn parse_number(text: &str, range: &RangeInclusive<u64>, unit: &str) -> Result<u64, String> {
+    let value = parse_whole(text, range, unit)?;
+    check_range(value, range, unit).map_or(Ok(value), Err)
+}
+
+/// A whole number; one too large for any integer gets the message of `range`,
+/// like any other number outside it.
+fn parse_whole(text: &str, range: &RangeInclusive<u64>, unit: &str) -> Result<u64, String> {
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    match text.parse::<u64>() {
+        Ok(value) => Ok(value),
+        Err(_) if digits => Err(format!(
+            "{text} is out of range; give {} to {} {unit}",
+            range.start(),
+            range.end()
+        )),
+        Err(_) => Err(format!(
+            "`{text}` is not a whole number of {}",
+            unit.split(" (").next().unwrap_or(unit)
+        )),
+    }
+}
+
+/// The message for a number outside its range, or `None`.
+fn check_range(value: u64, range: &RangeInclusive<u64>, unit: &str) -> Option<String> {
+    (!range.contains(&value)).then(|| {
+        format!(
+            "{value} is out of range; give {} to {} {unit}",
+            range.start(),
+            range.end()
+        )
+    })
+}
+
+fn check_memory(mib: u64) -> Option<String> {
+    let range = ranges::MEMORY_MIB;
+    if mib < *range.start() {
+        Some(format!(
+            "{mib} MiB is below the {MIN_MEMORY_MIB} MiB the guest needs to boot and build; give it at least {MIN_MEMORY_MIB} (memory is in MiB: 6144 = 6 GiB)"
+        ))
+    } else {
+        check_range(mib, &range, MIB_UNIT)
+    }
+}
+
+fn check_disk_size(size: ByteSize) -> Option<String> {
+    let range = ranges::DISK_SIZE;
+    if size < *range.start() {
+        Some(format!(
+            "{size} is too small; use at least {}",
+            range.start()
+        ))
+    } else if size > *range.end() {
+        Some(format!(
+            "{size} is out of range; give {} to {}",
+            range.start(),
+            range.end()
+        ))
+    } else {
+        None
+    }
+}
+
+/// Why a path setting cannot be used as given, or `None`. Paths end up in the
+/// kernel command line, the boot plan and ssh_config, which are text: a path that
+/// is not UTF-8 would be shown (and booted) as a different path.
+fn path_problem(path: &Path) -> Option<String> {
+    if path.as_os_str().is_empty() {
+        return Some("is empty; give a path".into());
+    }
+    path.to_str().is_none().then(|| {
+        format!(
+            "{} is not valid UTF-8; rename it or choose a path whose name is UTF-8",
+            path.display()
+        )
+    })
+}
+
+/// A group name as `controlGroup` takes it.
+fn check_group_name(name: &str) -> Result<(), String> {
+    let shape_ok = !name.is_empty()
+        && name.len() <= ranges::GROUP_NAME_BYTES
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if shape_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a group name; use letters, digits, `_`, `-` or `.` (at most {} characters)",
+            ranges::GROUP_NAME_BYTES
+        ))
     }
 }
 
@@ -617,6 +835,13 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect()
     }
 
     fn host() -> HostInfo {
@@ -661,11 +886,12 @@ mod tests {
             rosetta: Some(false),
             ..Default::default()
         };
-        let from_env = env_layer(env(&[
+        let from_env = read_env(vars(&[
             ("DARWIN_VZ_NIX_MEMORY", "3072"),
             ("DARWIN_VZ_NIX_DISK_SIZE", "30G"),
         ]))
-        .unwrap();
+        .unwrap()
+        .layer;
         let from_flags = ConfigLayer {
             disk_size: Some(ByteSize::from_gib(40)),
             ..Default::default()
@@ -723,7 +949,7 @@ mod tests {
 
     #[test]
     fn env_errors_name_the_variable() {
-        let err = env_layer(env(&[
+        let err = read_env(vars(&[
             ("DARWIN_VZ_NIX_CORES", "many"),
             ("DARWIN_VZ_NIX_ROSETTA", "maybe"),
             ("DARWIN_VZ_NIX_DISK_SIZE", "10Q"),
@@ -735,7 +961,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("DARWIN_VZ_NIX_CORES: `many` is not a whole number of CPUs"),
+            text.contains("DARWIN_VZ_NIX_CORES: `many` is not a whole number of virtual CPUs"),
             "{text}"
         );
         assert!(
@@ -773,6 +999,130 @@ mod tests {
                 "--state-dir"
             ]
         );
+    }
+
+    #[test]
+    fn every_variable_is_used_or_refused_by_name() {
+        use std::os::unix::ffi::OsStringExt;
+        let mut pairs = vars(&[
+            ("DARWIN_VZ_NIX_STATE_DIR", ""),
+            ("DARWIN_VZ_NIX_GUEST", "  "),
+            ("DARWIN_VZ_NIX_STATEDIR", "/x"),
+            ("DARWIN_VZ_NIX_CORSE", "2"),
+            ("DARWIN_VZ_NIX_FROB", "1"),
+            ("DARWIN_VZ_NIX_TEST_GUEST", "/ignored/by/the/program"),
+            ("OTHER", ""),
+        ]);
+        pairs.push((
+            "DARWIN_VZ_NIX_KERNEL".into(),
+            OsString::from_vec(b"/k\xff".to_vec()),
+        ));
+        let err = read_env(pairs).unwrap_err();
+        let text: Vec<String> = err.0.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "DARWIN_VZ_NIX_CORSE: is not a setting darwin-vz-nix knows (did you mean DARWIN_VZ_NIX_CORES?); unset it",
+                "DARWIN_VZ_NIX_FROB: is not a setting darwin-vz-nix knows; unset it",
+                "DARWIN_VZ_NIX_GUEST: is set but empty; give it a value, or unset it to use the default",
+                "DARWIN_VZ_NIX_KERNEL: is not valid UTF-8; give a UTF-8 value, or unset it",
+                "DARWIN_VZ_NIX_STATEDIR: is not a setting darwin-vz-nix knows (did you mean DARWIN_VZ_NIX_STATE_DIR?); unset it",
+                "DARWIN_VZ_NIX_STATE_DIR: is set but empty; give it a value, or unset it to use the default",
+            ]
+        );
+        let settings = read_env(vars(&[("DARWIN_VZ_NIX_CONFIG", "/etc/dvn.json")])).unwrap();
+        assert_eq!(settings.config_file, Some(PathBuf::from("/etc/dvn.json")));
+    }
+
+    #[test]
+    fn numbers_outside_their_range_are_refused_in_every_layer_alike() {
+        let flag = resolve(vec![Source {
+            origin: Origin::Flag,
+            layer: ConfigLayer {
+                cores: Some(u64::MAX),
+                memory: Some(u64::MAX),
+                disk_size: Some(ByteSize::from_bytes(u64::MAX)),
+                idle_timeout: Some(u64::MAX),
+                stop_timeout: Some(u64::MAX),
+                ..Default::default()
+            },
+        }])
+        .unwrap_err();
+        let text: Vec<String> = flag.0.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "--cores: 18446744073709551615 is out of range; give 1 to 1024 virtual CPUs",
+                "--memory: 18446744073709551615 is out of range; give 1024 to 16777216 MiB (memory is in MiB: 6144 = 6 GiB)",
+                "--disk-size: 18446744073709551615B is out of range; give 512M to 64T",
+                "--idle-timeout: 18446744073709551615 is out of range; give 0 to 525600 minutes (0 = never power off)",
+                "--stop-timeout: 18446744073709551615 is out of range; give 1 to 3600 seconds",
+            ]
+        );
+        // Too large for any integer: refused while reading, with the range's message.
+        let env = read_env(vars(&[(
+            "DARWIN_VZ_NIX_IDLE_TIMEOUT",
+            "99999999999999999999999",
+        )]))
+        .unwrap_err();
+        assert_eq!(
+            env.to_string(),
+            "invalid configuration: DARWIN_VZ_NIX_IDLE_TIMEOUT: 99999999999999999999999 is out of range; give 0 to 525600 minutes (0 = never power off)"
+        );
+        // An integer out of range: judged with the others, named by its variable.
+        let layer = read_env(vars(&[(
+            "DARWIN_VZ_NIX_STOP_TIMEOUT",
+            "18446744073709551615",
+        )]))
+        .unwrap()
+        .layer;
+        let env = resolve(vec![Source {
+            origin: Origin::Env,
+            layer,
+        }])
+        .unwrap_err();
+        assert_eq!(
+            env.to_string(),
+            "invalid configuration: DARWIN_VZ_NIX_STOP_TIMEOUT: 18446744073709551615 is out of range; give 1 to 3600 seconds"
+        );
+        let most = resolve(vec![file(ConfigLayer {
+            idle_timeout: Some(525_600),
+            stop_timeout: Some(3600),
+            ..Default::default()
+        })])
+        .unwrap();
+        assert_eq!(most.idle_timeout(), Some(Duration::from_secs(525_600 * 60)));
+    }
+
+    #[test]
+    fn paths_must_be_utf8_and_user_and_group_names_plain() {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = PathBuf::from(std::ffi::OsStr::from_bytes(b"/st\xffate"));
+        let err = resolve(vec![Source {
+            origin: Origin::Flag,
+            layer: ConfigLayer {
+                state_dir: Some(bad),
+                ssh_user: Some("a\nProxyCommand x".into()),
+                control_group: Some("staff wheel".into()),
+                ..Default::default()
+            },
+        }])
+        .unwrap_err();
+        let text: Vec<String> = err.0.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "--state-dir: /st\u{fffd}ate is not valid UTF-8; rename it or choose a path whose name is UTF-8",
+                "--ssh-user: \"a\\nProxyCommand x\" is not a user name; use letters, digits, `_`, `-` or `.` (at most 32 characters, not starting with `-`)",
+                "--control-group: \"staff wheel\" is not a group name; use letters, digits, `_`, `-` or `.` (at most 64 characters)",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_in_the_file_are_refused() {
+        let err = parse_layer(r#"{"stopTimeout": 5, "stopTimeout": 10}"#).unwrap_err();
+        assert!(err.starts_with("duplicate field `stopTimeout`"), "{err}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::config::{Config, ConfigErrors, Problem};
 use crate::control::ControlServer;
 use crate::control::protocol::ConfigSummary;
 use crate::host::HostInfo;
-use crate::mac::MacAddress;
+use crate::mac::{MacAddress, MacOrigin};
 use crate::plan::{BootPlan, HOST_STORE, PlanInputs};
 use crate::state::{Access, StateDir, StateError, StateLock};
 use crate::supervisor::{Supervisor, SupervisorOptions};
@@ -36,11 +36,8 @@ pub enum DaemonError {
     Keys(#[from] keys::KeyError),
     #[error(transparent)]
     Server(#[from] crate::control::server::ServerError),
-    #[error("cannot open the log file {path}: {source}")]
-    Log {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot open the log file: {message}")]
+    Log { message: String },
 }
 
 /// Knobs that are not user configuration: where the host store is and how the clock
@@ -89,19 +86,18 @@ pub fn prepare(config: &Config) -> Result<Prepared, DaemonError> {
 }
 
 /// Sends the daemon's log to `logs/daemon.log` (with timestamps), keeping one
-/// previous file when it grows past 10 MiB.
+/// previous file when it grows past 10 MiB. The log is opened without following a
+/// symbolic link: whatever was planted at its path is refused, never appended to.
 pub fn init_logging(state: &StateDir, level: crate::config::LogLevel) -> Result<(), DaemonError> {
     let path = state.daemon_log();
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() > 10 << 20) {
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() > 10 << 20) {
         let _ = std::fs::rename(&path, path.with_extension("log.1"));
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|source| DaemonError::Log {
-            path: path.clone(),
-            source,
+    let file = state
+        // Readable by the control group where the logs directory lets it in.
+        .open_daemon_log(0o640)
+        .map_err(|e| DaemonError::Log {
+            message: e.to_string(),
         })?;
     let filter = tracing_subscriber::EnvFilter::new(format!("darwin_vz_nix={}", level.as_str()));
     let _ = tracing_subscriber::fmt()
@@ -169,7 +165,8 @@ pub async fn serve(
             state.clone(),
             options.host_store.clone(),
         );
-        Box::new(move || plan_boot(&config, &host, &state, &store))
+        // The supervisor shows each boot's plan; the notices are logged by plan_boot.
+        Box::new(move || plan_boot(&config, &host, &state, &store).map(|planned| planned.plan))
     };
     let resetter = {
         let state = state.clone();
@@ -219,6 +216,15 @@ pub fn check_boot(
     let artifacts = artifacts::resolve(config)
         .map_err(|mut more| problems.append(&mut more))
         .ok();
+    if let Some(artifacts) = &artifacts {
+        let line = crate::plan::command_line(config, artifacts, host);
+        if let Err(e) = crate::plan::check_command_line(&line, &config.kernel_params) {
+            problems.push(Problem {
+                input: config.input("kernelParams"),
+                message: e.to_string(),
+            });
+        }
+    }
     if disk::is_qcow2(&state.disk_image()).unwrap_or(false) {
         let message = disk::DiskError::Qcow2 {
             path: state.disk_image(),
@@ -241,16 +247,27 @@ pub fn check_boot(
     }
 }
 
+/// A boot plan, and what was repaired on the way to it that a user should hear about
+/// (a key or MAC address made afresh because the old one was missing or corrupt).
+#[derive(Debug, Clone)]
+pub struct PlannedBoot {
+    pub plan: BootPlan,
+    pub notices: Vec<String>,
+}
+
 /// Everything a boot needs, checked and made ready: run before every boot so that a
-/// guest garbage-collected since the last one is reported, not booted.
+/// guest garbage-collected since the last one is reported, not booted. Notices are
+/// logged as warnings and returned.
 pub fn plan_boot(
     config: &Config,
     host: &HostInfo,
     state: &StateDir,
     host_store: &std::path::Path,
-) -> Result<BootPlan, String> {
+) -> Result<PlannedBoot, String> {
     let artifacts = check_boot(config, host, state).map_err(|e| e.to_string())?;
-    match disk::ensure(&state.disk_image(), config.disk_size).map_err(|e| e.to_string())? {
+    let disk_change =
+        disk::ensure(&state.disk_image(), config.disk_size).map_err(|e| e.to_string())?;
+    match disk_change {
         disk::DiskChange::Created => tracing::info!(
             "created disk image {} ({})",
             state.disk_image().display(),
@@ -261,9 +278,24 @@ pub fn plan_boot(
         }
         disk::DiskChange::Unchanged => {}
     }
-    keys::ensure(state).map_err(|e| e.to_string())?;
+    let mut notices = keys::ensure(state).map_err(|e| e.to_string())?.notices;
     crate::cacerts::share_with_guest(&state.guest_keys_dir());
-    let mac = MacAddress::load_or_create(&state.mac_address()).map_err(|e| e.to_string())?;
+    let (mac, origin) =
+        MacAddress::load_or_create(&state.mac_address()).map_err(|e| e.to_string())?;
+    let mac_notice = match origin {
+        MacOrigin::ReplacedUnusable => Some("did not hold a MAC address"),
+        // Missing beside a disk that booted before: it was deleted.
+        MacOrigin::Created if disk_change != disk::DiskChange::Created => Some("was missing"),
+        MacOrigin::Created | MacOrigin::Kept => None,
+    };
+    if let Some(why) = mac_notice {
+        let notice = format!(
+            "{} {why}; made a new MAC address {mac} — the guest's network identity changed",
+            state.mac_address().display()
+        );
+        tracing::warn!("{notice}");
+        notices.push(notice);
+    }
     rotate_console_log(state);
     let plan = BootPlan::build(&PlanInputs {
         config,
@@ -275,7 +307,7 @@ pub fn plan_boot(
     })
     .map_err(|e| e.to_string())?;
     plan.check_shares_exist().map_err(|e| e.to_string())?;
-    Ok(plan)
+    Ok(PlannedBoot { plan, notices })
 }
 
 /// Keeps the previous boot's console next to this one's.
@@ -285,9 +317,13 @@ fn rotate_console_log(state: &StateDir) {
 
 /// Deletes state: the keys only (made afresh at once), or everything the guest had
 /// (disk, MAC, keys, console logs). The caller owns the directory's lock or is the
-/// supervisor with the VM stopped.
-pub fn reset_state(state: &StateDir, keys_only: bool) -> Result<Vec<PathBuf>, keys::KeyError> {
-    let mut removed = keys::remove_all(state);
+/// supervisor with the VM stopped. Checks before it acts: the new keys are made
+/// first (ssh-keygen present, `keys/` writable, room on the disk), so a failure
+/// deletes nothing; once they exist, the old state goes and the new keys replace
+/// the old ones by rename. Returns every path deleted or replaced.
+pub fn reset_state(state: &StateDir, keys_only: bool) -> Result<Vec<PathBuf>, ResetError> {
+    let staged = keys::stage_all(state).map_err(ResetError::NothingDone)?;
+    let mut removed = Vec::new();
     if !keys_only {
         for path in [
             state.disk_image(),
@@ -300,6 +336,17 @@ pub fn reset_state(state: &StateDir, keys_only: bool) -> Result<Vec<PathBuf>, ke
             }
         }
     }
-    keys::ensure(state)?;
+    removed.extend(staged.install().map_err(ResetError::Unfinished)?);
     Ok(removed)
+}
+
+/// Why `reset_state` failed, and how far it got.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("{0}; nothing was deleted or replaced")]
+    NothingDone(keys::KeyError),
+    #[error(
+        "{0}; the old state was deleted but the new keys are not all in place — run the command again (or start the daemon, which repairs them)"
+    )]
+    Unfinished(keys::KeyError),
 }

@@ -42,9 +42,9 @@ pub enum DiskError {
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 
-/// The size of the image at `path`, if there is one.
+/// The size of the image at `path`, if there is one (a link is not an image).
 pub fn existing_size(path: &Path) -> Option<ByteSize> {
-    fs::metadata(path)
+    fs::symlink_metadata(path)
         .ok()
         .filter(|m| m.is_file())
         .map(|m| ByteSize::from_bytes(m.len()))
@@ -91,7 +91,17 @@ pub fn ensure(path: &Path, size: ByteSize) -> Result<DiskChange, DiskError> {
             if size == existing {
                 return Ok(DiskChange::Unchanged);
             }
-            let file = OpenOptions::new().write(true).open(path).map_err(io)?;
+            // The same file that was checked: a link swapped in meanwhile is refused.
+            let file = OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+                .open(path)
+                .map_err(io)?;
+            if !file.metadata().map_err(io)?.is_file() {
+                return Err(DiskError::NotAFile {
+                    path: path.to_path_buf(),
+                });
+            }
             file.set_len(size.bytes()).map_err(io)?;
             file.sync_all().map_err(io)?;
             Ok(DiskChange::Grown { from: existing })
@@ -99,10 +109,15 @@ pub fn ensure(path: &Path, size: ByteSize) -> Result<DiskChange, DiskError> {
     }
 }
 
-/// True when the file starts with QEMU's qcow2 magic.
+/// True when the file starts with QEMU's qcow2 magic. Never reads through a link,
+/// and never waits on a FIFO planted at the path.
 pub fn is_qcow2(path: &Path) -> std::io::Result<bool> {
     let mut magic = [0u8; 4];
-    let mut file = fs::File::open(path)?;
+    let mut file = match crate::files::open_state_file(path) {
+        Ok(file) => file,
+        Err(crate::files::FileError::Io { source, .. }) => return Err(source),
+        Err(_) => return Ok(false),
+    };
     match file.read_exact(&mut magic) {
         Ok(()) => Ok(&magic == QCOW2_MAGIC),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
@@ -171,6 +186,26 @@ mod tests {
             )
         );
         assert_eq!(fs::metadata(&path).unwrap().len(), 20 << 30, "untouched");
+    }
+
+    #[test]
+    fn refuses_a_link_or_fifo_in_place_of_the_image() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"QFI\xfb").unwrap();
+        let path = tmp.path().join("disk.img");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        assert_eq!(existing_size(&path), None);
+        assert!(!is_qcow2(&path).unwrap(), "not read through the link");
+        assert!(matches!(
+            ensure(&path, ByteSize::from_gib(1)),
+            Err(DiskError::NotAFile { .. })
+        ));
+        assert_eq!(fs::metadata(&victim).unwrap().len(), 4, "target untouched");
+
+        let fifo = tmp.path().join("fifo.img");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(!is_qcow2(&fifo).unwrap(), "returns at once");
     }
 
     #[test]

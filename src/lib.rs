@@ -18,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod disk;
 pub mod doctor;
+pub mod files;
 pub mod guest_timing;
 pub mod host;
 pub mod keys;

@@ -6,7 +6,24 @@ use std::io::Read;
 use std::path::Path;
 use std::str::FromStr;
 
+use crate::files;
 use crate::state::{StateError, write_file_atomic};
+
+/// Where the address `load_or_create` returns came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MacOrigin {
+    Kept,
+    Created,
+    /// The file held no address (corrupt, or not a plain file); a new one was made.
+    ReplacedUnusable,
+}
+
+/// What the state file holds.
+enum Stored {
+    Found(MacAddress),
+    Missing,
+    Unusable,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MacAddress(pub [u8; 6]);
@@ -20,23 +37,41 @@ impl MacAddress {
         Ok(MacAddress(bytes))
     }
 
-    /// Reads the persisted address, if any.
+    /// Reads the persisted address, if any (never through a symbolic link, at most a
+    /// line's worth of bytes).
     pub fn load(path: &Path) -> Option<MacAddress> {
-        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+        match MacAddress::read(path) {
+            Stored::Found(mac) => Some(mac),
+            Stored::Missing | Stored::Unusable => None,
+        }
     }
 
-    /// The persisted address, created on first use.
-    pub fn load_or_create(path: &Path) -> Result<MacAddress, StateError> {
-        if let Some(mac) = MacAddress::load(path) {
-            return Ok(mac);
+    fn read(path: &Path) -> Stored {
+        match files::read_state_file(path, 64) {
+            Ok(None) => Stored::Missing,
+            Ok(Some(bytes)) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .map_or(Stored::Unusable, Stored::Found),
+            Err(_) => Stored::Unusable,
         }
+    }
+
+    /// The persisted address, created on first use. A file that holds no address (or
+    /// is not a plain file) is replaced, and the outcome says so.
+    pub fn load_or_create(path: &Path) -> Result<(MacAddress, MacOrigin), StateError> {
+        let origin = match MacAddress::read(path) {
+            Stored::Found(mac) => return Ok((mac, MacOrigin::Kept)),
+            Stored::Missing => MacOrigin::Created,
+            Stored::Unusable => MacOrigin::ReplacedUnusable,
+        };
         let io = |source| StateError::Io {
             path: path.to_path_buf(),
             source,
         };
         let mac = MacAddress::random().map_err(io)?;
         write_file_atomic(path, format!("{mac}\n").as_bytes(), 0o644)?;
-        Ok(mac)
+        Ok((mac, origin))
     }
 
     pub fn is_locally_administered_unicast(&self) -> bool {
@@ -94,7 +129,34 @@ mod tests {
     fn the_address_is_stable_once_created() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("mac-address");
-        let first = MacAddress::load_or_create(&path).unwrap();
-        assert_eq!(MacAddress::load_or_create(&path).unwrap(), first);
+        let (first, origin) = MacAddress::load_or_create(&path).unwrap();
+        assert_eq!(origin, MacOrigin::Created);
+        assert_eq!(
+            MacAddress::load_or_create(&path).unwrap(),
+            (first, MacOrigin::Kept)
+        );
+    }
+
+    #[test]
+    fn a_corrupt_or_linked_address_file_is_replaced_and_said_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("mac-address");
+        std::fs::write(&path, "zz:zz\n").unwrap();
+        let (mac, origin) = MacAddress::load_or_create(&path).unwrap();
+        assert_eq!(origin, MacOrigin::ReplacedUnusable);
+        assert_eq!(MacAddress::load(&path), Some(mac));
+
+        let other = tmp.path().join("other");
+        std::fs::write(&other, "0a:1b:2c:3d:4e:5f\n").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&other, &path).unwrap();
+        assert_eq!(MacAddress::load(&path), None, "never read through a link");
+        let (_, origin) = MacAddress::load_or_create(&path).unwrap();
+        assert_eq!(origin, MacOrigin::ReplacedUnusable);
+        assert_eq!(
+            std::fs::read_to_string(&other).unwrap(),
+            "0a:1b:2c:3d:4e:5f\n",
+            "the link's target is untouched"
+        );
     }
 }

@@ -22,6 +22,12 @@ pub const HOST_STORE: &str = "/nix/store";
 /// virtiofs tags must be non-empty and shorter than 36 bytes (VZ's `validateTag`).
 pub const MAX_TAG_LEN: usize = 35;
 
+/// The longest kernel command line the guest keeps: arm64 Linux's
+/// `COMMAND_LINE_SIZE` is 2048 bytes with the final NUL (arch/arm64/include/uapi/
+/// asm/setup.h in the LTS kernels the guest uses), and the kernel silently cuts
+/// whatever is longer — the user's `kernelParams`, which come last, first.
+pub const MAX_COMMAND_LINE: usize = 2047;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BootPlan {
@@ -118,6 +124,30 @@ pub enum PlanError {
     DuplicateTag { tag: String },
     #[error("share {tag:?}: {path} is not an existing directory")]
     MissingShare { tag: String, path: PathBuf },
+    #[error(
+        "the kernel command line would be {len} bytes, more than the {MAX_COMMAND_LINE} arm64 Linux keeps (it silently cuts the rest); kernelParams add {extra} bytes of it — shorten them"
+    )]
+    CommandLineTooLong { len: usize, extra: usize },
+}
+
+/// Refuses a command line the guest's kernel would cut. `extra` is how many bytes
+/// the user's own parameters take, to say what to shorten.
+pub fn check_command_line(line: &[String], user_params: &[String]) -> Result<(), PlanError> {
+    let joined = |params: &[String]| {
+        params
+            .iter()
+            .map(String::len)
+            .fold(params.len().saturating_sub(1), usize::saturating_add)
+    };
+    let len = joined(line);
+    if len > MAX_COMMAND_LINE {
+        return Err(PlanError::CommandLineTooLong {
+            len,
+            // Each user parameter also costs the space before it.
+            extra: joined(user_params).saturating_add(usize::from(!user_params.is_empty())),
+        });
+    }
+    Ok(())
 }
 
 /// Everything a plan is built from. The MAC is an input so that `--dry-run` can show a
@@ -189,6 +219,7 @@ impl BootPlan {
             devices,
         };
         plan.check()?;
+        check_command_line(&plan.command_line, &config.kernel_params)?;
         Ok(plan)
     }
 
@@ -241,7 +272,7 @@ impl BootPlan {
 
 /// The kernel command line. Order matters: later parameters win, so the guest's own
 /// `boot.kernelParams` come after ours and the user's extras come last.
-fn command_line(config: &Config, artifacts: &GuestArtifacts, host: &HostInfo) -> Vec<String> {
+pub fn command_line(config: &Config, artifacts: &GuestArtifacts, host: &HostInfo) -> Vec<String> {
     let flag = |on: bool| if on { "1" } else { "0" };
     let mut params = vec![
         format!("console={}", contract::GUEST_CONSOLE),
@@ -478,6 +509,21 @@ mod tests {
         assert_eq!(
             plan.console_log(),
             Some(Path::new("/state/logs/console.log"))
+        );
+    }
+
+    #[test]
+    fn a_command_line_the_kernel_would_cut_is_refused() {
+        let line = |n: usize| vec!["x".repeat(n)];
+        assert!(check_command_line(&line(MAX_COMMAND_LINE), &[]).is_ok());
+        let user = vec!["a".repeat(100), "b".repeat(99)];
+        let mut long = line(MAX_COMMAND_LINE - 200);
+        long.extend(user.iter().cloned());
+        // 1847 + 1 + 100 + 1 + 99 = 2048 bytes: one too many.
+        let err = check_command_line(&long, &user).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the kernel command line would be 2048 bytes, more than the 2047 arm64 Linux keeps (it silently cuts the rest); kernelParams add 201 bytes of it — shorten them"
         );
     }
 

@@ -3,6 +3,11 @@
 //!
 //! The same text is produced by `nix/lib.nix` (`sshConfig`) for nix-darwin; a test
 //! compares the two, so change both together.
+//!
+//! Every value that reaches ssh — in the printed block or on its command line — is
+//! checked here, in `SshTarget::options`, whichever layer it came from (config file,
+//! environment, `--ssh-user`, `ssh -l`, `ssh-config --user`, paths): a newline in a
+//! user name would otherwise start a new ssh_config line (`ProxyCommand …`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -14,6 +19,29 @@ use crate::state::StateDir;
 pub enum SshConfigError {
     #[error("{} contains {found:?}, which cannot be written into ssh_config (ssh hands ProxyCommand to `sh -c`); choose a path without \", newline, $, ` or \\", path.display())]
     Unquotable { path: PathBuf, found: char },
+    #[error("{} is not valid UTF-8, so ssh_config cannot name it; choose a path whose name is UTF-8", path.display())]
+    NotUtf8 { path: PathBuf },
+    #[error("user {0}")]
+    BadUser(String),
+}
+
+/// Checks a guest user name: the only form that can reach ssh (`User …`, `-l`).
+/// The message starts with the value, to follow the name of the input it came from.
+pub fn check_user(user: &str) -> Result<(), String> {
+    let max = crate::config::ranges::SSH_USER_BYTES;
+    let shape_ok = !user.is_empty()
+        && user.len() <= max
+        && !user.starts_with('-')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if shape_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{user:?} is not a user name; use letters, digits, `_`, `-` or `.` (at most {max} characters, not starting with `-`)"
+        ))
+    }
 }
 
 /// Everything the `Host` block is made of.
@@ -35,6 +63,7 @@ pub struct SshOption {
 impl SshTarget {
     /// The options, in the order they are written.
     pub fn options(&self) -> Result<Vec<SshOption>, SshConfigError> {
+        check_user(&self.user).map_err(SshConfigError::BadUser)?;
         let state = StateDir::new(&self.state_dir);
         let option = |keyword, value: String| SshOption { keyword, value };
         Ok(vec![
@@ -92,7 +121,12 @@ pub const FORBIDDEN_IN_PATHS: [char; 6] = ['"', '\n', '\r', '$', '`', '\\'];
 /// Quotes a path for ssh_config: double quotes for spaces, `%%` because ssh expands
 /// `%` tokens in these options.
 fn quote(path: &Path) -> Result<String, SshConfigError> {
-    let text = path.to_string_lossy();
+    // A lossy conversion would print a path that does not exist.
+    let Some(text) = path.to_str() else {
+        return Err(SshConfigError::NotUtf8 {
+            path: path.to_path_buf(),
+        });
+    };
     if let Some(found) = text.chars().find(|c| FORBIDDEN_IN_PATHS.contains(c)) {
         return Err(SshConfigError::Unquotable {
             path: path.to_path_buf(),
@@ -145,6 +179,33 @@ mod tests {
         for bad in ["/tmp/a\"b", "/tmp/a\nb", "/tmp/a`b", "/tmp/a\\b"] {
             assert!(target(bad).config_block().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_user_that_could_inject_an_option_is_refused_in_the_block_and_the_arguments() {
+        let mut bad = target("/s");
+        bad.user = "builder\n  ProxyCommand sh -c 'touch /tmp/pwned'".into();
+        let err = bad.config_block().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "user \"builder\\n  ProxyCommand sh -c 'touch /tmp/pwned'\" is not a user name; use letters, digits, `_`, `-` or `.` (at most 32 characters, not starting with `-`)"
+        );
+        assert!(bad.ssh_args(&[]).is_err());
+        for user in ["", "-oProxyCommand=x", "a b", "a=b", &"u".repeat(33)] {
+            assert!(check_user(user).is_err(), "{user:?}");
+        }
+        for user in ["builder", "_darwin-vz", "a.b-c_d", &"u".repeat(32)] {
+            assert!(check_user(user).is_ok(), "{user:?}");
+        }
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_is_refused_not_printed_lossily() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut bad = target("/s");
+        bad.state_dir = PathBuf::from(std::ffi::OsStr::from_bytes(b"/tmp/st\xffate"));
+        let err = bad.config_block().unwrap_err();
+        assert!(matches!(err, SshConfigError::NotUtf8 { .. }), "{err}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <state>/                     0700 (0750 and group-owned with controlGroup)
-//!   lock                       flock(2)-ed by the running supervisor; holds its pid
+//!   supervisor.pid             the running supervisor's pid, for messages only
 //!   control.sock               the supervisor's control socket (0600, or 0660 with controlGroup)
 //!   disk.img                   the guest's raw, sparse disk image
 //!   mac-address                the guest NIC's MAC address, stable across boots
@@ -16,21 +16,35 @@
 //!     console.log              the guest's console (this boot); console.previous.log
 //! ```
 //!
-//! Liveness of a supervisor is decided by the lock, never by the existence of a file:
-//! a supervisor killed with SIGKILL releases its flock with its last descriptor.
+//! Ownership of the directory is an exclusive flock(2) on the directory itself, not on
+//! a file in it: a file can be deleted while its lock is held (and a second owner
+//! would lock a new file of the same name); a directory that holds the VM's disk
+//! cannot. A supervisor killed with SIGKILL releases the lock with its last
+//! descriptor. The pid file only names the owner in messages.
+//!
+//! The directory is input like any other: root runs commands on a directory the
+//! service account owns and can fill with anything. Root therefore acts *as the
+//! owner* (`act_as_owner`), and every file here is opened without following
+//! symbolic links (see `files`).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
-use nix::unistd::{Gid, Uid};
+use nix::libc;
+use nix::unistd::{Gid, Uid, User};
 
 use crate::contract;
+use crate::files::{self, FileError};
 
 /// Longest Unix socket path the platform accepts (`sun_path` minus the NUL).
 pub const MAX_SOCKET_PATH: usize = if cfg!(target_os = "macos") { 103 } else { 107 };
+
+/// How long `lock` retries before it believes another owner: a client probing with
+/// `is_locked` holds a shared lock for a few microseconds.
+const LOCK_PATIENCE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -41,12 +55,32 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} exists but is not a directory; remove it or choose another --state-dir")]
-    NotADirectory { path: PathBuf },
     #[error(
-        "{path} belongs to uid {owner}, not to this user (uid {me}); run as its owner or choose another --state-dir"
+        "{path} exists but is {kind}, not a directory; remove it or choose another --state-dir"
+    )]
+    NotADirectory { path: PathBuf, kind: &'static str },
+    #[error(
+        "{path} is a symbolic link to {target}, which {problem}; point --state-dir at an existing directory"
+    )]
+    BadLink {
+        path: PathBuf,
+        target: PathBuf,
+        problem: String,
+    },
+    #[error(
+        "{path} belongs to uid {owner}, not to this user (uid {me}); run as its owner (or as root, which acts as the owner) or choose another --state-dir"
     )]
     WrongOwner { path: PathBuf, owner: u32, me: u32 },
+    #[error(
+        "{path} belongs to uid {owner}, which has no user account; give it to the account that runs darwin-vz-nix (chown), or choose another --state-dir"
+    )]
+    NoAccount { path: PathBuf, owner: u32 },
+    #[error("cannot act as {user}, the owner of {path}: {source}")]
+    BecomeOwner {
+        path: PathBuf,
+        user: String,
+        source: nix::errno::Errno,
+    },
     #[error("cannot set permissions of {path}: {source}")]
     Permissions {
         path: PathBuf,
@@ -67,6 +101,8 @@ pub enum StateError {
     SocketPathTooLong { path: PathBuf, len: usize },
     #[error("group `{group}` (controlGroup) does not exist; create it or unset controlGroup")]
     NoSuchGroup { group: String },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -119,6 +155,76 @@ impl Access {
     }
 }
 
+/// Who a command runs as, once `act_as_owner` has looked at the directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acting {
+    /// As whoever started it (the owner, a group member, or nobody owns it yet).
+    Myself,
+    /// Root, now running as the directory's owner.
+    AsOwner { user: String },
+}
+
+/// Makes root act as the owner of the state directory at `root`: its user, group and
+/// supplementary groups, for the rest of the process (and whatever it spawns). Files
+/// a root command makes then belong to the owner, and nothing the owner planted in
+/// the directory (a symbolic link to `/etc/…`) gains root's rights. Does nothing for
+/// other users (the kernel's permissions apply to them) or when the directory is
+/// missing or root's own. Call it before any thread is started.
+pub fn act_as_owner(root: &Path) -> Result<Acting, StateError> {
+    let meta = match fs::metadata(root) {
+        Ok(meta) if meta.is_dir() => meta,
+        // Missing, or not a directory: whoever creates or reports it acts as itself.
+        _ => return Ok(Acting::Myself),
+    };
+    let me = Uid::effective();
+    let owner = Uid::from_raw(meta.uid());
+    if owner == me || !me.is_root() {
+        return Ok(Acting::Myself);
+    }
+    let user = match User::from_uid(owner) {
+        Ok(Some(user)) => user,
+        _ => {
+            return Err(StateError::NoAccount {
+                path: root.to_path_buf(),
+                owner: owner.as_raw(),
+            });
+        }
+    };
+    become_user(&user).map_err(|source| StateError::BecomeOwner {
+        path: root.to_path_buf(),
+        user: user.name.clone(),
+        source,
+    })?;
+    Ok(Acting::AsOwner { user: user.name })
+}
+
+/// Switches every id of this process to `user`'s, for good (root cannot come back).
+fn become_user(user: &User) -> nix::Result<()> {
+    let name = std::ffi::CString::new(user.name.as_bytes()).map_err(|_| nix::Error::EINVAL)?;
+    init_groups(&name, user.gid)?;
+    nix::unistd::setgid(user.gid)?;
+    nix::unistd::setuid(user.uid)?;
+    if Uid::effective() != user.uid || Uid::current() != user.uid {
+        return Err(nix::Error::EPERM);
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "macos"))]
+fn init_groups(name: &std::ffi::CStr, gid: Gid) -> nix::Result<()> {
+    nix::unistd::initgroups(name, gid)
+}
+
+#[cfg(target_os = "macos")]
+fn init_groups(name: &std::ffi::CStr, gid: Gid) -> nix::Result<()> {
+    // The nix crate leaves initgroups out on Apple targets, whose libc takes the
+    // group as an int.
+    let base = libc::c_int::try_from(gid.as_raw()).map_err(|_| nix::Error::EINVAL)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::initgroups(name.as_ptr(), base) };
+    nix::Error::result(rc).map(drop)
+}
+
 /// The paths of the state directory. Creating nothing by itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateDir {
@@ -133,8 +239,9 @@ impl StateDir {
     pub fn root(&self) -> &Path {
         &self.root
     }
-    pub fn lock_file(&self) -> PathBuf {
-        self.root.join("lock")
+    /// The running supervisor's pid, for messages; ownership is the directory's lock.
+    pub fn pid_file(&self) -> PathBuf {
+        self.root.join("supervisor.pid")
     }
     pub fn socket(&self) -> PathBuf {
         self.root.join("control.sock")
@@ -195,144 +302,244 @@ impl StateDir {
     }
 
     /// Creates the directory tree with its modes, tightening modes that are looser.
+    /// Every directory must belong to this user; none but the root itself may be a
+    /// symbolic link.
     pub fn create(&self, access: Access) -> Result<(), StateError> {
         self.check_socket_path()?;
         let shared = access.shared_dir_mode();
-        ensure_dir(&self.root, shared, access.gid())?;
-        ensure_dir(&self.keys_dir(), 0o700, None)?;
-        ensure_dir(&self.guest_keys_dir(), 0o700, None)?;
-        ensure_dir(&self.logs_dir(), shared, access.gid())?;
+        ensure_dir(&self.root, shared, access.gid(), Link::Allowed)?;
+        self.create_key_dirs()?;
+        ensure_dir(&self.logs_dir(), shared, access.gid(), Link::Refused)?;
         Ok(())
     }
 
-    /// Takes the exclusive lock that makes this process the directory's supervisor.
-    /// Fails at once (never waits) when another process holds it.
-    pub fn lock(&self) -> Result<StateLock, StateError> {
-        let path = self.lock_file();
-        let file = OpenOptions::new()
+    /// Makes sure `keys/` and `keys/guest/` exist, private (the root must exist).
+    pub fn create_key_dirs(&self) -> Result<(), StateError> {
+        ensure_dir(&self.keys_dir(), 0o700, None, Link::Refused)?;
+        ensure_dir(&self.guest_keys_dir(), 0o700, None, Link::Refused)?;
+        Ok(())
+    }
+
+    /// Opens the state directory itself (following the root if it is a link).
+    fn open_root(&self) -> std::io::Result<File> {
+        OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| StateError::Lock {
-                path: path.clone(),
-                source,
-            })?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(StateError::Locked {
-                    dir: self.root.clone(),
-                    pid: self.lock_holder().unwrap_or_else(|| "unknown".into()),
-                });
-            }
-            Err((_, errno)) => {
-                return Err(StateError::Lock {
-                    path,
-                    source: errno.into(),
-                });
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&self.root)
+    }
+
+    /// Takes the exclusive lock that makes this process the directory's supervisor:
+    /// a flock on the directory itself, which no deleted file can undo. Fails (after
+    /// a short grace for clients that are probing it) when another process holds it.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        let fail = |source: std::io::Error| StateError::Lock {
+            path: self.root.clone(),
+            source,
+        };
+        let mut dir = self.open_root().map_err(fail)?;
+        let deadline = Instant::now().checked_add(LOCK_PATIENCE);
+        let lock = loop {
+            match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => break lock,
+                Err((again, nix::errno::Errno::EWOULDBLOCK))
+                    if deadline.is_some_and(|d| Instant::now() < d) =>
+                {
+                    dir = again;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(StateError::Locked {
+                        dir: self.root.clone(),
+                        pid: self.lock_holder().unwrap_or_else(|| "unknown".into()),
+                    });
+                }
+                Err((_, errno)) => return Err(fail(errno.into())),
             }
         };
-        let pid = std::process::id().to_string();
-        let written = lock
-            .set_len(0)
-            .and_then(|_| lock.rewind())
-            .and_then(|_| lock.write_all(pid.as_bytes()));
-        written.map_err(|source| StateError::Io { path, source })?;
-        Ok(StateLock { _lock: lock })
+        // Only the owner writes here: what a crashed writer left can go.
+        files::remove_leftovers(&self.root, &["mac-address.tmp"]);
+        let pid_file = self.pid_file();
+        files::write_atomic(
+            &pid_file,
+            &self.root,
+            std::process::id().to_string().as_bytes(),
+            0o644,
+        )?;
+        Ok(StateLock {
+            pid_file,
+            _lock: lock,
+        })
     }
 
     /// True when a live process holds the lock (probes without keeping it).
     pub fn is_locked(&self) -> bool {
-        let Ok(file) = File::open(self.lock_file()) else {
+        let Ok(dir) = self.open_root() else {
             return false;
         };
         matches!(
-            Flock::lock(file, FlockArg::LockSharedNonblock),
+            Flock::lock(dir, FlockArg::LockSharedNonblock),
             Err((_, nix::errno::Errno::EWOULDBLOCK))
         )
     }
 
-    /// The pid recorded by the last supervisor, for messages only.
+    /// The pid recorded by the supervisor, for messages only (read without following
+    /// a link, at most a few bytes, and only ever a number).
     pub fn lock_holder(&self) -> Option<String> {
-        let mut text = String::new();
-        File::open(self.lock_file())
-            .ok()?
-            .read_to_string(&mut text)
-            .ok()?;
-        let text = text.trim();
-        (!text.is_empty()).then(|| text.to_string())
+        let bytes = files::read_state_file(&self.pid_file(), 32).ok()??;
+        let pid: u32 = std::str::from_utf8(&bytes).ok()?.trim().parse().ok()?;
+        Some(pid.to_string())
+    }
+
+    /// Opens `logs/daemon.log` for appending (made with `mode` when missing), never
+    /// through a symbolic link.
+    pub fn open_daemon_log(&self, mode: u32) -> Result<File, StateError> {
+        Ok(files::open_state_log(&self.daemon_log(), mode)?)
     }
 }
 
 /// Held for the life of a supervisor; dropping it (or dying) releases the directory.
 #[derive(Debug)]
 pub struct StateLock {
+    pid_file: PathBuf,
     _lock: Flock<File>,
 }
 
-fn ensure_dir(path: &Path, mode: u32, group: Option<Gid>) -> Result<(), StateError> {
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        // Still the owner here: the flock is released after this, with the field.
+        let _ = fs::remove_file(&self.pid_file);
+    }
+}
+
+/// Whether a directory of the state may be a symbolic link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// The state directory itself: a link to a directory is accepted (a user may
+    /// keep the state on another volume), if the link is this user's or root's.
+    Allowed,
+    /// Everything inside: only real directories, made by this program.
+    Refused,
+}
+
+fn ensure_dir(path: &Path, mode: u32, group: Option<Gid>, link: Link) -> Result<(), StateError> {
     match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = fs::DirBuilder::new();
+            builder.mode(mode).recursive(link == Link::Allowed);
+            match builder.create(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(StateError::Create {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        }
+        Err(source) => {
+            return Err(StateError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+        Ok(meta) if meta.file_type().is_symlink() && link == Link::Allowed => {
+            check_root_link(path, &meta)?;
+        }
         Ok(meta) if !meta.is_dir() => {
             return Err(StateError::NotADirectory {
                 path: path.to_path_buf(),
+                kind: files::kind_of(meta.file_type()),
             });
         }
-        Ok(meta) => {
-            let me = Uid::effective().as_raw();
-            if meta.uid() != me && me != 0 {
-                return Err(StateError::WrongOwner {
-                    path: path.to_path_buf(),
-                    owner: meta.uid(),
-                    me,
-                });
-            }
-        }
-        Err(_) => {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode)
-                .create(path)
-                .map_err(|source| StateError::Create {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-        }
+        Ok(_) => {}
     }
-    if let Some(gid) = group {
-        nix::unistd::chown(path, None, Some(gid)).map_err(|e| StateError::Permissions {
-            path: path.to_path_buf(),
-            source: e.into(),
+    let nofollow = if link == Link::Refused {
+        libc::O_NOFOLLOW
+    } else {
+        0
+    };
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | nofollow)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) => StateError::NotADirectory {
+                path: path.to_path_buf(),
+                kind: "a symbolic link",
+            },
+            Some(libc::ENOTDIR) => StateError::NotADirectory {
+                path: path.to_path_buf(),
+                kind: "not a directory",
+            },
+            _ => StateError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
         })?;
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
-        StateError::Permissions {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
-}
-
-/// Writes `contents` to `path` with `mode`, atomically (temp file + rename).
-pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), StateError> {
-    let tmp = path.with_extension("tmp");
-    let io = |source| StateError::Io {
+    // From here on, the descriptor: whatever is swapped in at `path` is not touched.
+    let perms = |source| StateError::Permissions {
         path: path.to_path_buf(),
         source,
     };
-    let _ = fs::remove_file(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    file.write_all(contents).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    let meta = dir.metadata().map_err(perms)?;
+    let me = Uid::effective().as_raw();
+    if meta.uid() != me {
+        return Err(StateError::WrongOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    if let Some(gid) = group
+        && meta.gid() != gid.as_raw()
+    {
+        std::os::unix::fs::fchown(&dir, None, Some(gid.as_raw())).map_err(perms)?;
+    }
+    if meta.mode() & 0o7777 != mode {
+        dir.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(perms)?;
+    }
+    Ok(())
+}
+
+/// A state directory that is a symbolic link: fine when it points at a directory
+/// and belongs to this user or root (who else could swap it is then the owner).
+fn check_root_link(path: &Path, link: &fs::Metadata) -> Result<(), StateError> {
+    let target = fs::read_link(path).unwrap_or_default();
+    let bad = |problem: String| StateError::BadLink {
+        path: path.to_path_buf(),
+        target: target.clone(),
+        problem,
+    };
+    match fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad("does not exist".into()));
+        }
+        Err(e) => return Err(bad(format!("cannot be read ({e})"))),
+        Ok(meta) if !meta.is_dir() => {
+            return Err(bad(format!(
+                "is {}, not a directory",
+                files::kind_of(meta.file_type())
+            )));
+        }
+        Ok(_) => {}
+    }
+    let me = Uid::effective().as_raw();
+    if link.uid() != me && link.uid() != 0 {
+        return Err(bad(format!(
+            "is a directory, but the link belongs to uid {} (neither this user nor root), who could point it elsewhere",
+            link.uid()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `contents` to `path` with `mode`, atomically (temporary file in the same
+/// directory, then rename; see `files::write_atomic`).
+pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), StateError> {
+    let staging = path.parent().unwrap_or(Path::new("."));
+    Ok(files::write_atomic(path, staging, contents, mode)?)
 }
 
 #[cfg(test)]
@@ -382,10 +589,61 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "{} exists but is not a directory; remove it or choose another --state-dir",
+                "{} exists but is a regular file, not a directory; remove it or choose another --state-dir",
                 path.display()
             )
         );
+    }
+
+    #[test]
+    fn a_state_dir_that_is_a_link_to_a_directory_is_used_and_a_dangling_one_explained() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = tmp.path().join("state");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let state = StateDir::new(&link);
+        state.create(Access::OwnerOnly).unwrap();
+        assert!(real.join("keys/guest").is_dir());
+        let _lock = state.lock().unwrap();
+        assert!(
+            StateDir::new(&real).is_locked(),
+            "the lock is the directory's"
+        );
+
+        let dangling = tmp.path().join("dangling");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+        let err = StateDir::new(&dangling)
+            .create(Access::OwnerOnly)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} is a symbolic link to {}, which does not exist; point --state-dir at an existing directory",
+                dangling.display(),
+                tmp.path().join("nowhere").display()
+            )
+        );
+    }
+
+    #[test]
+    fn directories_inside_the_state_must_not_be_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o755)).unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        fs::create_dir(state.root()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, state.logs_dir()).unwrap();
+        let err = state.create(Access::OwnerOnly).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} exists but is a symbolic link, not a directory; remove it or choose another --state-dir",
+                state.logs_dir().display()
+            )
+        );
+        assert_eq!(mode(&elsewhere), 0o755, "the link's target is not touched");
     }
 
     #[test]
@@ -403,7 +661,40 @@ mod tests {
         );
         drop(lock);
         assert!(!state.is_locked());
+        assert!(
+            !state.pid_file().exists(),
+            "the pid file goes with the owner"
+        );
         state.lock().unwrap();
+    }
+
+    #[test]
+    fn deleting_the_pid_file_does_not_release_the_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path());
+        state.create(Access::OwnerOnly).unwrap();
+        let _lock = state.lock().unwrap();
+        assert_eq!(state.lock_holder(), Some(std::process::id().to_string()));
+        fs::remove_file(state.pid_file()).unwrap();
+        assert!(state.is_locked());
+        let err = state.lock().unwrap_err();
+        assert!(
+            matches!(&err, StateError::Locked { pid, .. } if pid == "unknown"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_pid_file_is_read_as_a_number_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path());
+        fs::write(state.pid_file(), "not a pid\n").unwrap();
+        assert_eq!(state.lock_holder(), None);
+        fs::remove_file(state.pid_file()).unwrap();
+        let secret = tmp.path().join("secret");
+        fs::write(&secret, "4242").unwrap();
+        std::os::unix::fs::symlink(&secret, state.pid_file()).unwrap();
+        assert_eq!(state.lock_holder(), None, "never through a link");
     }
 
     #[test]

@@ -145,7 +145,14 @@ impl Scratch {
     }
 
     fn unmount(&mut self, mount_point: &Path) {
-        sh("umount", &[mount_point.to_str().unwrap()]).unwrap();
+        // A process another test thread is spawning may hold the mount for a moment
+        // (seen once under load as "target is busy"); a bounded retry rides it out.
+        let mut tries = 0;
+        while let Err(e) = sh("umount", &[mount_point.to_str().unwrap()]) {
+            tries += 1;
+            assert!(tries < 50 && e.contains("busy"), "{e}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         self.mounts.retain(|m| m != mount_point);
     }
 

@@ -559,8 +559,8 @@ fn a_supervisor_killed_with_sigkill_leaves_nothing_that_blocks_the_next_start() 
     let socket = fixture.state_dir.join("control.sock");
     assert!(socket.exists(), "the stale socket is still there");
     assert!(
-        fixture.state_dir.join("lock").exists(),
-        "the lock file is still there"
+        fixture.state_dir.join("supervisor.pid").exists(),
+        "the pid file is still there"
     );
 
     // Liveness, not existence: the stale socket answers nobody.

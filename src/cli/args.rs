@@ -1,12 +1,52 @@
 //! The command line, declared with clap. Help texts teach: units, defaults, examples.
 
 use std::ffi::OsString;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigLayer, LogLevel};
+use crate::config::{ConfigLayer, LogLevel, parse_number, ranges};
 use crate::size::ByteSize;
+
+/// Ranges of the numbers that only a command's own flags set (the README's CLI
+/// reference); settings' ranges are in `config::ranges`.
+pub mod flag_ranges {
+    use std::ops::RangeInclusive;
+
+    /// `start --timeout`, `proxy --timeout`: up to a day of waiting for a boot.
+    pub const BOOT_WAIT_SECONDS: RangeInclusive<u64> = 1..=86_400;
+    /// `bench boot --runs`: each run is a cold boot.
+    pub const BOOT_RUNS: RangeInclusive<u64> = 1..=100;
+    /// `bench control --runs`.
+    pub const CONTROL_RUNS: RangeInclusive<u64> = 1..=100_000;
+    /// `logs -n`.
+    pub const LOG_LINES: RangeInclusive<u64> = 0..=100_000;
+}
+
+fn in_range(text: &str, range: &RangeInclusive<u64>, unit: &str) -> Result<u64, String> {
+    parse_number(text, range, unit)
+}
+fn boot_wait_seconds(text: &str) -> Result<u64, String> {
+    in_range(text, &flag_ranges::BOOT_WAIT_SECONDS, "seconds")
+}
+fn stop_seconds(text: &str) -> Result<u64, String> {
+    in_range(text, &ranges::STOP_TIMEOUT_SECONDS, "seconds")
+}
+/// A count in `range`, in the width the program counts in (the ranges are small).
+fn count_in(text: &str, range: &RangeInclusive<u64>, unit: &str) -> Result<usize, String> {
+    let count = in_range(text, range, unit)?;
+    usize::try_from(count).map_err(|_| format!("{count} is too large for this machine"))
+}
+fn boot_runs(text: &str) -> Result<usize, String> {
+    count_in(text, &flag_ranges::BOOT_RUNS, "runs")
+}
+fn control_runs(text: &str) -> Result<usize, String> {
+    count_in(text, &flag_ranges::CONTROL_RUNS, "runs")
+}
+fn log_lines(text: &str) -> Result<usize, String> {
+    count_in(text, &flag_ranges::LOG_LINES, "lines")
+}
 
 const ABOUT: &str = "Run a NixOS VM on Apple Silicon through Virtualization.framework and use it as this Mac's Linux builder (aarch64-linux natively, x86_64-linux through Rosetta 2).";
 
@@ -36,8 +76,9 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
-    /// JSON config file (camelCase keys as in the README's configuration reference).
-    #[arg(long, global = true, value_name = "FILE", env = "DARWIN_VZ_NIX_CONFIG")]
+    /// JSON config file (camelCase keys as in the README's configuration reference)
+    /// [env: DARWIN_VZ_NIX_CONFIG].
+    #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// State directory: disk image, keys, control socket, logs
     /// [default: ~/Library/Application Support/darwin-vz-nix on macOS,
@@ -111,7 +152,7 @@ pub enum Command {
 pub struct VmArgs {
     /// Virtual CPUs [default: 4; at most the host's CPU count].
     #[arg(long, value_name = "N")]
-    pub cores: Option<u32>,
+    pub cores: Option<u64>,
     /// Guest memory in MiB [default: 6144; at least 1024].
     #[arg(long, value_name = "MIB")]
     pub memory: Option<u64>,
@@ -125,10 +166,11 @@ pub struct VmArgs {
     /// Do not attach Rosetta; the builder offers aarch64-linux only.
     #[arg(long, overrides_with = "rosetta")]
     pub no_rosetta: bool,
-    /// Minutes without an SSH connection before the VM powers off; 0 = never [default: 180].
+    /// Minutes without an SSH connection before the VM powers off; 0 = never
+    /// [default: 180; at most 525600, a year].
     #[arg(long, value_name = "MINUTES")]
     pub idle_timeout: Option<u64>,
-    /// Seconds a graceful poweroff may take before it is forced [default: 15].
+    /// Seconds a graceful poweroff may take before it is forced [default: 15; 1 to 3600].
     #[arg(long, value_name = "SECONDS")]
     pub stop_timeout: Option<u64>,
     /// Guest directory (kernel, initrd, system, registration), e.g. ./result of
@@ -254,8 +296,8 @@ pub struct StartArgs {
     /// Return once the boot has begun instead of waiting for SSH.
     #[arg(long)]
     pub no_wait: bool,
-    /// Seconds to wait for the guest's SSH [default: 180].
-    #[arg(long, value_name = "SECONDS", default_value_t = 180)]
+    /// Seconds to wait for the guest's SSH [default: 180; 1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "180", value_parser = boot_wait_seconds)]
     pub timeout: u64,
 }
 
@@ -265,8 +307,8 @@ pub struct StopArgs {
     #[arg(long)]
     pub force: bool,
     /// Seconds to wait for the graceful poweroff before forcing it
-    /// [default: the configured stopTimeout, 15].
-    #[arg(long, value_name = "SECONDS")]
+    /// [default: the configured stopTimeout, 15; 1 to 3600].
+    #[arg(long, value_name = "SECONDS", value_parser = stop_seconds)]
     pub timeout: Option<u64>,
     /// Also end the supervisor process (under launchd it is started again).
     #[arg(long)]
@@ -307,8 +349,8 @@ pub struct ProxyArgs {
     /// Guest vsock port.
     #[arg(long, default_value_t = crate::contract::SSH_VSOCK_PORT)]
     pub port: u32,
-    /// Seconds to wait for an on-demand boot.
-    #[arg(long, value_name = "SECONDS", default_value_t = 180)]
+    /// Seconds to wait for an on-demand boot [1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "180", value_parser = boot_wait_seconds)]
     pub timeout: u64,
     /// Hand the stream's descriptor to ssh (needs `ProxyUseFdpass yes`) instead of
     /// copying bytes; falls back to copying when stdout is not a socket.
@@ -339,8 +381,8 @@ pub struct LogsArgs {
     /// The console of the boot before this one (with --console).
     #[arg(long, requires = "console")]
     pub previous: bool,
-    /// Lines to show from the end.
-    #[arg(long, short = 'n', value_name = "N", default_value_t = 50)]
+    /// Lines to show from the end [0 to 100000].
+    #[arg(long, short = 'n', value_name = "N", default_value = "50", value_parser = log_lines)]
     pub lines: usize,
     /// Keep printing what is appended.
     #[arg(long, short = 'f')]
@@ -357,14 +399,15 @@ pub struct BenchArgs {
 pub enum BenchKind {
     /// Cold boots: force-stop, then boot and wait for SSH; prints min/median/max.
     Boot {
-        /// Number of boots.
-        #[arg(long, default_value_t = 5)]
+        /// Number of boots [1 to 100].
+        #[arg(long, default_value = "5", value_parser = boot_runs)]
         runs: usize,
     },
     /// Control round-trip latency (`status`) and connect-to-first-byte from a stopped VM.
     Control {
-        /// Number of round-trips; connect-to-first-byte runs a fifth as many cold boots.
-        #[arg(long, default_value_t = 200)]
+        /// Number of round-trips; connect-to-first-byte runs a fortieth as many cold
+        /// boots (1 to 10) [1 to 100000].
+        #[arg(long, default_value = "200", value_parser = control_runs)]
         runs: usize,
     },
 }

@@ -21,7 +21,7 @@ use crate::host::HostInfo;
 use crate::mac::MacAddress;
 use crate::plan::{BootPlan, HOST_STORE, PlanInputs};
 use crate::ssh::SshTarget;
-use crate::state::{Access, StateDir};
+use crate::state::{self, Access, Acting, StateDir};
 
 type Outcome = Result<u8, CliError>;
 
@@ -64,10 +64,10 @@ fn resolve_config(
     flags: ConfigLayer,
     host: &HostInfo,
 ) -> Result<Config, CliError> {
-    let lookup = |key: &str| std::env::var(key).ok();
+    let env = config::read_env(std::env::vars_os())?;
     let mut sources = Vec::new();
-    if let Some(path) = &global.config {
-        let path = absolute(path);
+    if let Some(path) = global.config.clone().or(env.config_file) {
+        let path = absolute(&path);
         let mut layer = config::load_file(&path)?;
         anchor_paths(&mut layer, path.parent().unwrap_or(Path::new("/")));
         sources.push(Source {
@@ -77,7 +77,7 @@ fn resolve_config(
     }
     sources.push(Source {
         origin: Origin::Env,
-        layer: config::env_layer(lookup)?,
+        layer: env.layer,
     });
     let mut flags = flags;
     flags.state_dir = global.state_dir.as_deref().map(absolute);
@@ -85,9 +85,16 @@ fn resolve_config(
         origin: Origin::Flag,
         layer: flags,
     });
+    let lookup = |key: &str| std::env::var(key).ok();
     let mut config = Config::resolve(&sources, config::default_state_dir(lookup))?;
     config.fit_defaults_to(host);
     Ok(config)
+}
+
+/// Root acts as the owner of the configured state directory from here on (see
+/// `state::act_as_owner`); everyone else acts as themselves.
+fn act_as_owner(config: &Config) -> Result<Acting, CliError> {
+    state::act_as_owner(&config.state_dir).map_err(|e| CliError::Failure(e.to_string()))
 }
 
 /// Relative paths in a config file are relative to the file.
@@ -112,6 +119,9 @@ fn anchor_paths(layer: &mut ConfigLayer, base: &Path) {
 fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
     let host = HostInfo::detect();
     let config = resolve_config(global, args.vm.layer(), &host)?;
+    // Before anything reads the state, and before a daemon is spawned (it inherits
+    // the owner's identity, and so do the files it makes).
+    act_as_owner(&config)?;
     let state = StateDir::new(&config.state_dir);
     if args.dry_run {
         return dry_run(&config, &host, &state, args.json);
@@ -294,13 +304,9 @@ fn spawn_daemon(global: &GlobalArgs, vm: &VmArgs, config: &Config) -> Result<(),
     state
         .create(access)
         .map_err(|e| CliError::Failure(e.to_string()))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state.daemon_log())
-        .map_err(|e| {
-            CliError::Failure(format!("cannot open {}: {e}", state.daemon_log().display()))
-        })?;
+    let log = state
+        .open_daemon_log(0o640)
+        .map_err(|e| CliError::Failure(format!("cannot open the daemon's log: {e}")))?;
     let exe = std::env::current_exe()
         .map_err(|e| CliError::Failure(format!("cannot find this program: {e}")))?;
     let mut command = std::process::Command::new(exe);
@@ -345,7 +351,7 @@ fn spawn_daemon(global: &GlobalArgs, vm: &VmArgs, config: &Config) -> Result<(),
             return Err(CliError::Failure(format!(
                 "the supervisor exited at start ({status}); its log {} ends with:\n{}",
                 state.daemon_log().display(),
-                tail(&state.daemon_log(), 10)
+                tail_of(&state.daemon_log(), 10)
             )));
         }
         if Instant::now() > deadline {
@@ -525,30 +531,41 @@ pub fn format_status(r: &StatusReport) -> String {
     out
 }
 
+/// Where `ssh` and `ssh-config` go. A user given on their command line is checked
+/// here with the same rule (and the same message) as the `sshUser` setting;
+/// `SshTarget::options` checks everything once more before it reaches ssh.
 fn ssh_target(
-    global: &GlobalArgs,
+    config: &Config,
     proxy_bin: Option<PathBuf>,
-    user: Option<String>,
+    user: Option<(&str, String)>,
 ) -> Result<SshTarget, CliError> {
-    let host = HostInfo::detect();
-    let config = resolve_config(global, ConfigLayer::default(), &host)?;
+    if let Some((flag, user)) = &user
+        && let Err(message) = crate::ssh::check_user(user)
+    {
+        return Err(CliError::Usage(format!(
+            "invalid configuration: {flag}: {message}"
+        )));
+    }
     let proxy_bin = match proxy_bin {
-        Some(path) => path,
+        Some(path) => absolute(&path),
         None => std::env::current_exe()
             .map_err(|e| CliError::Failure(format!("cannot find this program: {e}")))?,
     };
     Ok(SshTarget {
         proxy_bin,
-        state_dir: config.state_dir,
-        user: user.unwrap_or(config.ssh_user),
+        state_dir: config.state_dir.clone(),
+        user: user.map_or_else(|| config.ssh_user.clone(), |(_, user)| user),
     })
 }
 
 fn ssh(global: &GlobalArgs, user: Option<String>, command: &[std::ffi::OsString]) -> Outcome {
-    let target = ssh_target(global, None, user)?;
+    let config = resolve_config(global, ConfigLayer::default(), &HostInfo::detect())?;
+    let target = ssh_target(&config, None, user.map(|u| ("-l/--user", u)))?;
     let args = target
         .ssh_args(command)
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    // ssh reads the owner's key and known_hosts: root does that as the owner too.
+    act_as_owner(&config)?;
     let error = std::process::Command::new("ssh").args(args).exec();
     Err(CliError::Failure(format!(
         "cannot run ssh: {error}; install OpenSSH or fix PATH"
@@ -556,7 +573,8 @@ fn ssh(global: &GlobalArgs, user: Option<String>, command: &[std::ffi::OsString]
 }
 
 fn ssh_config(global: &GlobalArgs, proxy_bin: Option<PathBuf>, user: Option<String>) -> Outcome {
-    let target = ssh_target(global, proxy_bin, user)?;
+    let config = resolve_config(global, ConfigLayer::default(), &HostInfo::detect())?;
+    let target = ssh_target(&config, proxy_bin, user.map(|u| ("--user", u)))?;
     print!(
         "{}",
         target
@@ -580,10 +598,13 @@ fn proxy(global: &GlobalArgs, port: u32, timeout: Duration, fdpass: bool) -> Out
 fn run_daemon(global: &GlobalArgs, vm: &VmArgs) -> Outcome {
     let host = HostInfo::detect();
     let config = resolve_config(global, vm.layer(), &host)?;
-    let backend = crate::platform_backend().map_err(|e| CliError::Failure(e.to_string()))?;
+    act_as_owner(&config)?;
+    // The directory's lock first: a second supervisor is refused before it touches
+    // anything, whatever else is wrong.
     let prepared = daemon::prepare(&config).map_err(|e| CliError::Failure(e.to_string()))?;
     daemon::init_logging(&prepared.state, config.log_level)
         .map_err(|e| CliError::Failure(e.to_string()))?;
+    let backend = crate::platform_backend().map_err(|e| CliError::Failure(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -624,37 +645,43 @@ fn run_doctor(global: &GlobalArgs, vm: &VmArgs, json: bool) -> Outcome {
 fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
     let host = HostInfo::detect();
     let config = resolve_config(global, ConfigLayer::default(), &host)?;
+    act_as_owner(&config)?;
     let state = StateDir::new(&config.state_dir);
     let path = match (args.console, args.previous) {
         (false, _) => state.daemon_log(),
         (true, false) => state.console_log(),
         (true, true) => state.previous_console_log(),
     };
-    if !path.exists() {
-        return Err(CliError::Failure(format!(
-            "{} does not exist yet (nothing has run)",
-            path.display()
-        )));
+    match crate::files::open_state_file(&path) {
+        Ok(file) => print!("{}", tail(file, args.lines)),
+        Err(e) if e.is_not_found() => {
+            return Err(CliError::Failure(format!(
+                "{} does not exist yet (nothing has run)",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(CliError::Failure(e.to_string())),
     }
-    print!("{}", tail(&path, args.lines));
     if !args.follow {
         return Ok(0);
     }
-    let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let size = |path: &Path| std::fs::symlink_metadata(path).map_or(0, |m| m.len());
+    let mut offset = size(&path);
     loop {
         std::thread::sleep(Duration::from_millis(250));
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let len = size(&path);
         if len < offset {
             offset = 0; // rotated or truncated
         }
         if len > offset
-            && let Ok(mut file) = std::fs::File::open(&path)
+            && let Ok(mut file) = crate::files::open_state_file(&path)
         {
             let mut chunk = Vec::new();
+            // At most 1 MiB per poll: a log that grows faster is shown in steps.
             let _ = file
                 .seek(SeekFrom::Start(offset))
-                .and_then(|_| file.read_to_end(&mut chunk));
-            offset += chunk.len() as u64;
+                .and_then(|_| file.take(1 << 20).read_to_end(&mut chunk));
+            offset = offset.saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
             let _ = std::io::stdout().write_all(&chunk);
             let _ = std::io::stdout().flush();
         }
@@ -662,14 +689,11 @@ fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
 }
 
 /// The last `lines` lines of a file (reads at most its last 1 MiB).
-fn tail(path: &Path, lines: usize) -> String {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return String::new();
-    };
+fn tail(mut file: std::fs::File, lines: usize) -> String {
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = file.seek(SeekFrom::Start(len.saturating_sub(1 << 20)));
     let mut bytes = Vec::new();
-    let _ = file.read_to_end(&mut bytes);
+    let _ = file.take(1 << 20).read_to_end(&mut bytes);
     let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     let mut out = all[all.len().saturating_sub(lines)..].join("\n");
@@ -677,6 +701,13 @@ fn tail(path: &Path, lines: usize) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The last lines of the daemon's log, for an error message (empty when unreadable).
+fn tail_of(path: &Path, lines: usize) -> String {
+    crate::files::open_state_file(path)
+        .map(|file| tail(file, lines))
+        .unwrap_or_default()
 }
 
 fn run_bench(global: &GlobalArgs, what: BenchKind) -> Outcome {
@@ -720,6 +751,10 @@ fn run_bench(global: &GlobalArgs, what: BenchKind) -> Outcome {
     Ok(0)
 }
 
+/// `destroy` and `rotate-keys`. Says which directory it acts on before acting; with
+/// a supervisor running, the supervisor does the work (it stops the VM first);
+/// without one, this process takes the directory's lock and does it, making the new
+/// keys before deleting anything (`daemon::reset_state`).
 fn reset(global: &GlobalArgs, keys_only: bool, confirmed: bool) -> Outcome {
     let host = HostInfo::detect();
     let config = resolve_config(global, ConfigLayer::default(), &host)?;
@@ -731,6 +766,23 @@ fn reset(global: &GlobalArgs, keys_only: bool, confirmed: bool) -> Outcome {
             state.keys_dir().display()
         )));
     }
+    let acting = act_as_owner(&config)?;
+    if std::fs::symlink_metadata(state.root()).is_ok() && !state.root().is_dir() {
+        // Say exactly what is there (a file, a link to a file) before anything else.
+        let access = Access::from_group_name(config.control_group.as_deref())
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        state
+            .create(access)
+            .map_err(|e| CliError::Failure(e.to_string()))?;
+    }
+    println!(
+        "state directory {}{}",
+        state.root().display(),
+        match &acting {
+            Acting::Myself => String::new(),
+            Acting::AsOwner { user } => format!(" (acting as its owner, {user})"),
+        }
+    );
     let removed = match ControlClient::connect(&config.state_dir) {
         Ok(mut client) => match client.call(
             Request::Reset { keys_only },
@@ -740,20 +792,36 @@ fn reset(global: &GlobalArgs, keys_only: bool, confirmed: bool) -> Outcome {
             other => return Err(CliError::Failure(format!("unexpected reply {other:?}"))),
         },
         Err(ClientError::NotRunning { .. }) => {
-            if !state.root().exists() {
+            if std::fs::symlink_metadata(state.root()).is_err() {
+                if keys_only {
+                    return Err(CliError::Failure(format!(
+                        "{} does not exist, so there are no keys to rotate; check --state-dir (or DARWIN_VZ_NIX_STATE_DIR) — the daemon makes the directory and its keys on first start",
+                        state.root().display()
+                    )));
+                }
                 println!(
                     "nothing to delete: {} does not exist",
                     state.root().display()
                 );
                 return Ok(0);
             }
+            let access = Access::from_group_name(config.control_group.as_deref())
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            state
+                .create(access)
+                .map_err(|e| CliError::Failure(e.to_string()))?;
             let _lock = state.lock().map_err(|e| CliError::Failure(e.to_string()))?;
             daemon::reset_state(&state, keys_only).map_err(|e| CliError::Failure(e.to_string()))?
         }
         Err(e) => return Err(e.into()),
     };
     for path in &removed {
-        println!("deleted {}", path.display());
+        let verb = if std::fs::symlink_metadata(path).is_ok() {
+            "replaced"
+        } else {
+            "deleted"
+        };
+        println!("{verb} {}", path.display());
     }
     println!(
         "{}; new SSH keys are in {}",
