@@ -53,8 +53,8 @@
       defaultGuest = self.packages.${guestSystem}.guest;
 
       # Evaluates the module inside a real nix-darwin system and returns what it
-      # generates (launchd plist, daemon config, /etc/nix/machines, ssh_config), as a
-      # file. The check builds neither the guest nor the CLI: it is about the
+      # generates (launchd plist, daemon config, /etc/nix/machines, the activation that
+      # writes the builder's line, ssh_config), as a file. The check builds neither the guest nor the CLI: it is about the
       # module's evaluation, so string context is dropped.
       evalModule =
         {
@@ -85,6 +85,8 @@
             plist = config.environment.launchDaemons."${daemon.serviceConfig.Label}.plist".text;
             daemonConfig = (import ./nix/lib.nix).daemonConfig config.services.darwin-vz;
             machines = config.environment.etc."nix/machines".text;
+            activation = config.system.activationScripts.extraActivation.text;
+            etcFiles = builtins.attrNames config.environment.etc;
             sshConfig = config.environment.etc."ssh/ssh_config.d/100-darwin-vz-nix.conf".text;
           };
           wrong = builtins.filter (e: !e.holds generated) expect;
@@ -97,6 +99,12 @@
           (pkgsFor hostSystem).writeText "darwin-module-${name}.json" (
             builtins.unsafeDiscardStringContext (builtins.toJSON generated)
           );
+
+      # The activation line that has root write the builder's line for Nix (a regex:
+      # the store paths differ), and whether an activation script runs it.
+      writeMachinesFile = "if ! /nix/store/[^ ]+/bin/darwin-vz-nix machines --config /nix/store/[^ ]+-darwin-vz-nix[.]json --write /etc/nix/darwin-vz-nix[.]machines; then";
+      runsAtActivation =
+        regex: script: builtins.any (line: builtins.match regex line != null) (lib.splitString "\n" script);
 
       # Every .nix file of the repository is formatted with nixfmt.
       formatting =
@@ -193,8 +201,19 @@
             name = "defaults";
             expect = [
               {
-                what = "Nix reads the daemon's machines file through /etc/nix/machines";
-                holds = g: lib.hasInfix "@/var/lib/darwin-vz/machines" g.machines;
+                what = "Nix reads the root-written machines file through /etc/nix/machines";
+                holds = g: lib.hasInfix "@/etc/nix/darwin-vz-nix.machines\n" g.machines;
+              }
+              {
+                what = "root writes that file at activation from the daemon's config";
+                holds = g: runsAtActivation writeMachinesFile g.activation;
+              }
+              {
+                what = "nothing in environment.etc claims that file, and nothing names the state directory's";
+                holds =
+                  g:
+                  !builtins.elem "nix/darwin-vz-nix.machines" g.etcFiles
+                  && !lib.hasInfix "/var/lib/darwin-vz/machines" (builtins.toJSON g);
               }
               {
                 what = "x86_64-linux builds go to the VM";
@@ -234,7 +253,11 @@
             expect = [
               {
                 what = "the builder is still registered through /etc/nix/machines";
-                holds = g: lib.hasInfix "@/var/lib/darwin-vz/machines" g.machines;
+                holds = g: lib.hasInfix "@/etc/nix/darwin-vz-nix.machines\n" g.machines;
+              }
+              {
+                what = "and its line still written at activation";
+                holds = g: runsAtActivation writeMachinesFile g.activation;
               }
             ];
           };

@@ -2,16 +2,19 @@
 #
 # Declares what the host needs and leaves the doing to the daemon: one JSON config
 # file, a launchd daemon running `darwin-vz-nix daemon` as a hidden service user, the
-# line that points Nix at the build machine the daemon writes, and the ssh_config
-# block root's nix-daemon uses to reach it.
+# builder's line for Nix, and the ssh_config block root's nix-daemon uses to reach it.
 #
-# Nix's build machines: the daemon writes its own machines-file line to
-# <workingDirectory>/machines (so maxJobs follows the cores it fits to this Mac), and
-# this module adds `@<workingDirectory>/machines` to /etc/nix/machines, which Nix reads
-# by default and in which it follows `@` entries. That file is the one every way of
-# installing Nix reads: nix-darwin's (nix.enable), Determinate Nix's (nix.enable =
-# false, with or without Determinate's module), and it merges with the user's own
-# nix.buildMachines / determinateNix.buildMachines.
+# Nix's build machines: at every activation root runs `darwin-vz-nix machines` on the
+# daemon's own config, which resolves and fits it to this Mac exactly as the daemon
+# will (so maxJobs follows the cores the VM really gets), and writes the line to the
+# root-owned /etc/nix/darwin-vz-nix.machines. This module adds
+# `@/etc/nix/darwin-vz-nix.machines` to /etc/nix/machines, which Nix reads by default
+# and in which it follows `@` entries. That file is the one every way of installing
+# Nix reads: nix-darwin's (nix.enable), Determinate Nix's (nix.enable = false, with or
+# without Determinate's module), and it merges with the user's own nix.buildMachines
+# / determinateNix.buildMachines. The daemon, which runs as the service account,
+# writes nothing Nix reads: whoever writes a machines line chooses where root's
+# nix-daemon connects, with which key, for which systems.
 #
 # The VM is not booted here: the daemon starts idle, boots the guest when the first
 # build connects through `darwin-vz-nix proxy`, and powers it off after
@@ -47,6 +50,22 @@ let
   guestModules = lib.optional customGuest cfg.extraNixOSConfig;
 
   linuxBuilderDir = toString config.nix.linux-builder.workingDirectory;
+
+  # The builder's line for Nix, written by root at activation (never a link into
+  # /etc/static: nothing in environment.etc may manage it).
+  inherit (dvnLib) machinesFile;
+  machinesEtcTarget = lib.removePrefix "/etc/" machinesFile;
+  etcClaimsMachinesFile = builtins.any (file: file.enable && file.target == machinesEtcTarget) (
+    builtins.attrValues config.environment.etc
+  );
+  writeMachinesFile = lib.escapeShellArgs [
+    exe
+    "machines"
+    "--config"
+    configFile
+    "--write"
+    machinesFile
+  ];
 
   # Determinate Nix's nix-darwin module (DeterminateSystems/determinate) is imported.
   determinateModule = options ? determinateNix;
@@ -358,6 +377,15 @@ in
             '';
           }
           {
+            assertion = !etcClaimsMachinesFile;
+            message = ''
+              environment.etc must not manage ${machinesFile}: services.darwin-vz has root
+              write it at every activation, from the daemon's own configuration. Remove that
+              environment.etc entry and set the builder through services.darwin-vz
+              (maxJobs, speedFactor, systems, supportedFeatures, mandatoryFeatures).
+            '';
+          }
+          {
             assertion = builtins.elem "x86_64-linux" cfg.systems -> cfg.rosetta;
             message = ''
               services.darwin-vz.systems lists x86_64-linux but services.darwin-vz.rosetta is off:
@@ -406,6 +434,17 @@ in
           mkdir -p "$(dirname ${lib.escapeShellArg cfg.logFile})"
           touch ${lib.escapeShellArg cfg.logFile}
           chown ${toString cfg.uid}:${toString cfg.gid} ${lib.escapeShellArg cfg.logFile}
+
+          # The builder's line for Nix, written by root from the daemon's config (the
+          # daemon's account must not control what root's nix-daemon reads), before
+          # the `etc` script links the /etc/nix/machines that includes it. A failure
+          # warns and lets the switch go on: Nix keeps the previous line, or has none.
+          echo "writing the darwin-vz-nix builder for Nix..." >&2
+          mkdir -p ${lib.escapeShellArg (dirOf machinesFile)}
+          if ! ${writeMachinesFile}; then
+            printf >&2 '\e[1;33mwarning: darwin-vz-nix could not write %s (see the error above);\e[0m\n' ${lib.escapeShellArg machinesFile}
+            printf >&2 'Nix keeps the builder line it had, or none. To retry: sudo %s\n' ${lib.escapeShellArg writeMachinesFile}
+          fi
         '';
 
         launchd.daemons.darwin-vz-nix = {
@@ -452,7 +491,7 @@ in
 
         # `text` is a `lines` option: this line joins whatever nix.buildMachines (or
         # determinateNix.buildMachines) writes there, with no conflicting definition.
-        environment.etc."nix/machines".text = lib.mkAfter (dvnLib.machinesInclude cfg.workingDirectory);
+        environment.etc."nix/machines".text = lib.mkAfter (dvnLib.machinesInclude machinesFile);
       }
 
       # nix-darwin manages Nix: its settings, as defaults the user may override.

@@ -1,6 +1,6 @@
 # The host side's pure data mapping: nix-darwin option values in, the daemon's JSON
-# config, the ssh_config block and the line that points Nix at the daemon's machines
-# file out; and the module's checks that need no nixpkgs (accounts, paths).
+# config, the ssh_config block and the line that points Nix at the root-written
+# machines file out; and the module's checks that need no nixpkgs (accounts, paths).
 #
 # Builtins only, no nixpkgs: CI evaluates this file with a bare `nix-instantiate`
 # (tests/nix/*.nix), and the Rust tests load what it produces, so the two sides of
@@ -20,8 +20,6 @@ let
     {
       clientKey = "${dir}/keys/client_ed25519";
       knownHosts = "${dir}/keys/known_hosts";
-      # The daemon's build-machine line (src/machines.rs).
-      machines = "${dir}/machines";
     };
 
   withoutTrailingSlash =
@@ -79,14 +77,6 @@ let
 
   optionalValue = cfg: name: if cfg ? ${name} then cfg.${name} else null;
   stringOrNull = value: if value == null then null else toString value;
-
-  # Nix's machines-file parser (src/libstore/machines.cc) ends a line's text at `#`
-  # and splits entries on `;` and newlines; an `@PATH` entry is the path up to there.
-  machinesForbidden = [
-    "#"
-    ";"
-    "\n"
-  ];
 
   # "/private/var/lib/./x//" -> "/var/lib/x", lower case. Lexical only (no symlinks
   # are read at evaluation), with macOS's own symlinks /var, /etc and /tmp (to
@@ -164,6 +154,12 @@ in
     normalisePath
     ;
 
+  # The file root writes the builder's machines-file line to, at every activation
+  # (`darwin-vz-nix machines --write`); src/machines.rs names the same path
+  # (NIX_MACHINES_FILE), compared by tests/contract.rs. Root-owned in a root-owned
+  # directory: the daemon's account cannot change what root's nix-daemon reads.
+  machinesFile = "/etc/nix/darwin-vz-nix.machines";
+
   # Defaults of the services.darwin-vz options that become daemon settings. The
   # module declares its options with these; tests/nix/daemon-config.nix feeds them
   # to daemonConfig, and the Rust tests load the result and compare it with the
@@ -182,9 +178,9 @@ in
     group = "_darwin-vz";
   };
 
-  # Defaults of the options that shape the builder's machines line; the daemon has
+  # Defaults of the options that shape the builder's machines line; the CLI has
   # the same ones (src/machines.rs), compared by tests/contract.rs. maxJobs is null:
-  # the daemon writes the cores the VM really gets.
+  # `darwin-vz-nix machines` writes the cores the daemon really gives the VM.
   builderDefaults = {
     maxJobs = null;
     speedFactor = 1;
@@ -235,24 +231,12 @@ in
         if settings == { } then null else settings;
     };
 
-  # The line the module adds to /etc/nix/machines. Nix reads the daemon's file in
-  # its place (an `@` entry is followed inside a machines file too, and a missing
-  # file is skipped), so the builder Nix sees is the one the daemon wrote. It starts
-  # the line: Nix before 2.29 did not trim an entry before looking for the `@`.
-  machinesInclude =
-    stateDir:
-    let
-      file = (statePaths stateDir).machines;
-      contains = c: builtins.length (builtins.split c file) > 1;
-      bad = builtins.filter contains machinesForbidden;
-    in
-    if bad != [ ] then
-      throw ''
-        darwin-vz-nix: the state directory ${builtins.toJSON (toString stateDir)} contains ${builtins.toJSON (builtins.head bad)},
-        which Nix's machines file cannot carry; choose a path without #, ; or a newline.
-      ''
-    else
-      "@${file}\n";
+  # The line the module adds to /etc/nix/machines for the machines file at `file`
+  # (the module's is machinesFile). Nix reads that file in its place (an `@` entry is
+  # followed inside a machines file too, and a missing file is skipped), so the
+  # builder Nix sees is the line root wrote there. It starts the line: Nix before
+  # 2.29 did not trim an entry before looking for the `@`.
+  machinesInclude = file: "@${toString file}\n";
 
   # Why these cannot be the service account and group the module creates and
   # manages (empty when they can). Only a new, hidden account is safe to manage:

@@ -137,7 +137,7 @@ pub struct ConfigLayer {
     pub control_group: Option<String>,
     /// User that `ssh` and Nix log in as on the guest.
     pub ssh_user: Option<String>,
-    /// How Nix uses the builder: the line the daemon writes to `<state>/machines`.
+    /// How Nix uses the builder: the line `darwin-vz-nix machines` prints for Nix.
     /// Config file only (the nix-darwin module sets it).
     pub builder: Option<crate::machines::BuilderSettings>,
 }

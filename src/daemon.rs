@@ -6,6 +6,10 @@
 //! problems that only matter for booting (a garbage-collected guest, too much memory)
 //! do not stop the daemon: they are reported to whoever asks for a boot, so that Nix's
 //! `ssh` shows the real error instead of "connection refused".
+//!
+//! It writes nothing that Nix reads: the daemon runs as an unprivileged account, and
+//! the build-machine line root's nix-daemon follows is written by root
+//! (`darwin-vz-nix machines`, see `machines`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -131,8 +135,6 @@ pub async fn serve(
             created.host
         );
     }
-    // Before the socket: once Nix reads the line it may connect at once.
-    crate::machines::publish(&state, &crate::machines::MachineLine::new(&config, &state))?;
     let server = ControlServer::bind(&state.socket(), access)?;
     tracing::info!(
         "supervisor {} ready on {} with the {} backend",

@@ -271,6 +271,164 @@ pub fn remove_leftovers(dir: &Path, legacy: &[&str]) {
     }
 }
 
+/// Why a file for a privileged reader was not written (see [`write_trusted`]).
+#[derive(Debug, thiserror::Error)]
+pub enum TrustedFileError {
+    #[error("{path} names no file; give the file to write, e.g. /etc/nix/darwin-vz-nix.machines")]
+    NotAFile { path: PathBuf },
+    #[error(
+        "{dir} belongs to uid {owner}, which could replace the file; write into a directory owned by root (or by you, uid {euid}), such as /etc/nix"
+    )]
+    DirectoryOwner { dir: PathBuf, owner: u32, euid: u32 },
+    #[error(
+        "{dir} is writable by {who} (mode {mode:o}), who could replace the file; write into a directory only its owner can change, such as /etc/nix"
+    )]
+    DirectoryWritable {
+        dir: PathBuf,
+        who: &'static str,
+        mode: u32,
+    },
+    #[error(
+        "{path} is a symbolic link; something else manages that path (an environment.etc entry?): remove the link, then run again"
+    )]
+    Symlink { path: PathBuf },
+    #[error("{path} is {kind}, not a regular file; remove it, then run again")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl TrustedFileError {
+    /// True when the caller named a path that cannot be used (rather than I/O failing).
+    pub fn is_bad_path(&self) -> bool {
+        !matches!(self, TrustedFileError::Io { .. })
+    }
+}
+
+/// Writes a file that a privileged reader trusts (root's nix-daemon reads
+/// `/etc/nix/…`), so that only the directory's owner — root, or the user writing —
+/// can have put anything there:
+///
+/// - the directory must belong to root or to the effective user and be writable by
+///   no one else (its path may pass through symbolic links: macOS's `/etc` is one);
+/// - a symbolic link (or anything but a regular file) at `path` is refused, never
+///   followed nor silently replaced;
+/// - the text goes to a new file in the same directory (created exclusively, mode set
+///   on the descriptor whatever the umask), which one rename puts in place, so a
+///   reader sees the old file or the new one, never half of one.
+///
+/// Everything after the checks acts on the directory's descriptor, so a directory
+/// swapped behind the path in between is not written into.
+pub fn write_trusted(path: &Path, contents: &[u8], mode: u32) -> Result<(), TrustedFileError> {
+    use nix::fcntl::{AtFlags, OFlag, openat, renameat};
+    use nix::sys::stat::{Mode, SFlag, fstatat};
+    use nix::unistd::{UnlinkatFlags, unlinkat};
+
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| TrustedFileError::Io { path, source }
+    };
+    let not_a_file = || TrustedFileError::NotAFile {
+        path: path.to_path_buf(),
+    };
+    // "/etc/nix/" or "/etc/nix/.." would name a directory, not a file in it.
+    if path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+        return Err(not_a_file());
+    }
+    let name = match path.components().next_back() {
+        Some(std::path::Component::Normal(name)) => name,
+        _ => return Err(not_a_file()),
+    };
+    let dir_path = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir_path)
+        .map_err(io(dir_path))?;
+    let meta = dir.metadata().map_err(io(dir_path))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != euid {
+        return Err(TrustedFileError::DirectoryOwner {
+            dir: dir_path.to_path_buf(),
+            owner: meta.uid(),
+            euid,
+        });
+    }
+    let dir_mode = meta.mode() & 0o7777;
+    if dir_mode & 0o022 != 0 {
+        return Err(TrustedFileError::DirectoryWritable {
+            dir: dir_path.to_path_buf(),
+            who: if dir_mode & 0o002 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            },
+            mode: dir_mode,
+        });
+    }
+
+    match fstatat(&dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(stat) => {
+            let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+            if kind == SFlag::S_IFLNK {
+                return Err(TrustedFileError::Symlink {
+                    path: path.to_path_buf(),
+                });
+            }
+            if kind != SFlag::S_IFREG {
+                return Err(TrustedFileError::NotRegular {
+                    path: path.to_path_buf(),
+                    kind: match kind {
+                        SFlag::S_IFDIR => "a directory",
+                        SFlag::S_IFIFO => "a FIFO",
+                        SFlag::S_IFSOCK => "a socket",
+                        SFlag::S_IFCHR => "a character device",
+                        SFlag::S_IFBLK => "a block device",
+                        _ => "something else",
+                    },
+                });
+            }
+        }
+        Err(nix::errno::Errno::ENOENT) => {}
+        Err(errno) => return Err(io(path)(errno.into())),
+    }
+
+    let tmp_name = temporary_name(&name.to_string_lossy());
+    let tmp_path = dir_path.join(&tmp_name);
+    let fd = openat(
+        &dir,
+        tmp_name.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::S_IRUSR | Mode::S_IWUSR,
+    )
+    .map_err(|errno| io(&tmp_path)(errno.into()))?;
+    let mut file = File::from(fd);
+    let written = file
+        .write_all(contents)
+        // The umask narrowed the mode at creation; set it exactly, on the descriptor.
+        .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(mode)))
+        .and_then(|()| file.sync_all())
+        .map_err(io(&tmp_path))
+        .and_then(|()| {
+            renameat(&dir, tmp_name.as_str(), &dir, name).map_err(|errno| io(path)(errno.into()))
+        });
+    if written.is_err() {
+        let _ = unlinkat(&dir, tmp_name.as_str(), UnlinkatFlags::NoRemoveDir);
+        return written;
+    }
+    // The rename itself survives a crash once the directory is synced; a reader
+    // already sees the new file either way.
+    let _ = nix::unistd::fsync(&dir);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,6 +516,31 @@ mod tests {
         std::fs::write(path.join("inside"), "x").unwrap();
         assert!(write_atomic(&path, &staging, b"data", 0o644).is_err());
         assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_trusted_write_needs_a_file_name_and_writes_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        for path in [
+            tmp.path().join("sub/"),
+            tmp.path().join("sub/.."),
+            PathBuf::from("/"),
+        ] {
+            let err = write_trusted(&path, b"x", 0o644).unwrap_err();
+            assert!(matches!(err, TrustedFileError::NotAFile { .. }), "{err}");
+            assert!(err.is_bad_path());
+        }
+        let missing = tmp.path().join("missing/file");
+        let err = write_trusted(&missing, b"x", 0o644).unwrap_err();
+        assert!(!err.is_bad_path(), "{err}");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+
+        let path = tmp.path().join("f");
+        write_trusted(&path, b"one", 0o644).unwrap();
+        write_trusted(&path, b"two", 0o640).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -1,14 +1,22 @@
-//! How Nix finds this builder: one line of Nix's machines-file format, which the
-//! daemon writes to `<state>/machines` at start (and again whenever it changes).
+//! How Nix finds this builder: one entry of Nix's machines-file format, which
+//! `darwin-vz-nix machines` prints or, run as root, writes to a root-owned file.
 //!
 //! Nix reads its build machines from the `builders` setting, `@/etc/nix/machines` by
 //! default. An entry `@FILE` is replaced by the entries of FILE — also inside a
 //! machines file, recursively — and a missing FILE is skipped without an error
 //! (`expandBuilderLines` in Nix's `src/libstore/machines.cc`, the same from 2.18 to
-//! today and in Determinate Nix). The nix-darwin module adds the line
-//! `@<state>/machines` to `/etc/nix/machines`, so the line written here is what
-//! Nix uses: it can follow what only the daemon knows, such as the cores it fitted
-//! to this Mac, where a `nix.buildMachines` entry is fixed at switch time.
+//! today and in Determinate Nix). The nix-darwin module has root write the entry to
+//! [`NIX_MACHINES_FILE`] at every activation and adds `@` + that path to
+//! `/etc/nix/machines`, so the entry can follow what only this program knows, such as
+//! the cores the daemon fits to this Mac, where a `nix.buildMachines` entry is fixed
+//! by what the configuration says.
+//!
+//! Only root writes what Nix reads. Whoever writes an entry chooses the store URI,
+//! the systems and the key: a file the service account could write would let it
+//! claim `aarch64-darwin` (and receive root's Mac builds), send root's build hook to
+//! another host with root's key, or name a store that is not SSH at all — which is
+//! why Nix makes `builders` a setting only trusted users may change. The daemon,
+//! which runs as that account, therefore writes no machines file.
 //!
 //! The format, as every Nix since 2.18 parses it: entries separated by newlines or
 //! `;`, everything from `#` to the end of a line a comment, and in an entry the
@@ -22,11 +30,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::contract;
-use crate::state::{StateDir, StateError};
+use crate::state::StateDir;
+use crate::{contract, files};
 
-/// The file's name in the state directory; `nix/lib.nix` names the same path.
-pub const FILE_NAME: &str = "machines";
+/// The root-owned file the nix-darwin module writes the entry to, and that
+/// `/etc/nix/machines` includes; `nix/lib.nix` (`machinesFile`) names the same path.
+/// Users without nix-darwin are told to use it too.
+pub const NIX_MACHINES_FILE: &str = "/etc/nix/darwin-vz-nix.machines";
 
 /// Features advertised unless the configuration lists its own. No `kvm` (and so no
 /// `nixos-test`): without `/dev/kvm` in the guest, such builds would be sent to the
@@ -43,8 +53,7 @@ const MAX_NAME_LEN: usize = 100;
 
 /// Written above the entry. Nix drops everything from `#` on; it must hold no `;`,
 /// which Nix before 2.29 split on before it removed comments.
-const HEADER: &str =
-    "# The darwin-vz-nix builder, written by its daemon at every start: edits are lost.\n";
+const HEADER: &str = "# The darwin-vz-nix builder, written by `darwin-vz-nix machines` as root (nix-darwin: at every switch): edits are lost.\n";
 
 /// The `builder` section of the JSON config: how Nix should use this builder.
 /// Every field is optional; unset ones follow the VM (see [`MachineLine::new`]).
@@ -172,6 +181,17 @@ impl From<Systems> for Vec<Name> {
     }
 }
 
+/// What is known about the VM besides its configuration, as plain data: whoever
+/// learns such a fact (the host's capabilities, the booted guest) hands it to
+/// [`MachineLine::new`]. Empty by default: the configuration alone decides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmFacts {
+    /// Features the VM is known to offer beyond [`DEFAULT_SUPPORTED_FEATURES`] (for
+    /// example `kvm` once the guest is known to have `/dev/kvm`). They join the
+    /// default list only: a `supportedFeatures` list the user wrote is kept as written.
+    pub extra_features: Vec<Name>,
+}
+
 /// The builder as Nix should see it: every field of one machines-file entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineLine {
@@ -189,7 +209,7 @@ pub struct MachineLine {
 impl MachineLine {
     /// The entry for a daemon with this (resolved, host-fitted) configuration: unset
     /// builder settings follow the VM, so `maxJobs` is the cores the VM really gets.
-    pub fn new(config: &Config, state: &StateDir) -> MachineLine {
+    pub fn new(config: &Config, state: &StateDir, facts: &VmFacts) -> MachineLine {
         let builder = &config.builder;
         let names = |list: &[Name]| list.iter().map(|n| n.as_str().to_string()).collect();
         let systems = match &builder.systems {
@@ -198,10 +218,18 @@ impl MachineLine {
         };
         let supported_features = match &builder.supported_features {
             Some(list) => names(list),
-            None => DEFAULT_SUPPORTED_FEATURES
-                .iter()
-                .map(|f| f.to_string())
-                .collect(),
+            None => {
+                let mut features: Vec<String> = DEFAULT_SUPPORTED_FEATURES
+                    .iter()
+                    .map(|f| f.to_string())
+                    .collect();
+                for extra in &facts.extra_features {
+                    if !features.iter().any(|f| f == extra.as_str()) {
+                        features.push(extra.as_str().to_string());
+                    }
+                }
+                features
+            }
         };
         let key = state.client_key();
         MachineLine {
@@ -260,6 +288,13 @@ impl fmt::Display for MachineLine {
     }
 }
 
+/// Writes `line` to `path` for root's nix-daemon: 0644 (every user's `nix` reads
+/// it too), atomically, never through a symbolic link, and only into a directory
+/// no one but root (or the user writing) can change; see [`files::write_trusted`].
+pub fn write(path: &Path, line: &MachineLine) -> Result<(), files::TrustedFileError> {
+    files::write_trusted(path, line.render().as_bytes(), 0o644)
+}
+
 /// aarch64-linux natively; x86_64-linux only when Rosetta runs it. Listing
 /// x86_64-linux is what makes Nix send those builds at all; listing it without
 /// Rosetta makes them fail inside the VM.
@@ -280,52 +315,6 @@ fn fits_one_field(path: &Path) -> bool {
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ';' | '#'))
     })
-}
-
-/// Where the daemon writes the entry.
-pub fn path(state: &StateDir) -> PathBuf {
-    state.root().join(FILE_NAME)
-}
-
-/// What [`publish`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Published {
-    Written,
-    Unchanged,
-}
-
-/// Longest machines file read back (ours is one short line).
-const READ_LIMIT: u64 = 64 * 1024;
-
-/// Writes `line` to `<state>/machines` (0644: root's nix-daemon and every user's
-/// `nix` read it) unless the file already holds exactly that, atomically so Nix never
-/// reads half a line.
-pub fn publish(state: &StateDir, line: &MachineLine) -> Result<Published, StateError> {
-    let path = path(state);
-    let text = line.render();
-    if read_capped(&path).as_deref() == Some(text.as_str()) {
-        return Ok(Published::Unchanged);
-    }
-    crate::state::write_file_atomic(&path, text.as_bytes(), 0o644)?;
-    tracing::info!("build machine for Nix in {}: {line}", path.display());
-    Ok(Published::Written)
-}
-
-/// The file's text if it is a regular file (never following a symlink) of sane size.
-fn read_capped(path: &Path) -> Option<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
-    if !file.metadata().ok()?.is_file() {
-        return None;
-    }
-    let mut text = String::new();
-    file.take(READ_LIMIT).read_to_string(&mut text).ok()?;
-    Some(text)
 }
 
 #[cfg(test)]
@@ -365,12 +354,12 @@ mod tests {
             },
         );
         assert_eq!(
-            MachineLine::new(&config, &state()).to_string(),
+            MachineLine::new(&config, &state(), &VmFacts::default()).to_string(),
             "ssh-ng://builder@darwin-vz-nix aarch64-linux,x86_64-linux /var/lib/darwin-vz/keys/client_ed25519 3 1 benchmark,big-parallel - -"
         );
         let mut no_rosetta = config;
         no_rosetta.rosetta = false;
-        let line = MachineLine::new(&no_rosetta, &state());
+        let line = MachineLine::new(&no_rosetta, &state(), &VmFacts::default());
         assert_eq!(line.systems, ["aarch64-linux"]);
     }
 
@@ -382,15 +371,40 @@ mod tests {
             ConfigLayer::default(),
         );
         assert_eq!(
-            MachineLine::new(&config, &state()).to_string(),
+            MachineLine::new(&config, &state(), &VmFacts::default()).to_string(),
             "ssh-ng://builder@darwin-vz-nix aarch64-linux /var/lib/darwin-vz/keys/client_ed25519 2 5 big-parallel,slow slow,big-parallel -"
+        );
+    }
+
+    #[test]
+    fn extra_facts_join_the_default_features_but_never_a_configured_list() {
+        let facts = VmFacts {
+            extra_features: vec![
+                Name::try_from("kvm".to_string()).unwrap(),
+                Name::try_from("big-parallel".to_string()).unwrap(),
+            ],
+        };
+        let defaults = config("{}", ConfigLayer::default());
+        assert_eq!(
+            MachineLine::new(&defaults, &state(), &facts).supported_features,
+            ["benchmark", "big-parallel", "kvm"],
+            "added once, after the defaults"
+        );
+        let chosen = config(
+            r#"{"supportedFeatures": ["benchmark"]}"#,
+            ConfigLayer::default(),
+        );
+        assert_eq!(
+            MachineLine::new(&chosen, &state(), &facts).supported_features,
+            ["benchmark"],
+            "the user's list is kept as written"
         );
     }
 
     #[test]
     fn empty_feature_lists_are_written_as_a_dash() {
         let config = config(r#"{"supportedFeatures": []}"#, ConfigLayer::default());
-        let line = MachineLine::new(&config, &state()).to_string();
+        let line = MachineLine::new(&config, &state(), &VmFacts::default()).to_string();
         assert!(line.ends_with(" 4 1 - - -"), "{line}");
     }
 
@@ -402,7 +416,7 @@ mod tests {
             "/tmp/a#b",
             "/tmp/a;b",
         ] {
-            let line = MachineLine::new(&config, &StateDir::new(dir));
+            let line = MachineLine::new(&config, &StateDir::new(dir), &VmFacts::default());
             assert_eq!(line.ssh_key, None, "{dir}");
             assert_eq!(line.to_string().split(' ').nth(2), Some("-"), "{dir}");
         }
@@ -410,7 +424,12 @@ mod tests {
 
     #[test]
     fn the_file_is_one_comment_and_one_entry_as_nix_splits_it() {
-        let text = MachineLine::new(&config("{}", ConfigLayer::default()), &state()).render();
+        let text = MachineLine::new(
+            &config("{}", ConfigLayer::default()),
+            &state(),
+            &VmFacts::default(),
+        )
+        .render();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
         assert!(lines[0].starts_with('#'));
@@ -452,46 +471,5 @@ mod tests {
                 crate::config::parse_layer(&format!(r#"{{"builder": {builder}}}"#)).unwrap_err();
             assert!(err.contains(expected), "{builder}: {err}");
         }
-    }
-
-    #[test]
-    fn publish_writes_0644_atomically_and_only_when_the_line_changes() {
-        use std::os::unix::fs::PermissionsExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let state = StateDir::new(tmp.path());
-        let config = config("{}", ConfigLayer::default());
-        let line = MachineLine::new(&config, &state);
-        assert_eq!(publish(&state, &line).unwrap(), Published::Written);
-        let file = path(&state);
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), line.render());
-        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o644);
-        assert_eq!(publish(&state, &line).unwrap(), Published::Unchanged);
-
-        let fewer = MachineLine {
-            max_jobs: 1,
-            ..line.clone()
-        };
-        assert_eq!(publish(&state, &fewer).unwrap(), Published::Written);
-        assert!(std::fs::read_to_string(&file).unwrap().contains(" 1 1 "));
-        assert!(!tmp.path().join("machines.tmp").exists());
-    }
-
-    #[test]
-    fn publish_replaces_a_symlink_instead_of_writing_through_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let state = StateDir::new(tmp.path().join("state"));
-        std::fs::create_dir(state.root()).unwrap();
-        let target = tmp.path().join("elsewhere");
-        std::fs::write(&target, "untouched").unwrap();
-        std::os::unix::fs::symlink(&target, path(&state)).unwrap();
-        let line = MachineLine::new(&config("{}", ConfigLayer::default()), &state);
-        assert_eq!(publish(&state, &line).unwrap(), Published::Written);
-        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
-        assert!(
-            !std::fs::symlink_metadata(path(&state))
-                .unwrap()
-                .is_symlink()
-        );
     }
 }

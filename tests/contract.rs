@@ -8,7 +8,7 @@ use std::path::Path;
 use darwin_vz_nix::config::{self, Config, Origin, Source, defaults};
 use darwin_vz_nix::contract;
 use darwin_vz_nix::host::HostInfo;
-use darwin_vz_nix::machines::{self, MachineLine};
+use darwin_vz_nix::machines::{self, MachineLine, VmFacts};
 use darwin_vz_nix::state::StateDir;
 use serde_json::Value;
 
@@ -158,7 +158,8 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
 }
 
 /// The module leaves cores and memory unset (null), so the daemon fits them to the
-/// Mac, and the machines line it writes carries the cores it really uses.
+/// Mac, and the machines line (`darwin-vz-nix machines`, fitting the same way)
+/// carries the cores it really uses.
 #[test]
 fn module_defaults_are_fitted_to_a_small_mac_and_max_jobs_follows_the_cores() {
     let cases = support::nix_eval_json(Path::new("tests/nix/daemon-config.nix"));
@@ -191,7 +192,7 @@ fn module_defaults_are_fitted_to_a_small_mac_and_max_jobs_follows_the_cores() {
     module.fit_defaults_to(&eight_gib_two_cores);
     assert_eq!((module.cores, module.memory_mib), (2, 4096));
     assert_eq!(
-        MachineLine::new(&module, &state).to_string(),
+        MachineLine::new(&module, &state, &VmFacts::default()).to_string(),
         "ssh-ng://builder@darwin-vz-nix aarch64-linux,x86_64-linux /var/lib/darwin-vz/keys/client_ed25519 2 1 benchmark,big-parallel - -"
     );
 
@@ -200,14 +201,14 @@ fn module_defaults_are_fitted_to_a_small_mac_and_max_jobs_follows_the_cores() {
     chosen.fit_defaults_to(&eight_gib_two_cores);
     assert_eq!((chosen.cores, chosen.memory_mib), (6, 8192));
     assert_eq!(
-        MachineLine::new(&chosen, &state).to_string(),
+        MachineLine::new(&chosen, &state, &VmFacts::default()).to_string(),
         "ssh-ng://builder@darwin-vz-nix aarch64-linux /var/lib/darwin-vz/keys/client_ed25519 3 2 big-parallel,dvn dvn -"
     );
 }
 
 /// The module's builtins-only checks (nix/lib.nix): account assertions, the
-/// linux-builder directory overlap, the /etc/nix/machines line and the builder
-/// defaults, which must be the daemon's.
+/// linux-builder directory overlap, the machines file root writes and the
+/// /etc/nix/machines line, and the builder defaults, which must be the CLI's.
 #[test]
 fn the_module_checks_give_the_expected_answers() {
     let checks = support::nix_eval_json(Path::new("tests/nix/module-checks.nix"));
@@ -281,20 +282,16 @@ fn the_module_checks_give_the_expected_answers() {
         checks["overlaps"]
     );
 
-    for case in checks["machinesIncludes"].as_array().unwrap() {
-        let dir = case["stateDir"].as_str().unwrap();
-        let refused = dir.contains(['#', ';', '\n']);
-        if refused {
-            assert!(case["line"].is_null(), "{dir:?} must be refused");
-        } else {
-            let rust_path = machines::path(&StateDir::new(dir));
-            assert_eq!(
-                case["line"].as_str(),
-                Some(format!("@{}\n", rust_path.display()).as_str()),
-                "the module must point Nix at the file the daemon writes"
-            );
-        }
-    }
+    assert_eq!(
+        checks["machinesFile"],
+        machines::NIX_MACHINES_FILE,
+        "the module writes the file the CLI's help and the README name"
+    );
+    assert_eq!(
+        checks["machinesInclude"],
+        format!("@{}\n", machines::NIX_MACHINES_FILE),
+        "/etc/nix/machines points Nix at that file, from the start of a line"
+    );
 
     let systems = |v: &Value| -> Vec<String> { serde_json::from_value(v.clone()).unwrap() };
     assert_eq!(

@@ -122,6 +122,15 @@ pub enum Command {
     /// Boots the VM on demand and waits until sshd answers, so the first build after
     /// an idle poweroff does not fail. Writes nothing but the stream to stdout.
     Proxy(ProxyArgs),
+    /// Print the line that registers the builder with Nix, or write it (as root).
+    ///
+    /// The line, in Nix's machines-file format, describes the VM the daemon runs with
+    /// the same configuration (--config, the environment, --state-dir and the flags
+    /// below, resolved as `daemon` resolves them): maxJobs is the cores it gives the
+    /// VM, fitted to this Mac unless configured; the systems follow Rosetta; the key is
+    /// the state directory's client key. Reads and writes nothing in the state directory.
+    #[command(after_help = machines_after_help())]
+    Machines(MachinesArgs),
     /// Run the supervisor in the foreground (what launchd runs).
     ///
     /// Owns the VM and serves the control socket; boots on demand and powers off when
@@ -356,6 +365,66 @@ pub struct ProxyArgs {
     /// copying bytes; falls back to copying when stdout is not a socket.
     #[arg(long)]
     pub fdpass: bool,
+}
+
+fn machines_after_help() -> String {
+    let file = crate::machines::NIX_MACHINES_FILE;
+    format!(
+        "\
+Only root should write what Nix reads: whoever writes a machines line chooses where root's
+nix-daemon connects, with which key, for which systems. So the daemon (an unprivileged
+account) writes no such file; root runs this command instead.
+
+With nix-darwin, the module runs it at every switch (`machines --config <the daemon's
+config> --write {file}`) and adds `@{file}` to /etc/nix/machines.
+
+Without nix-darwin, once, and again whenever cores, rosetta, sshUser, stateDir or the
+builder settings change (sudo drops DARWIN_VZ_NIX_*: give the daemon's state directory,
+config file and flags):
+  sudo darwin-vz-nix machines --state-dir DIR --write {file}
+  echo @{file} | sudo tee -a /etc/nix/machines
+
+--write PATH replaces PATH atomically with a 0644 file. It refuses a symbolic link at PATH,
+and a directory that is not owned by root (or by you) or that its group or everyone may
+write to."
+    )
+}
+
+/// `machines` takes the settings that shape the line; the rest of the daemon's
+/// configuration does not change it.
+#[derive(Debug, Args)]
+pub struct MachinesArgs {
+    /// The daemon's virtual CPUs; maxJobs follows them [default: 4; at most the
+    /// host's CPU count].
+    #[arg(long, value_name = "N")]
+    pub cores: Option<u64>,
+    /// The daemon runs with Rosetta: the line lists x86_64-linux [default: on].
+    #[arg(long, overrides_with = "no_rosetta")]
+    pub rosetta: bool,
+    /// The daemon runs without Rosetta: aarch64-linux only.
+    #[arg(long, overrides_with = "rosetta")]
+    pub no_rosetta: bool,
+    /// User Nix logs in as on the guest [default: builder].
+    #[arg(long, value_name = "USER")]
+    pub ssh_user: Option<String>,
+    /// Write the line to PATH (atomically, mode 0644) instead of printing it; root runs
+    /// this for the nix-daemon.
+    #[arg(long, value_name = "PATH")]
+    pub write: Option<PathBuf>,
+}
+
+impl MachinesArgs {
+    /// The flags as a configuration layer, the top one as for `daemon`.
+    pub fn layer(&self) -> ConfigLayer {
+        VmArgs {
+            cores: self.cores,
+            rosetta: self.rosetta,
+            no_rosetta: self.no_rosetta,
+            ssh_user: self.ssh_user.clone(),
+            ..VmArgs::default()
+        }
+        .layer()
+    }
 }
 
 #[derive(Debug, Args)]

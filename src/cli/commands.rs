@@ -39,6 +39,7 @@ pub fn run(cli: Cli) -> Outcome {
             Duration::from_secs(args.timeout),
             args.fdpass,
         ),
+        Command::Machines(args) => machines(&global, &args),
         Command::Daemon(args) => run_daemon(&global, &args.vm),
         Command::Doctor(args) => run_doctor(&global, &args.vm, args.json),
         Command::Logs(args) => logs(&global, &args),
@@ -592,6 +593,32 @@ fn proxy(global: &GlobalArgs, port: u32, timeout: Duration, fdpass: bool) -> Out
         None => resolve_config(global, ConfigLayer::default(), &HostInfo::detect())?.state_dir,
     };
     crate::proxy::run(&state_dir, port, timeout, fdpass)?;
+    Ok(0)
+}
+
+/// Prints the builder's machines-file text, or writes it to `--write PATH`. It
+/// resolves and fits the configuration as `daemon` does, so the line describes the
+/// VM that daemon runs; it reads and writes nothing in the state directory.
+fn machines(global: &GlobalArgs, args: &args::MachinesArgs) -> Outcome {
+    use crate::machines::{self, MachineLine, VmFacts};
+    let host = HostInfo::detect();
+    let config = resolve_config(global, args.layer(), &host)?;
+    let state = StateDir::new(&config.state_dir);
+    let line = MachineLine::new(&config, &state, &VmFacts::default());
+    let Some(path) = &args.write else {
+        print!("{}", line.render());
+        return Ok(0);
+    };
+    let path = absolute(path);
+    machines::write(&path, &line).map_err(|e| {
+        let message = format!("cannot write the machines file: {e}");
+        if e.is_bad_path() {
+            CliError::Usage(message)
+        } else {
+            CliError::Failure(message)
+        }
+    })?;
+    println!("wrote {}:\n{line}", path.display());
     Ok(0)
 }
 

@@ -6,18 +6,6 @@
 # expected answers. Builtins only.
 let
   dvnLib = import ../../nix/lib.nix;
-
-  tryMachinesInclude =
-    stateDir:
-    let
-      attempt = builtins.tryEval (
-        builtins.deepSeq (dvnLib.machinesInclude stateDir) (dvnLib.machinesInclude stateDir)
-      );
-    in
-    {
-      inherit stateDir;
-      line = if attempt.success then attempt.value else null;
-    };
 in
 {
   # services.darwin-vz.{user,uid,group,gid} -> the assertion messages (none = accepted).
@@ -102,15 +90,10 @@ in
     }
   ];
 
-  # The line added to /etc/nix/machines; null where the module refuses the directory.
-  machinesIncludes = map tryMachinesInclude [
-    "/var/lib/darwin-vz"
-    "/var/lib/darwin-vz/"
-    "/Volumes/Build Disk/darwin-vz"
-    "/tmp/a#b"
-    "/tmp/a;b"
-    "/tmp/a\nb"
-  ];
+  # The root-owned file the builder's line is written to, and the line the module
+  # adds to /etc/nix/machines for it.
+  inherit (dvnLib) machinesFile;
+  machinesInclude = dvnLib.machinesInclude dvnLib.machinesFile;
 
   defaultSystems = {
     rosetta = dvnLib.defaultSystems true;
