@@ -72,6 +72,22 @@ pub fn known_hosts_line(host_pub: &str) -> String {
     format!("{} {kind} {key}\n", contract::HOST_KEY_ALIAS)
 }
 
+/// Makes `known_hosts` again from the stored guest host key when it is missing: a
+/// deleted pin would otherwise break `ssh` until the next boot rewrites it. Returns
+/// true when it did. The supervisor calls this before every guest connection.
+pub fn restore_known_hosts(state: &StateDir) -> Result<bool, KeyError> {
+    if fs::symlink_metadata(state.known_hosts()).is_ok() {
+        return Ok(false);
+    }
+    let host_pub = read_public_key(&state.guest_host_key_pub())?;
+    write_file_atomic(
+        &state.known_hosts(),
+        known_hosts_line(&host_pub).as_bytes(),
+        0o644,
+    )?;
+    Ok(true)
+}
+
 /// Deletes every key (they are made afresh by the next `ensure`).
 pub fn remove_all(state: &StateDir) -> Vec<PathBuf> {
     let files = [
@@ -244,6 +260,19 @@ mod tests {
             }
         );
         assert_ne!(fs::read(state.client_key()).unwrap(), before);
+    }
+
+    #[test]
+    fn a_deleted_known_hosts_is_restored_from_the_stored_host_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path());
+        state.create(Access::OwnerOnly).unwrap();
+        ensure(&state).unwrap();
+        let pinned = fs::read_to_string(state.known_hosts()).unwrap();
+        assert!(!restore_known_hosts(&state).unwrap(), "present: left alone");
+        fs::remove_file(state.known_hosts()).unwrap();
+        assert!(restore_known_hosts(&state).unwrap());
+        assert_eq!(fs::read_to_string(state.known_hosts()).unwrap(), pinned);
     }
 
     #[test]

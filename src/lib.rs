@@ -20,6 +20,7 @@ pub mod doctor;
 pub mod host;
 pub mod keys;
 pub mod limits;
+pub mod logfile;
 pub mod mac;
 pub mod plan;
 pub mod proxy;
