@@ -134,6 +134,8 @@ in
         IdentityFile ${quotePath "client key" paths.clientKey}
         IdentitiesOnly yes
         StrictHostKeyChecking yes
+        ControlMaster no
+        ControlPath none
     '';
 
   # The nix.buildMachines entry for the guest. publicHostKey stays unset: the host

@@ -13,9 +13,19 @@ use crate::backend::{Backend, BackendError, BackendEvent, BootId};
 /// current one, and a boot that finds itself superseded stops only its own VM.
 pub(super) async fn run(inner: Arc<Inner>, boot: BootId) {
     let t0 = Instant::now();
-    // Planning touches the disk and may run ssh-keygen: off the async workers.
-    let keeper = inner.clone();
-    let planned = match tokio::task::spawn_blocking(move || keeper.keeper.plan_boot()).await {
+    let planned = {
+        // One writer of the state directory at a time; a boot superseded while it
+        // waited for its turn plans nothing.
+        let _files = inner.state_files.lock().await;
+        if !still_starting(&inner, boot) {
+            tracing::info!("{boot}: superseded before it was planned");
+            return;
+        }
+        // Planning touches the disk and may run ssh-keygen: off the async workers.
+        let keeper = inner.clone();
+        tokio::task::spawn_blocking(move || keeper.keeper.plan_boot()).await
+    };
+    let planned = match planned {
         Ok(Ok(planned)) => planned,
         Ok(Err(message)) => return fail(&inner, boot, message),
         Err(e) => return fail(&inner, boot, format!("planning the boot failed: {e}")),

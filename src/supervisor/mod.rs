@@ -270,6 +270,10 @@ struct Inner {
     /// Serialises the backend's lifecycle calls (`start`, `request_stop`,
     /// `force_stop`), as the `Backend` contract promises.
     lifecycle: tokio::sync::Mutex<()>,
+    /// Serialises what writes the state directory (planning a boot, repairing
+    /// before a connection, resetting): two writers of the same key file at once
+    /// would trip over each other's temporary files.
+    state_files: tokio::sync::Mutex<()>,
 }
 
 impl Inner {
@@ -346,6 +350,7 @@ impl Supervisor {
             }),
             changed,
             lifecycle: tokio::sync::Mutex::new(()),
+            state_files: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(idle::run(Arc::downgrade(&inner), inner.changed.subscribe()));
         Supervisor { inner }
@@ -618,8 +623,12 @@ impl Supervisor {
     pub async fn connect(&self, port: u32, timeout: Duration) -> Result<OwnedFd, SupervisorError> {
         let lease = session::Lease::new(&self.inner);
         let (boot, _) = self.ensure_boot(timeout).await?;
-        for repaired in self.inner.keeper.before_connect() {
-            self.inner.note(repaired);
+        let repaired = {
+            let _files = self.inner.state_files.lock().await;
+            self.inner.keeper.before_connect()
+        };
+        for notice in repaired {
+            self.inner.note(notice);
         }
         let mut last = None;
         // The guest answered the readiness probe, so this normally succeeds at once;
@@ -638,6 +647,8 @@ impl Supervisor {
 
     /// Stops the VM (gracefully) and deletes state while nothing can boot.
     pub async fn reset(&self, keys_only: bool) -> Result<Vec<PathBuf>, SupervisorError> {
+        // No boot plans (writes keys) while state is deleted.
+        let _files = self.inner.state_files.lock().await;
         // Each round stops whatever a new connection booted meanwhile; a stream of
         // connections that keeps booting it wins after a few rounds.
         for _ in 0..5 {
