@@ -821,13 +821,21 @@ fn shut_down(fd: &impl std::os::fd::AsRawFd) {
 
 use darwin_vz_nix::backend::BootId;
 
+/// A guest that answers 1.5 s after its VM starts, and readiness probes that take
+/// 0.8 s to fail until then: a boot task is mostly inside a probe, so one that is
+/// superseded notices only after a newer boot has started its VM.
+fn slow_to_answer() -> FakeVmBehaviour {
+    FakeVmBehaviour {
+        listen_delay: Duration::from_millis(1500),
+        refuse_delay: Duration::from_millis(800),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn a_crash_during_boot_then_an_immediate_retry_boots_normally() {
     let fixture = Fixture::new();
-    let behaviour = FakeVmBehaviour {
-        listen_delay: Duration::from_millis(1500),
-        ..Default::default()
-    };
+    let behaviour = slow_to_answer();
     let harness = Harness::start(&fixture, behaviour, None);
     let out = fixture.cli(&["start", "--no-wait"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -869,10 +877,7 @@ fn a_crash_during_boot_then_an_immediate_retry_boots_normally() {
 #[test]
 fn a_stop_during_boot_then_a_start_boots_normally() {
     let fixture = Fixture::new();
-    let behaviour = FakeVmBehaviour {
-        listen_delay: Duration::from_millis(1500),
-        ..Default::default()
-    };
+    let behaviour = slow_to_answer();
     let harness = Harness::start(&fixture, behaviour, None);
     assert_eq!(fixture.cli(&["start", "--no-wait"]).status.code(), Some(0));
     wait_for(Duration::from_secs(10), "boot 1's VM to run", || {
@@ -905,7 +910,8 @@ fn fifty_rounds_of_start_stop_start_end_with_the_current_boot_running() {
     let fixture = Fixture::new();
     let behaviour = FakeVmBehaviour {
         boot_delay: Duration::from_millis(5),
-        listen_delay: Duration::from_millis(30),
+        listen_delay: Duration::from_millis(300),
+        refuse_delay: Duration::from_millis(200),
         ..Default::default()
     };
     let harness = Harness::start(&fixture, behaviour, None);

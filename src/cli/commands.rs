@@ -678,7 +678,7 @@ fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
             let _ = file
                 .seek(SeekFrom::Start(offset))
                 .and_then(|_| file.read_to_end(&mut chunk));
-            offset += chunk.len() as u64;
+            offset = offset.saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
             let _ = std::io::stdout().write_all(&chunk);
             let _ = std::io::stdout().flush();
         }

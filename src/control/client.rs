@@ -50,8 +50,8 @@ pub enum ClientError {
     Remote { code: ErrorCode, message: String },
 }
 
-/// How often a supervisor checks that its socket file still exists
-/// (`ServerOptions::DEFAULT_SOCKET_CHECK`).
+/// How often a supervisor checks that its socket file still exists (the server's
+/// `ServerOptions::DEFAULT_SOCKET_CHECK` is this).
 pub const SOCKET_CHECK_SECS: u64 = 2;
 
 /// How long a client waits for a live supervisor to make its deleted socket again.

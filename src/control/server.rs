@@ -54,7 +54,9 @@ pub struct ServerOptions {
 
 impl ServerOptions {
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-    pub const DEFAULT_SOCKET_CHECK: Duration = Duration::from_secs(2);
+    /// Clients wait this long (and a little more) for a deleted socket to return.
+    pub const DEFAULT_SOCKET_CHECK: Duration =
+        Duration::from_secs(super::client::SOCKET_CHECK_SECS);
 
     /// Defaults for a process allowed `open_files` descriptors: a quarter of them
     /// for control clients, between 16 and 1024 (the rest is for guest streams).

@@ -36,6 +36,9 @@ pub struct FakeVmBehaviour {
     pub boot_delay: Duration,
     /// How long after start guest port 22 keeps refusing connections.
     pub listen_delay: Duration,
+    /// How long a connection attempt takes to fail while nothing listens (VZ's
+    /// `connectToPort` can take seconds before it gives up).
+    pub refuse_delay: Duration,
     /// `start` fails with this message.
     pub fail_boot: Option<String>,
     /// The guest ignores the ACPI power button.
@@ -49,6 +52,7 @@ impl Default for FakeVmBehaviour {
         FakeVmBehaviour {
             boot_delay: Duration::from_millis(50),
             listen_delay: Duration::from_millis(100),
+            refuse_delay: Duration::ZERO,
             fail_boot: None,
             ignore_graceful_stop: false,
             sshd_extra: Vec::new(),
@@ -403,7 +407,9 @@ impl Backend for FakeVm {
                 .unwrap()
                 .running_since
                 .ok_or(BackendError::NotRunning)?;
-            if since.elapsed() < self.behaviour.lock().unwrap().listen_delay {
+            let behaviour = self.behaviour.lock().unwrap().clone();
+            if since.elapsed() < behaviour.listen_delay {
+                tokio::time::sleep(behaviour.refuse_delay).await;
                 return Err(BackendError::Connect {
                     port,
                     reason: "Connection reset by peer".into(),
