@@ -752,7 +752,7 @@ fn proxy_fdpass_hands_the_stream_over_and_keeps_the_session_counted() {
         &banner, b"SSH-2.0-",
         "the guest's sshd, straight through the handed-over descriptor"
     );
-    // A detached watcher keeps the session counted while "ssh" (this process) lives.
+    // The stream, now held by "ssh" (this process), keeps the session counted.
     assert_eq!(status(&fixture).connections, 1);
 }
 
@@ -1716,4 +1716,31 @@ fn each_cell_of_the_authorization_table_holds_through_the_real_binary() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(daemon.wait().unwrap().success());
     drop(accounts);
+}
+
+#[test]
+fn at_most_max_clients_are_served_at_once_and_the_rest_wait_their_turn() {
+    let fixture = Fixture::new();
+    let mut options = fixture.options(None);
+    options.max_clients = Some(2);
+    options.request_timeout = Duration::from_millis(1500);
+    let config = fixture.config(Default::default());
+    let _harness = Harness::start_with(&fixture, config, FakeVmBehaviour::default(), options);
+    let socket = fixture.state_dir.join("control.sock");
+    // Give the supervisor a moment to have served the harness's own readiness check.
+    std::thread::sleep(Duration::from_millis(100));
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..2)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    let out = fixture.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "served at once ({waited:?}) although two clients held both places"
+    );
+    assert!(waited < Duration::from_secs(6), "{waited:?}");
+    drop(silent);
 }
