@@ -34,8 +34,9 @@ fn main() {
     );
 
     let cold = (runs / 20).max(3);
-    let first = bench::connect_to_first_byte(&fixture.state_dir, 22, cold, Duration::from_secs(30))
-        .unwrap();
+    let first =
+        bench::connect_to_first_byte(&fixture.state_dir, 22, cold, Duration::from_secs(30), false)
+            .unwrap();
     println!(
         "connect on a stopped VM to first guest byte {}",
         Stats::of(&first).unwrap()

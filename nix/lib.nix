@@ -312,6 +312,8 @@ in
         IdentityFile ${quotePath "client key" paths.clientKey}
         IdentitiesOnly yes
         StrictHostKeyChecking yes
+        ControlMaster no
+        ControlPath none
     '';
 
   # launchd sends SIGKILL this many seconds after SIGTERM. The daemon answers

@@ -81,28 +81,62 @@ pub enum BackendError {
     NotRunning,
 }
 
-/// What the supervisor needs from a VM runner. Calls never overlap for one VM: the
-/// supervisor serialises lifecycle changes, but `connect` may run concurrently with
-/// itself and with a stop.
+/// Identifies one boot. The supervisor numbers its boots 1, 2, 3, … and names the
+/// boot in every lifecycle call, so that a task acting late (a boot that was
+/// superseded, a timeout that fired after a retry) can only ever touch its own VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct BootId(pub u64);
+
+impl BootId {
+    /// The id of the boot after this one.
+    pub fn next(self) -> BootId {
+        BootId(self.0.saturating_add(1))
+    }
+}
+
+impl std::fmt::Display for BootId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "boot {}", self.0)
+    }
+}
+
+/// What a stop call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCall {
+    /// It acted on the named boot's VM (or found that VM already stopped).
+    Done,
+    /// The named boot's VM is not the backend's current one (a newer boot replaced
+    /// it, or it was already released): nothing was touched.
+    NotCurrent,
+}
+
+/// What the supervisor needs from a VM runner. The supervisor never overlaps
+/// `start`, `request_stop` and `force_stop` calls; `connect` may run concurrently
+/// with itself and with them.
 pub trait Backend: Send + Sync + 'static {
     /// A short name for logs and `status`, e.g. "Virtualization.framework".
     fn name(&self) -> &'static str;
 
-    /// Creates and starts a VM from `plan`; resolves once the VM runs (the guest may
+    /// Creates and starts the VM of `boot` from `plan`, which becomes the backend's
+    /// current VM (replacing any older one); resolves once the VM runs (the guest may
     /// still be booting). Later events of this VM go to `events`.
     fn start(
         &self,
+        boot: BootId,
         plan: BootPlan,
         events: UnboundedSender<BackendEvent>,
     ) -> BoxFuture<'_, Result<(), BackendError>>;
 
-    /// Asks the guest to power off (ACPI power button). Resolves when the request was
-    /// delivered; the stop itself arrives later as `BackendEvent::StoppedByGuest`.
-    fn request_stop(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// Asks the guest of `boot` to power off (ACPI power button). Resolves when the
+    /// request was delivered; the stop itself arrives later as
+    /// `BackendEvent::StoppedByGuest`. `NotCurrent` when `boot` is not the current VM.
+    fn request_stop(&self, boot: BootId) -> BoxFuture<'_, Result<StopCall, BackendError>>;
 
-    /// Stops the VM at once, like pulling the plug. Resolves when it has stopped.
-    fn force_stop(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+    /// Stops the VM of `boot` at once, like pulling the plug; resolves when it has
+    /// stopped. `NotCurrent`, touching nothing, when `boot` is not the current VM.
+    fn force_stop(&self, boot: BootId) -> BoxFuture<'_, Result<StopCall, BackendError>>;
 
-    /// Opens a stream to a guest vsock port. Fails with `Connect` while nothing listens.
+    /// Opens a stream to a guest vsock port of the current VM. Fails with `Connect`
+    /// while nothing listens.
     fn connect(&self, port: u32) -> BoxFuture<'_, Result<GuestStream, BackendError>>;
 }

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::control::protocol::{BootTiming, Reply, Request};
+use crate::control::protocol::{self, BootTiming, Reply, Request};
 use crate::control::{ClientError, ControlClient};
 
 /// Summary of repeated measurements, in seconds.
@@ -60,29 +60,25 @@ impl fmt::Display for Stats {
     }
 }
 
-/// `runs` cold boots: force-stop, then start and wait until SSH answers.
+/// `runs` cold boots: force-stop, then start and wait until SSH answers. Without
+/// `force`, each stop is refused (and the bench ends with that error) while a session
+/// is open: measuring must never pull the plug under someone's build.
 pub fn cold_boots(
     state_dir: &Path,
     runs: usize,
     timeout: Duration,
+    force: bool,
 ) -> Result<Vec<BootTiming>, ClientError> {
     let mut timings = Vec::with_capacity(runs);
     for _ in 0..runs {
         let mut client = ControlClient::connect(state_dir)?;
-        client.call(
-            Request::Stop {
-                force: true,
-                timeout_ms: None,
-                exit: false,
-            },
-            Duration::from_secs(60),
-        )?;
+        force_off(&mut client, force)?;
         let reply = client.call(
             Request::Start {
                 wait: true,
-                timeout_ms: Some(timeout.as_millis() as u64),
+                timeout_ms: Some(protocol::millis(timeout)),
             },
-            timeout + Duration::from_secs(5),
+            timeout.saturating_add(Duration::from_secs(5)),
         )?;
         if let Reply::Started {
             boot: Some(boot), ..
@@ -92,6 +88,28 @@ pub fn cold_boots(
         }
     }
     Ok(timings)
+}
+
+/// Pulls the plug, unless a session is open and `force` was not given.
+fn force_off(client: &mut ControlClient, force: bool) -> Result<(), ClientError> {
+    client.call(
+        Request::Stop {
+            force: true,
+            timeout_ms: None,
+            exit: false,
+            unless_in_use: !force,
+        },
+        Duration::from_secs(90),
+    )?;
+    Ok(())
+}
+
+/// Open sessions (connections) the supervisor counts now.
+pub fn open_sessions(state_dir: &Path) -> Result<usize, ClientError> {
+    match ControlClient::connect(state_dir)?.call(Request::Status, Duration::from_secs(10))? {
+        Reply::Status(report) => Ok(report.connections),
+        other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+    }
 }
 
 /// `runs` `status` round-trips over one control connection.
@@ -106,38 +124,63 @@ pub fn control_round_trips(state_dir: &Path, runs: usize) -> Result<Vec<f64>, Cl
     Ok(samples)
 }
 
-/// `runs` times: stop the VM, then time a `connect` to guest `port` until the first
-/// byte from the guest (the SSH banner) arrives — what a build waits after idle.
+/// `runs` times: stop the VM (see `cold_boots` for `force`), then time a `connect` to
+/// guest `port` until the first byte from the guest (the SSH banner) arrives — what a
+/// build waits after idle. Each stream is shut down after its byte, and the next
+/// round waits until the supervisor has counted it closed.
 pub fn connect_to_first_byte(
     state_dir: &Path,
     port: u32,
     runs: usize,
     timeout: Duration,
+    force: bool,
 ) -> Result<Vec<f64>, ClientError> {
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
-        ControlClient::connect(state_dir)?.call(
-            Request::Stop {
-                force: true,
-                timeout_ms: None,
-                exit: false,
-            },
-            Duration::from_secs(60),
-        )?;
+        let before = open_sessions(state_dir)?;
+        force_off(&mut ControlClient::connect(state_dir)?, force)?;
         let t0 = Instant::now();
         let mut client = ControlClient::connect(state_dir)?;
         let fd = client.connect_port(port, timeout)?;
         let mut stream = std::fs::File::from(fd);
         let mut byte = [0u8; 1];
-        stream
-            .read_exact(&mut byte)
-            .map_err(|source| ClientError::Io {
-                socket: "guest stream".into(),
-                source,
-            })?;
+        let read = stream.read_exact(&mut byte);
         samples.push(t0.elapsed().as_secs_f64());
+        // The supervisor holds its own copy of the stream: closing ours would not end
+        // the session, shutting the stream down does.
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            nix::sys::socket::Shutdown::Both,
+        );
+        read.map_err(|source| ClientError::Io {
+            socket: "guest stream".into(),
+            source,
+        })?;
+        wait_sessions_at_most(state_dir, before, Duration::from_secs(10))?;
     }
     Ok(samples)
+}
+
+/// Waits until the supervisor counts at most `sessions` open sessions.
+fn wait_sessions_at_most(
+    state_dir: &Path,
+    sessions: usize,
+    bound: Duration,
+) -> Result<(), ClientError> {
+    let t0 = Instant::now();
+    loop {
+        let open = open_sessions(state_dir)?;
+        if open <= sessions {
+            return Ok(());
+        }
+        if t0.elapsed() > bound {
+            return Err(ClientError::Protocol(format!(
+                "{open} session(s) still open {} s after the bench closed its own",
+                bound.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[cfg(test)]

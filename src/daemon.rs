@@ -21,16 +21,26 @@ use crate::artifacts::GuestArtifacts;
 use crate::backend::Backend;
 use crate::config::{Config, ConfigErrors, Problem};
 use crate::control::ControlServer;
+use crate::control::access::Owner;
 use crate::control::protocol::ConfigSummary;
+use crate::control::server::{ServerContext, ServerOptions};
 use crate::host::HostInfo;
+use crate::logfile::LogFile;
 use crate::mac::{MacAddress, MacOrigin};
 use crate::plan::{BootPlan, HOST_STORE, PlanInputs};
 use crate::state::{Access, StateDir, StateError, StateLock};
-use crate::supervisor::{Supervisor, SupervisorOptions};
+use crate::supervisor::{
+    MAX_STOP_TIMEOUT, PlannedBoot, StateKeeper, StopRequest, Supervisor, SupervisorOptions,
+};
 use crate::{artifacts, contract, disk, keys};
 
 /// How long a boot may take until the guest's sshd answers.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The most open descriptors the daemon asks for. macOS refuses a soft limit above
+/// `OPEN_MAX` (10240) even when the hard limit is "unlimited", and a shell or launchd
+/// starts processes with 256.
+const WANTED_OPEN_FILES: u64 = 10240;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -52,8 +62,15 @@ pub struct DaemonOptions {
     pub boot_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub stop_timeout: Duration,
-    /// Power off and exit on SIGTERM/SIGINT (off when tests host the supervisor).
+    /// Power off and exit on the signals of [`stop_signals`] (off when tests host
+    /// the supervisor in their own process).
     pub handle_signals: bool,
+    /// A control client must send a complete request line within this long.
+    pub request_timeout: Duration,
+    /// Control clients served at once; `None` derives it from the descriptor limit.
+    pub max_clients: Option<usize>,
+    /// How often the control socket file is checked and, when deleted, made again.
+    pub socket_check: Duration,
 }
 
 impl DaemonOptions {
@@ -64,6 +81,9 @@ impl DaemonOptions {
             idle_timeout: config.idle_timeout(),
             stop_timeout: config.stop_timeout(),
             handle_signals: true,
+            request_timeout: ServerOptions::DEFAULT_REQUEST_TIMEOUT,
+            max_clients: None,
+            socket_check: ServerOptions::DEFAULT_SOCKET_CHECK,
         }
     }
 }
@@ -89,30 +109,87 @@ pub fn prepare(config: &Config) -> Result<Prepared, DaemonError> {
     })
 }
 
-/// Sends the daemon's log to `logs/daemon.log` (with timestamps), keeping one
-/// previous file when it grows past 10 MiB. The log is opened without following a
-/// symbolic link: whatever was planted at its path is refused, never appended to.
+/// Sends the daemon's log to `logs/daemon.log` (with timestamps), rotated to
+/// `daemon.log.1` whenever it would grow past 10 MiB, repeats left out. The log is
+/// opened without following a symbolic link: whatever was planted at its path is
+/// refused, never appended to.
 pub fn init_logging(state: &StateDir, level: crate::config::LogLevel) -> Result<(), DaemonError> {
+    init_logging_with(state, level, crate::logfile::DEFAULT_MAX_BYTES)
+}
+
+/// `init_logging` with another size bound (tests use a small one).
+pub fn init_logging_with(
+    state: &StateDir,
+    level: crate::config::LogLevel,
+    max_bytes: u64,
+) -> Result<(), DaemonError> {
     let path = state.daemon_log();
-    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() > 10 << 20) {
-        let _ = std::fs::rename(&path, path.with_extension("log.1"));
-    }
-    let file = state
-        // Readable by the control group where the logs directory lets it in.
-        .open_daemon_log(0o640)
-        .map_err(|e| DaemonError::Log {
-            message: e.to_string(),
-        })?;
+    let file = LogFile::open(&path, max_bytes).map_err(|e| DaemonError::Log {
+        message: e.to_string(),
+    })?;
     let filter = tracing_subscriber::EnvFilter::new(format!("darwin_vz_nix={}", level.as_str()));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(file))
+        .with_writer(file)
         .try_init();
     Ok(())
 }
 
-/// Runs the supervisor until SIGTERM/SIGINT or `stop --daemon`, then powers the VM
+/// Raises the soft limit on open descriptors towards the hard one (at most
+/// `WANTED_OPEN_FILES`), so that a few hundred clients cannot exhaust a shell's 256;
+/// returns the limit in force.
+pub fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 256;
+    };
+    let wanted = hard.min(WANTED_OPEN_FILES);
+    if soft >= wanted {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+        Ok(()) => {
+            tracing::info!("raised the open-file limit from {soft} to {wanted}");
+            wanted
+        }
+        Err(e) => {
+            tracing::warn!("cannot raise the open-file limit from {soft} to {wanted}: {e}");
+            soft
+        }
+    }
+}
+
+/// The state directory's side of each boot, for the supervisor.
+struct DaemonKeeper {
+    config: Config,
+    host: HostInfo,
+    state: StateDir,
+    host_store: PathBuf,
+}
+
+impl StateKeeper for DaemonKeeper {
+    fn plan_boot(&self) -> Result<PlannedBoot, String> {
+        plan_boot(&self.config, &self.host, &self.state, &self.host_store)
+    }
+
+    fn reset(&self, keys_only: bool) -> Result<Vec<PathBuf>, String> {
+        reset_state(&self.state, keys_only).map_err(|e| e.to_string())
+    }
+
+    fn before_connect(&self) -> Vec<String> {
+        match keys::restore_known_hosts(&self.state) {
+            Ok(false) => Vec::new(),
+            Ok(true) => vec![format!(
+                "{} was missing; made it again from the guest's host key",
+                self.state.known_hosts().display()
+            )],
+            Err(e) => vec![format!("cannot restore the pinned host key: {e}")],
+        }
+    }
+}
+
+/// Runs the supervisor until a stop signal or `stop --daemon`, then powers the VM
 /// off gracefully (forced after the stop timeout) and returns.
 pub async fn serve(
     prepared: Prepared,
@@ -126,6 +203,7 @@ pub async fn serve(
         access,
         _lock,
     } = prepared;
+    let open_files = raise_open_file_limit();
     let created = keys::ensure(&state)?;
     if created.client || created.host {
         tracing::info!(
@@ -135,12 +213,19 @@ pub async fn serve(
             created.host
         );
     }
-    let server = ControlServer::bind(&state.socket(), access)?;
+    let mut server_options = ServerOptions::for_limit(access, open_files);
+    server_options.request_timeout = options.request_timeout;
+    server_options.socket_check = options.socket_check;
+    if let Some(max) = options.max_clients {
+        server_options.max_clients = max;
+    }
+    let server = ControlServer::bind(&state.socket(), server_options.clone())?;
     tracing::info!(
-        "supervisor {} ready on {} with the {} backend",
+        "supervisor {} ready on {} with the {} backend (up to {} control clients at once)",
         std::process::id(),
         server.path().display(),
-        backend.name()
+        backend.name(),
+        server_options.max_clients
     );
 
     let summary = ConfigSummary {
@@ -160,50 +245,120 @@ pub async fn serve(
         ready_port: contract::SSH_VSOCK_PORT,
         console_log: state.console_log(),
     };
-    let planner = {
-        let (config, host, state, store) = (
-            config.clone(),
-            host.clone(),
-            state.clone(),
-            options.host_store.clone(),
-        );
-        // The supervisor shows each boot's plan; the notices are logged by plan_boot.
-        Box::new(move || plan_boot(&config, &host, &state, &store).map(|planned| planned.plan))
+    let keeper = DaemonKeeper {
+        config,
+        host,
+        state: state.clone(),
+        host_store: options.host_store.clone(),
     };
-    let resetter = {
-        let state = state.clone();
-        Box::new(move |keys_only| reset_state(&state, keys_only).map_err(|e| e.to_string()))
-    };
-    let supervisor = Supervisor::new(backend, planner, resetter, supervisor_options, summary);
+    let supervisor = Supervisor::new(backend, Box::new(keeper), supervisor_options);
 
     let shutdown = Arc::new(Notify::new());
     if options.handle_signals {
-        tokio::spawn(forward_signals(shutdown.clone()));
+        forward_stop_signals(shutdown.clone());
     }
-    server.serve(supervisor.clone(), shutdown).await;
+    let context = Arc::new(ServerContext {
+        supervisor: supervisor.clone(),
+        summary,
+        owner: Owner::current(),
+    });
+    server.serve(context, shutdown).await;
 
     tracing::info!("shutting down: powering the VM off");
-    match supervisor.stop(false, options.stop_timeout).await {
-        Ok(outcome) => tracing::info!("VM stop: {outcome:?}"),
-        Err(e) => tracing::error!("VM stop failed: {e}"),
+    // Bounded whatever the configuration says: the graceful part is capped, and so
+    // is the backend's forced stop.
+    let bound = options
+        .stop_timeout
+        .min(MAX_STOP_TIMEOUT)
+        .saturating_add(Duration::from_secs(90));
+    let stop = supervisor.stop(StopRequest {
+        force: false,
+        timeout: options.stop_timeout,
+        unless_in_use: false,
+    });
+    match tokio::time::timeout(bound, stop).await {
+        Ok(Ok(outcome)) => tracing::info!("VM stop: {outcome:?}"),
+        Ok(Err(e)) => tracing::error!("VM stop failed: {e}"),
+        Err(_) => tracing::error!(
+            "VM stop did not finish within {} s; exiting",
+            bound.as_secs()
+        ),
     }
     Ok(())
 }
 
-async fn forward_signals(shutdown: Arc<Notify>) {
+/// The signals that would end the daemon and that it can catch. Each leads to the
+/// same graceful stop. Not among them: SIGKILL and SIGSTOP (cannot be caught);
+/// SIGPIPE (ignored: a client that goes away mid-reply must not stop the VM); the
+/// synchronous faults SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS and SIGABRT
+/// (the process cannot safely go on after them); and signals whose default is to be
+/// ignored or to suspend the process (SIGCHLD, SIGURG, SIGWINCH, SIGCONT, SIGTSTP,
+/// SIGTTIN, SIGTTOU, SIGINFO).
+pub fn stop_signals() -> Vec<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal;
+    #[allow(unused_mut)]
+    let mut signals = vec![
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGTERM,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+        Signal::SIGVTALRM,
+        Signal::SIGPROF,
+        Signal::SIGXCPU,
+        Signal::SIGXFSZ,
+    ];
+    #[cfg(target_os = "linux")]
+    signals.extend([Signal::SIGIO, Signal::SIGPWR]);
+    #[cfg(all(
+        target_os = "linux",
+        not(any(
+            target_arch = "mips",
+            target_arch = "mips32r6",
+            target_arch = "mips64",
+            target_arch = "mips64r6",
+            target_arch = "sparc",
+            target_arch = "sparc64"
+        ))
+    ))]
+    signals.push(Signal::SIGSTKFLT);
+    #[cfg(target_os = "macos")]
+    signals.push(Signal::SIGEMT);
+    signals
+}
+
+/// Notifies `shutdown` on the first stop signal.
+fn forward_stop_signals(shutdown: Arc<Notify>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+    let (first, mut received) = tokio::sync::mpsc::unbounded_channel();
+    for which in stop_signals() {
+        // A fieldless `repr(i32)` enum to its own value: nothing is narrowed.
+        let kind = SignalKind::from_raw(which as nix::libc::c_int);
+        match signal(kind) {
+            Ok(mut stream) => {
+                let first = first.clone();
+                tokio::spawn(async move {
+                    while stream.recv().await.is_some() {
+                        if first.send(which).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("cannot handle {which}: {e}"),
+        }
     }
-    shutdown.notify_one();
+    tokio::spawn(async move {
+        if let Some(which) = received.recv().await {
+            tracing::info!("{which}: powering the VM off gracefully, then exiting");
+            shutdown.notify_one();
+        }
+        while let Some(which) = received.recv().await {
+            tracing::info!("{which}: already shutting down");
+        }
+    });
 }
 
 /// Every reason this configuration cannot boot on this host with this state
@@ -249,17 +404,9 @@ pub fn check_boot(
     }
 }
 
-/// A boot plan, and what was repaired on the way to it that a user should hear about
-/// (a key or MAC address made afresh because the old one was missing or corrupt).
-#[derive(Debug, Clone)]
-pub struct PlannedBoot {
-    pub plan: BootPlan,
-    pub notices: Vec<String>,
-}
-
 /// Everything a boot needs, checked and made ready: run before every boot so that a
-/// guest garbage-collected since the last one is reported, not booted. Notices are
-/// logged as warnings and returned.
+/// guest garbage-collected since the last one is reported, not booted. Its notices
+/// (what had to be repaired on the way) are shown by `status`.
 pub fn plan_boot(
     config: &Config,
     host: &HostInfo,

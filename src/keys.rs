@@ -203,6 +203,23 @@ pub fn known_hosts_line(host_pub: &str) -> String {
     format!("{} {kind} {key}\n", contract::HOST_KEY_ALIAS)
 }
 
+/// Makes `known_hosts` again from the stored guest host key when it is missing: a
+/// deleted pin would otherwise break `ssh` until the next boot rewrites it. Returns
+/// true when it did. The supervisor calls this before every guest connection.
+pub fn restore_known_hosts(state: &StateDir) -> Result<bool, KeyError> {
+    if std::fs::symlink_metadata(state.known_hosts()).is_ok() {
+        return Ok(false);
+    }
+    let host_pub = read_public_key(&state.guest_host_key_pub())?;
+    files::write_atomic(
+        &state.known_hosts(),
+        &state.keys_dir(),
+        known_hosts_line(&host_pub).as_bytes(),
+        0o644,
+    )?;
+    Ok(true)
+}
+
 /// `type base64` of a public key file, checked for shape. The file's content never
 /// appears in an error: it may be anything a link pointed at.
 pub fn read_public_key(path: &Path) -> Result<String, KeyError> {
@@ -509,6 +526,17 @@ mod tests {
         assert_eq!(replaced.len(), 6);
         assert_ne!(fs::read(state.client_key()).unwrap(), before);
         assert_eq!(ensure(&state).unwrap(), KeysCreated::default());
+    }
+
+    #[test]
+    fn a_deleted_known_hosts_is_restored_from_the_stored_host_key() {
+        let (_tmp, state) = state();
+        ensure(&state).unwrap();
+        let pinned = fs::read_to_string(state.known_hosts()).unwrap();
+        assert!(!restore_known_hosts(&state).unwrap(), "present: left alone");
+        fs::remove_file(state.known_hosts()).unwrap();
+        assert!(restore_known_hosts(&state).unwrap());
+        assert_eq!(fs::read_to_string(state.known_hosts()).unwrap(), pinned);
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod guest_timing;
 pub mod host;
 pub mod keys;
 pub mod limits;
+pub mod logfile;
 pub mod mac;
 pub mod machines;
 pub mod plan;

@@ -5,14 +5,17 @@
 //!
 //! * **Hand-off** (`--fdpass`, with ssh's `ProxyUseFdpass yes`): we pass the
 //!   descriptor on to ssh, which then talks to the guest stream itself — no copy at
-//!   all. ssh waits for its ProxyCommand to exit before it goes on, so we fork: the
-//!   parent exits, and a detached child keeps the control connection open until ssh
-//!   exits (or the supervisor goes away). The open control connection is how the
-//!   supervisor counts the SSH session for the idle poweroff.
+//!   all — and exit (ssh waits for that before it goes on).
 //! * **Relay** (otherwise, or when stdout is not a socket): ssh → pipe → this process →
-//!   guest socket, one copy each way; the control connection closes when we exit.
+//!   guest socket, one copy each way, until either side ends.
 //!
-//! vsock has no half-close, so when either direction ends both are torn down.
+//! Either way the session is the stream itself: the supervisor keeps watching its own
+//! copy and counts the session until the stream ends, whichever process holds it
+//! (`ssh -f` and `ControlMaster` move it into another one). This process and its
+//! control connection do not matter to that count.
+//!
+//! vsock has no half-close, so when either direction ends both are torn down; the
+//! `shutdown` is also what tells the supervisor that a relayed session ended.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -24,35 +27,37 @@ use crate::control::ControlClient;
 
 const BUFFER: usize = 256 * 1024;
 
-/// Which side ended the relay.
+/// How the proxy ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelayEnd {
-    /// Our input (ssh) closed.
-    Client,
-    /// The guest closed the stream.
-    Guest,
+pub enum ProxyEnd {
+    /// The descriptor went to ssh.
+    HandedOver,
+    /// Relayed until our input (ssh) closed.
+    ClientClosed,
+    /// Relayed until the guest closed the stream.
+    GuestClosed,
 }
 
 /// Connects to guest `port` through the supervisor of `state_dir`; hands the stream
 /// to ssh (`fdpass`, when stdout is a socket) or relays stdin/stdout until either side
-/// closes. With a hand-off this process exits inside; it returns only after a relay.
+/// closes.
 pub fn run(
     state_dir: &std::path::Path,
     port: u32,
     timeout: Duration,
     fdpass: bool,
-) -> Result<RelayEnd, crate::control::ClientError> {
+) -> Result<ProxyEnd, crate::control::ClientError> {
     let mut client = ControlClient::connect(state_dir)?;
     let stream = client.connect_port(port, timeout)?;
+    drop(client);
     if fdpass {
         match hand_to_ssh(&stream) {
-            Ok(()) => {
-                drop(stream);
-                stay_until_ssh_exits(client);
-            }
+            Ok(()) => return Ok(ProxyEnd::HandedOver),
             // Not a socket: we were not started with ProxyUseFdpass; relay instead.
             Err(nix::errno::Errno::ENOTSOCK) => {}
             Err(e) => {
+                // Nobody got the stream: end it, so its session ends at once.
+                end_stream(&stream);
                 return Err(crate::control::ClientError::Io {
                     socket: "stdout (ProxyUseFdpass)".into(),
                     source: e.into(),
@@ -62,9 +67,7 @@ pub fn run(
     }
     let stdin = dup_file(&std::io::stdin())?;
     let stdout = dup_file(&std::io::stdout())?;
-    let end = relay(stdin, stdout, stream);
-    drop(client);
-    Ok(end)
+    Ok(relay(stdin, stdout, stream))
 }
 
 /// Sends the stream's descriptor to ssh over stdout, as OpenSSH's `ProxyUseFdpass`
@@ -84,50 +87,10 @@ fn hand_to_ssh(stream: &OwnedFd) -> Result<(), nix::errno::Errno> {
     Ok(())
 }
 
-/// Lets ssh go on (it waits for this process to exit) while a detached child keeps
-/// the control connection — and so the session's place in the idle count — until
-/// ssh exits or the supervisor closes the connection. Never returns.
-fn stay_until_ssh_exits(client: ControlClient) -> ! {
-    let ssh = nix::unistd::getppid();
-    // SAFETY: this process has no other threads yet (the relay's start later), so the
-    // child may run ordinary code after fork.
-    match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
-            let _ = nix::unistd::setsid();
-            // Do not hold ssh's pipes open: whoever reads ssh's stderr waits for EOF.
-            if let Ok(null) = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/null")
-            {
-                let _ = nix::unistd::dup2_stdin(&null);
-                let _ = nix::unistd::dup2_stdout(&null);
-                let _ = nix::unistd::dup2_stderr(&null);
-            }
-            watch(&client, ssh);
-            std::process::exit(0);
-        }
-        // The parent (or a failed fork, which leaves nothing to watch) exits, and ssh
-        // goes on with the descriptor.
-        _ => std::process::exit(0),
-    }
-}
-
-/// Returns when `ssh` is gone or the supervisor closed the control connection.
-fn watch(client: &ControlClient, ssh: nix::unistd::Pid) {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    loop {
-        let mut fds = [PollFd::new(client.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(1000u16)) {
-            // Readable means EOF or an error here: the supervisor is gone.
-            Ok(n) if n > 0 => return,
-            Err(nix::errno::Errno::EINTR) | Ok(_) => {}
-            Err(_) => return,
-        }
-        if nix::sys::signal::kill(ssh, None) == Err(nix::errno::Errno::ESRCH) {
-            return;
-        }
-    }
+/// Shuts the stream down in both directions: the guest and the supervisor both see
+/// its end, whoever else still holds a copy.
+fn end_stream(stream: &OwnedFd) {
+    let _ = nix::sys::socket::shutdown(stream.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
 fn dup_file(fd: &impl AsFd) -> Result<File, crate::control::ClientError> {
@@ -143,14 +106,15 @@ fn dup_file(fd: &impl AsFd) -> Result<File, crate::control::ClientError> {
 /// Copies `input` → `stream` and `stream` → `output` on two threads; returns when the
 /// first direction ends, after shutting the stream down in both directions. A thread
 /// still blocked on `input` is left behind: callers exit the process next.
-pub fn relay(input: File, output: File, stream: OwnedFd) -> RelayEnd {
+pub fn relay(input: File, output: File, stream: OwnedFd) -> ProxyEnd {
     // Blocking I/O: the descriptor may come from a non-blocking owner.
     let _ = nix::fcntl::fcntl(
         &stream,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
     );
     let (Ok(to_guest), Ok(from_guest)) = (stream.try_clone(), stream.try_clone()) else {
-        return RelayEnd::Guest;
+        end_stream(&stream);
+        return ProxyEnd::GuestClosed;
     };
     let (to_guest, from_guest) = (File::from(to_guest), File::from(from_guest));
     let (done, finished) = mpsc::channel();
@@ -158,16 +122,17 @@ pub fn relay(input: File, output: File, stream: OwnedFd) -> RelayEnd {
     let client_done = done.clone();
     std::thread::spawn(move || {
         copy(input, to_guest);
-        let _ = client_done.send(RelayEnd::Client);
+        let _ = client_done.send(ProxyEnd::ClientClosed);
     });
     std::thread::spawn(move || {
         copy(from_guest, output);
-        let _ = done.send(RelayEnd::Guest);
+        let _ = done.send(ProxyEnd::GuestClosed);
     });
-    let end = finished.recv().unwrap_or(RelayEnd::Guest);
+    let end = finished.recv().unwrap_or(ProxyEnd::GuestClosed);
     // Tear down both directions: the guest must see the end even though vsock
-    // cannot carry a half-close, and our other thread must wake up.
-    let _ = nix::sys::socket::shutdown(stream.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    // cannot carry a half-close, the supervisor must see the session end, and our
+    // other thread must wake up.
+    end_stream(&stream);
     end
 }
 

@@ -84,6 +84,11 @@ impl SshTarget {
             option("IdentityFile", quote(&state.client_key())?),
             option("IdentitiesOnly", "yes".into()),
             option("StrictHostKeyChecking", "yes".into()),
+            // No connection sharing: a master that lingers (`ControlPersist yes` in
+            // a `Host *` block) would hold a session open and keep the VM from its
+            // idle poweroff, and its socket would let others in (see README).
+            option("ControlMaster", "no".into()),
+            option("ControlPath", "none".into()),
         ])
     }
 
@@ -160,7 +165,9 @@ mod tests {
              \x20 UserKnownHostsFile \"/var/lib/darwin-vz/keys/known_hosts\"\n\
              \x20 IdentityFile \"/var/lib/darwin-vz/keys/client_ed25519\"\n\
              \x20 IdentitiesOnly yes\n\
-             \x20 StrictHostKeyChecking yes\n"
+             \x20 StrictHostKeyChecking yes\n\
+             \x20 ControlMaster no\n\
+             \x20 ControlPath none\n"
         );
     }
 

@@ -336,6 +336,7 @@ fn root_rotate_keys_and_destroy_leave_the_owner_able_to_start() {
                 force: true,
                 timeout_ms: None,
                 exit: true,
+                unless_in_use: false,
             },
             Duration::from_secs(10),
         )

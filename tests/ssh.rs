@@ -290,3 +290,213 @@ fn nix_builds_a_derivation_on_the_builder_and_copies_the_output_back() {
         "built on the builder\n"
     );
 }
+
+// --- A session is its stream, whatever ssh does with its processes (issue 17.1). ---
+
+fn status_report(fixture: &Fixture) -> darwin_vz_nix::control::protocol::StatusReport {
+    match ControlClient::connect(&fixture.state_dir)
+        .unwrap()
+        .call(Request::Status, Duration::from_secs(5))
+        .unwrap()
+    {
+        Reply::Status(report) => *report,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Plain OpenSSH with the generated Host block, plus `options`.
+fn plain_ssh(fixture: &Fixture, config: &Path, options: &[String]) -> Command {
+    let mut command = Command::new("ssh");
+    command
+        .arg("-F")
+        .arg(config)
+        .env("HOME", fixture.dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for option in options {
+        command.arg("-o").arg(option);
+    }
+    command
+}
+
+/// `sh -c` text that creates `path` (which has spaces).
+fn touch(path: &Path) -> String {
+    format!("touch '{}'", path.display())
+}
+
+#[test]
+fn ssh_f_keeps_the_vm_up_until_its_backgrounded_command_ends() {
+    let fixture = Fixture::new();
+    let idle = Duration::from_millis(500);
+    let harness = Harness::start(&fixture, FakeVmBehaviour::default(), Some(idle));
+    let config = ssh_config_file(&fixture);
+    let done = fixture.dir.path().join("done");
+    // -f: ssh forks into the background after authentication; the process that ran
+    // the ProxyCommand exits at once.
+    let status = plain_ssh(&fixture, &config, &[])
+        .args(["-f", "darwin-vz-nix"])
+        .arg(format!("sleep 3; {}", touch(&done)))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::thread::sleep(idle * 3);
+    let report = status_report(&fixture);
+    assert_eq!(
+        (report.state, report.connections),
+        (VmState::Running, 1),
+        "the backgrounded session still counts"
+    );
+    wait_for(
+        Duration::from_secs(15),
+        "the remote command to finish",
+        || done.exists(),
+    );
+    wait_for(Duration::from_secs(10), "the idle poweroff", || {
+        vm_state(&fixture) == VmState::Stopped
+    });
+    assert_eq!(harness.vm.boots(), 1);
+}
+
+#[test]
+fn a_controlpersist_master_keeps_the_vm_up_for_its_sessions_then_it_idles_off() {
+    let fixture = Fixture::new();
+    let idle = Duration::from_millis(500);
+    let harness = Harness::start(&fixture, FakeVmBehaviour::default(), Some(idle));
+    let config = ssh_config_file(&fixture);
+    // A short directory: ControlPath must fit in a Unix socket address.
+    let control = tempfile::Builder::new()
+        .prefix("dvn-cm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    // What a user's `Host *` might say; command-line options win over the block.
+    let options = [
+        "ControlMaster=auto".to_string(),
+        format!("ControlPath={}/%C", control.path().display()),
+        "ControlPersist=2".to_string(),
+    ];
+    let (first_done, second_done) = (
+        fixture.dir.path().join("first"),
+        fixture.dir.path().join("second"),
+    );
+    let mut first = plain_ssh(&fixture, &config, &options)
+        .arg("darwin-vz-nix")
+        .arg(format!("sleep 1; {}", touch(&first_done)))
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(15), "the master's socket", || {
+        std::fs::read_dir(control.path()).unwrap().next().is_some()
+    });
+    // The second session goes through the master: no new proxy, no new stream.
+    let mut second = plain_ssh(&fixture, &config, &options)
+        .arg("darwin-vz-nix")
+        .arg(format!("sleep 3; {}", touch(&second_done)))
+        .spawn()
+        .unwrap();
+    assert!(first.wait().unwrap().success());
+    assert!(first_done.exists());
+    // The process that started the master is gone; the second session runs on.
+    std::thread::sleep(idle * 3);
+    assert!(!second_done.exists());
+    let report = status_report(&fixture);
+    assert_eq!(
+        (report.state, report.connections),
+        (VmState::Running, 1),
+        "one stream, the master's, keeps the VM up"
+    );
+    assert!(second.wait().unwrap().success());
+    assert!(second_done.exists());
+    // The master lingers for ControlPersist (2 s), then disconnects: idle, off.
+    wait_for(Duration::from_secs(15), "the idle poweroff", || {
+        vm_state(&fixture) == VmState::Stopped
+    });
+    assert_eq!(harness.vm.boots(), 1);
+}
+
+#[test]
+fn an_ssh_killed_without_a_disconnect_ends_its_session_through_clientalive() {
+    let fixture = Fixture::new();
+    let idle = Duration::from_millis(300);
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), Some(idle));
+    let config = ssh_config_file(&fixture);
+    let started = fixture.dir.path().join("started");
+    let mut ssh = plain_ssh(&fixture, &config, &[])
+        .arg("darwin-vz-nix")
+        .arg(format!("{}; sleep 60", touch(&started)))
+        .spawn()
+        .unwrap();
+    // Logged in and running its command (before login, sshd's LoginGraceTime
+    // would be what ends an abandoned connection).
+    wait_for(Duration::from_secs(15), "the remote command", || {
+        started.exists()
+    });
+    assert_eq!(status_report(&fixture).connections, 1);
+    // SIGKILL: no disconnect reaches the guest. Its sshd's ClientAlive probes (1 s × 2
+    // in the test guest, 15 s × 4 in the real one) end the session.
+    ssh.kill().unwrap();
+    ssh.wait().unwrap();
+    wait_for(Duration::from_secs(20), "the idle poweroff", || {
+        vm_state(&fixture) == VmState::Stopped
+    });
+}
+
+#[test]
+fn the_generated_block_opts_out_of_connection_sharing_even_under_a_host_star_master() {
+    let fixture = Fixture::new();
+    let block = std::fs::read_to_string(ssh_config_file(&fixture)).unwrap();
+    let path = fixture.dir.path().join("with-host-star");
+    std::fs::write(
+        &path,
+        format!(
+            "{block}Host *\n  ControlMaster auto\n  ControlPath /tmp/%C\n  ControlPersist yes\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("ssh")
+        .arg("-G")
+        .arg("-F")
+        .arg(&path)
+        .arg("darwin-vz-nix")
+        .env("HOME", fixture.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let settings = stdout(&out);
+    assert!(settings.contains("\ncontrolmaster false\n"), "{settings}");
+    assert!(!settings.contains("\ncontrolpath "), "{settings}");
+}
+
+#[test]
+fn a_deleted_known_hosts_is_made_again_on_the_next_connection() {
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    assert_eq!(fixture.cli(&["ssh", "--", "true"]).status.code(), Some(0));
+    let known_hosts = fixture.state_dir.join("keys/known_hosts");
+    let pinned = std::fs::read_to_string(&known_hosts).unwrap();
+    std::fs::remove_file(&known_hosts).unwrap();
+
+    // The VM runs on; ssh must not fail with "Host key verification failed".
+    let out = fixture.cli(&["ssh", "--", "echo", "ok"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "ok\n");
+    assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), pinned);
+
+    let out = fixture.cli(&["status"]);
+    assert!(
+        stdout(&out).contains(&format!(
+            "ago: {} was missing; made it again from the guest's host key\n",
+            known_hosts.display()
+        )),
+        "{}",
+        stdout(&out)
+    );
+    let out = fixture.cli(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        json["notices"][0]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("was missing; made it again from the guest's host key")
+    );
+}

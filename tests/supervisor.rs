@@ -480,20 +480,25 @@ fn commands_say_so_when_nothing_runs() {
 // --- A supervisor in its own process, for tests that kill it. ---
 
 /// Runs only when re-executed by `spawn_child_supervisor`: hosts the real supervisor
-/// with the fake VM until SIGTERM, like `darwin-vz-nix daemon` would on a Mac.
+/// with the fake VM until a stop signal, like `darwin-vz-nix daemon` would on a Mac.
+/// `DVN_CHILD_*` variables adjust it (see `ChildOptions`).
 #[test]
 #[ignore = "helper process for other tests"]
 fn child_supervisor() {
     let Ok(state_dir) = std::env::var("DVN_CHILD_STATE_DIR") else {
         return;
     };
-    let fixture_dir = std::path::PathBuf::from(std::env::var("DVN_CHILD_FIXTURE_DIR").unwrap());
+    let var = |name: &str| std::env::var(name).ok();
+    let fixture_dir = std::path::PathBuf::from(var("DVN_CHILD_FIXTURE_DIR").unwrap());
     let fixture = Fixture {
         dir: tempfile::tempdir().unwrap(),
         state_dir: state_dir.into(),
         guest_dir: fixture_dir.join("guest"),
     };
-    let config = fixture.config(Default::default());
+    let config = fixture.config(darwin_vz_nix::config::ConfigLayer {
+        control_group: var("DVN_CHILD_CONTROL_GROUP"),
+        ..Default::default()
+    });
     let prepared = match darwin_vz_nix::daemon::prepare(&config) {
         Ok(prepared) => prepared,
         Err(e) => {
@@ -501,31 +506,76 @@ fn child_supervisor() {
             std::process::exit(4);
         }
     };
-    darwin_vz_nix::daemon::init_logging(&prepared.state, darwin_vz_nix::config::LogLevel::Info)
-        .unwrap();
+    let level = match var("DVN_CHILD_LOG_LEVEL").as_deref() {
+        Some("debug") => darwin_vz_nix::config::LogLevel::Debug,
+        _ => darwin_vz_nix::config::LogLevel::Info,
+    };
+    let log_max = var("DVN_CHILD_LOG_MAX").map_or(10 << 20, |v| v.parse().unwrap());
+    darwin_vz_nix::daemon::init_logging_with(&prepared.state, level, log_max).unwrap();
     prepare_sshd_privsep_dir();
-    let vm = FakeVm::new(&fixture.state_dir, FakeVmBehaviour::default());
+    let behaviour = FakeVmBehaviour {
+        ignore_graceful_stop: var("DVN_CHILD_IGNORE_GRACEFUL").is_some(),
+        ..Default::default()
+    };
+    let vm = FakeVm::new(&fixture.state_dir, behaviour);
     let mut options = fixture.options(None);
     options.handle_signals = true;
+    if let Some(secs) = var("DVN_CHILD_STOP_TIMEOUT_SECS") {
+        options.stop_timeout = Duration::from_secs(secs.parse().unwrap());
+    }
+    if let Some(ms) = var("DVN_CHILD_REQUEST_TIMEOUT_MS") {
+        options.request_timeout = Duration::from_millis(ms.parse().unwrap());
+    }
+    if let Some(max) = var("DVN_CHILD_MAX_CLIENTS") {
+        options.max_clients = Some(max.parse().unwrap());
+    }
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime
-        .block_on(darwin_vz_nix::daemon::serve(
-            prepared,
-            config,
-            darwin_vz_nix::host::HostInfo::detect(),
-            vm,
-            options,
-        ))
-        .unwrap();
+    let served = runtime.block_on(darwin_vz_nix::daemon::serve(
+        prepared,
+        config,
+        darwin_vz_nix::host::HostInfo::detect(),
+        vm,
+        options,
+    ));
+    if let Err(e) = served {
+        eprintln!("child supervisor: {e}");
+        std::process::exit(5);
+    }
     std::process::exit(0);
 }
 
+fn pid_of(child: &Child) -> nix::unistd::Pid {
+    nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap())
+}
+
 fn signal(child: &Child, signal: Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    nix::sys::signal::kill(pid_of(child), signal).unwrap();
+}
+
+/// How to run a child supervisor.
+#[derive(Default)]
+struct ChildOptions {
+    /// `DVN_CHILD_*` settings.
+    env: Vec<(&'static str, String)>,
+    /// RLIMIT_NOFILE (soft, hard) to start it with.
+    open_files: Option<(u64, u64)>,
+    /// Another copy of this test binary to run (one another account may execute).
+    exe: Option<std::path::PathBuf>,
+    /// Run as this uid and gid (the test must be root).
+    user: Option<(u32, u32)>,
 }
 
 fn spawn_child_supervisor(fixture: &Fixture) -> Child {
-    Command::new(std::env::current_exe().unwrap())
+    spawn_child_supervisor_with(fixture, ChildOptions::default())
+}
+
+fn spawn_child_supervisor_with(fixture: &Fixture, options: ChildOptions) -> Child {
+    use std::os::unix::process::CommandExt;
+    let exe = options
+        .exe
+        .unwrap_or_else(|| std::env::current_exe().unwrap());
+    let mut command = Command::new(exe);
+    command
         .args([
             "--exact",
             "child_supervisor",
@@ -535,10 +585,27 @@ fn spawn_child_supervisor(fixture: &Fixture) -> Child {
         ])
         .env("DVN_CHILD_STATE_DIR", &fixture.state_dir)
         .env("DVN_CHILD_FIXTURE_DIR", fixture.dir.path())
+        .envs(options.env)
+        .current_dir("/")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    if let Some((uid, gid)) = options.user {
+        command.uid(uid).gid(gid);
+    }
+    if let Some((soft, hard)) = options.open_files {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    soft,
+                    hard,
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
+    }
+    command.spawn().unwrap()
 }
 
 fn wait_answering(fixture: &Fixture) {
@@ -685,7 +752,7 @@ fn proxy_fdpass_hands_the_stream_over_and_keeps_the_session_counted() {
         &banner, b"SSH-2.0-",
         "the guest's sshd, straight through the handed-over descriptor"
     );
-    // A detached watcher keeps the session counted while "ssh" (this process) lives.
+    // The stream, now held by "ssh" (this process), keeps the session counted.
     assert_eq!(status(&fixture).connections, 1);
 }
 
@@ -702,4 +769,978 @@ fn proxy_fdpass_falls_back_to_copying_when_stdout_is_a_pipe() {
     assert!(first_line(&mut proxy).starts_with("SSH-2.0-OpenSSH"));
     drop(proxy.stdin.take());
     assert!(proxy.wait().unwrap().success());
+}
+
+// --- Raw control connections, for what the client library never sends. ---
+
+/// Sends `bytes` on a fresh control connection and returns the first reply line.
+fn raw_reply(fixture: &Fixture, bytes: &[u8]) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(fixture.state_dir.join("control.sock")).unwrap();
+    stream.write_all(bytes).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+/// Reads one reply line and the descriptor that came with it.
+fn receive_with_fd(
+    stream: &std::os::unix::net::UnixStream,
+) -> (String, Option<std::os::fd::OwnedFd>) {
+    use std::io::IoSliceMut;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    let mut bytes = vec![0u8; 64 * 1024];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut bytes)];
+    let message = nix::sys::socket::recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
+    let fd = message.cmsgs().unwrap().find_map(|c| match c {
+        nix::sys::socket::ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+        _ => None,
+    });
+    let n = message.bytes;
+    // SAFETY: a fresh descriptor from SCM_RIGHTS, owned by nobody else.
+    let fd = fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    (String::from_utf8_lossy(&bytes[..n]).into_owned(), fd)
+}
+
+fn shut_down(fd: &impl std::os::fd::AsRawFd) {
+    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+}
+
+// --- Issue 10.1: a superseded boot never stops a newer VM. ---
+
+use darwin_vz_nix::backend::BootId;
+
+/// A guest that answers 1.5 s after its VM starts, and readiness probes that take
+/// 0.8 s to fail until then: a boot task is mostly inside a probe, so one that is
+/// superseded notices only after a newer boot has started its VM.
+fn slow_to_answer() -> FakeVmBehaviour {
+    FakeVmBehaviour {
+        listen_delay: Duration::from_millis(1500),
+        refuse_delay: Duration::from_millis(800),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_crash_during_boot_then_an_immediate_retry_boots_normally() {
+    let fixture = Fixture::new();
+    let behaviour = slow_to_answer();
+    let harness = Harness::start(&fixture, behaviour, None);
+    let out = fixture.cli(&["start", "--no-wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    wait_for(Duration::from_secs(10), "boot 1's VM to run", || {
+        harness.vm.running_boot() == Some(BootId(1))
+    });
+    // The boot task is polling for the guest's sshd when the VM dies.
+    harness.vm.crash("guest kernel panic");
+    wait_state(&fixture, VmState::Failed, Duration::from_secs(5));
+
+    let t0 = Instant::now();
+    let out = fixture.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("ready in "), "{}", stdout(&out));
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the retry took {:?}: the old boot stopped the new VM",
+        t0.elapsed()
+    );
+    let report = status(&fixture);
+    assert_eq!((report.state, report.boots), (VmState::Running, 2));
+    assert_eq!(harness.vm.running_boot(), Some(BootId(2)));
+    let calls = harness.vm.calls();
+    assert!(
+        calls
+            .iter()
+            .filter(|c| c.boot == BootId(2))
+            .all(|c| c.op == Op::Start),
+        "nothing but its start reached boot 2: {calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.boot == BootId(1) && c.op == Op::ForceStop),
+        "the superseded boot stopped its own VM: {calls:?}"
+    );
+}
+
+#[test]
+fn a_stop_during_boot_then_a_start_boots_normally() {
+    let fixture = Fixture::new();
+    let behaviour = slow_to_answer();
+    let harness = Harness::start(&fixture, behaviour, None);
+    assert_eq!(fixture.cli(&["start", "--no-wait"]).status.code(), Some(0));
+    wait_for(Duration::from_secs(10), "boot 1's VM to run", || {
+        harness.vm.running_boot() == Some(BootId(1))
+    });
+    let out = fixture.cli(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(status(&fixture).state, VmState::Stopped);
+
+    let t0 = Instant::now();
+    let out = fixture.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let report = status(&fixture);
+    assert_eq!((report.state, report.boots), (VmState::Running, 2));
+    assert_eq!(harness.vm.running_boot(), Some(BootId(2)));
+    assert!(
+        !harness
+            .vm
+            .calls()
+            .iter()
+            .any(|c| c.boot == BootId(2) && c.op == Op::ForceStop),
+        "boot 2 was never force-stopped"
+    );
+    one_session_through_the_proxy(&fixture);
+}
+
+#[test]
+fn fifty_rounds_of_start_stop_start_end_with_the_current_boot_running() {
+    let fixture = Fixture::new();
+    let behaviour = FakeVmBehaviour {
+        boot_delay: Duration::from_millis(5),
+        listen_delay: Duration::from_millis(300),
+        refuse_delay: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let harness = Harness::start(&fixture, behaviour, None);
+    let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
+    let start = Request::Start {
+        wait: false,
+        timeout_ms: None,
+    };
+    let stop = Request::Stop {
+        force: true,
+        timeout_ms: None,
+        exit: false,
+        unless_in_use: false,
+    };
+    for _ in 0..50 {
+        for request in [start.clone(), stop.clone(), start.clone()] {
+            client.call(request, Duration::from_secs(30)).unwrap();
+        }
+    }
+    let t0 = Instant::now();
+    while status(&fixture).state != VmState::Running && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report = status(&fixture);
+    assert_eq!(
+        report.state,
+        VmState::Running,
+        "no leftover starting: {report:?}"
+    );
+    assert_eq!(
+        harness.vm.running_boot(),
+        Some(BootId(report.boots)),
+        "the VM that runs is the supervisor's latest boot"
+    );
+    let calls = harness.vm.calls();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.boot == BootId(report.boots) && c.op != Op::Start),
+        "nothing stopped the latest boot: {calls:?}"
+    );
+    let started: Vec<u64> = calls
+        .iter()
+        .filter(|c| c.op == Op::Start)
+        .map(|c| c.boot.0)
+        .collect();
+    assert!(
+        started.windows(2).all(|pair| pair[0] < pair[1]),
+        "no superseded boot started after a newer one: {started:?}"
+    );
+    one_session_through_the_proxy(&fixture);
+}
+
+// --- Issue 10.2: a deleted socket never strands the supervisor. ---
+
+#[test]
+fn a_deleted_control_socket_is_made_again_and_clients_reach_the_supervisor() {
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    let socket = fixture.state_dir.join("control.sock");
+    std::fs::remove_file(&socket).unwrap();
+
+    // The client waits for the supervisor to notice (every 2 s) instead of saying
+    // "not running".
+    let out = fixture.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("state         running"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(socket.exists());
+}
+
+#[test]
+fn while_a_live_supervisors_socket_is_missing_clients_say_so_and_never_not_running() {
+    let fixture = Fixture::new();
+    let mut child = spawn_child_supervisor(&fixture);
+    wait_answering(&fixture);
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    // Stopped, the supervisor cannot make its socket again: the clients' view.
+    signal(&child, Signal::SIGSTOP);
+    std::fs::remove_file(fixture.state_dir.join("control.sock")).unwrap();
+
+    let expected = format!(
+        "darwin-vz-nix: a supervisor (pid {}) owns {} but its control socket {} is missing; it makes the socket again within 2 s",
+        child.id(),
+        fixture.state_dir.display(),
+        fixture.state_dir.join("control.sock").display()
+    );
+    let commands: [&[&str]; 5] = [
+        &["status"],
+        &["status", "--json"],
+        &["stop", "--daemon"],
+        &["start"],
+        &["proxy"],
+    ];
+    let running: Vec<Child> = commands
+        .iter()
+        .map(|args| {
+            fixture
+                .cli_command(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (args, process) in commands.iter().zip(running) {
+        let out = process.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout(&out));
+        assert!(
+            stderr(&out).starts_with(&expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(!stdout(&out).contains("not running"), "{args:?}");
+        assert!(!stdout(&out).contains("nothing to stop"), "{args:?}");
+        if args == &["status", "--json"] {
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(json["state"], "unreachable");
+        } else {
+            assert!(out.stdout.is_empty(), "{args:?}: {}", stdout(&out));
+        }
+    }
+
+    signal(&child, Signal::SIGCONT);
+    let out = fixture.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("state         running"),
+        "{}",
+        stdout(&out)
+    );
+    signal(&child, Signal::SIGTERM);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn a_second_supervisor_never_removes_a_socket_that_answers() {
+    use std::os::unix::fs::MetadataExt;
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    let socket = fixture.state_dir.join("control.sock");
+    let inode = std::fs::metadata(&socket).unwrap().ino();
+    // Whatever lets a second supervisor past the lock (here: the lock file deleted),
+    // it must not take over a socket its owner still answers on.
+    let _ = std::fs::remove_file(fixture.state_dir.join("lock"));
+    let second = spawn_child_supervisor(&fixture);
+    let out = second.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("already owns") || err.contains("something already answers on"),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&socket).unwrap().ino(), inode);
+    assert_eq!(fixture.cli(&["status"]).status.code(), Some(0));
+}
+
+// --- Issue 10.5: bounded resources. ---
+
+#[test]
+fn silent_and_half_sent_clients_are_dropped_and_status_still_answers() {
+    use std::io::Read;
+    let fixture = Fixture::new();
+    let mut options = fixture.options(None);
+    options.request_timeout = Duration::from_secs(1);
+    let config = fixture.config(Default::default());
+    let _harness = Harness::start_with(&fixture, config, FakeVmBehaviour::default(), options);
+    let socket = fixture.state_dir.join("control.sock");
+    let mut silent: Vec<std::os::unix::net::UnixStream> = (0..50)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    let mut half = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    half.write_all(b"{\"v\":1,").unwrap();
+    silent.push(half);
+
+    let t0 = Instant::now();
+    let out = fixture.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+
+    for mut stream in silent {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(reply["code"], "timeout");
+        assert_eq!(
+            reply["message"],
+            "no complete request line within 1 s; closing the connection"
+        );
+    }
+}
+
+#[test]
+fn a_client_waiting_for_the_boot_it_asked_for_is_not_dropped() {
+    let fixture = Fixture::new();
+    let mut options = fixture.options(None);
+    options.request_timeout = Duration::from_secs(1);
+    let behaviour = FakeVmBehaviour {
+        boot_delay: Duration::from_millis(2500),
+        ..Default::default()
+    };
+    let config = fixture.config(Default::default());
+    let _harness = Harness::start_with(&fixture, config, behaviour, options);
+    let out = fixture.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("ready in "), "{}", stdout(&out));
+}
+
+#[test]
+fn the_idle_timer_is_one_task_however_often_sessions_open_and_close() {
+    let fixture = Fixture::new();
+    let harness = Harness::start(
+        &fixture,
+        FakeVmBehaviour::default(),
+        Some(Duration::from_secs(3600)),
+    );
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    let tasks = || harness.runtime.metrics().num_alive_tasks();
+    let before = tasks();
+    for _ in 0..300 {
+        let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
+        let stream = client
+            .connect_port(ECHO_PORT, Duration::from_secs(10))
+            .unwrap();
+        shut_down(&stream);
+    }
+    wait_for(Duration::from_secs(10), "every session to end", || {
+        status(&fixture).connections == 0
+    });
+    assert!(
+        status(&fixture).idle_remaining_secs.unwrap() > 3000.0,
+        "the idle clock runs"
+    );
+    // Before, each drop to zero spawned a timer sleeping the whole idle timeout.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tasks() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(tasks() <= before, "{} live tasks, {before} before", tasks());
+}
+
+#[test]
+fn three_hundred_silent_clients_at_a_256_descriptor_soft_limit_do_not_block_status() {
+    let fixture = Fixture::new();
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let mut child = spawn_child_supervisor_with(
+        &fixture,
+        ChildOptions {
+            open_files: Some((256, hard)),
+            ..Default::default()
+        },
+    );
+    wait_answering(&fixture);
+    let socket = fixture.state_dir.join("control.sock");
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    let t0 = Instant::now();
+    let out = fixture.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    if hard >= 2048 {
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    }
+    if cfg!(target_os = "linux") {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+        assert_eq!(soft, hard.min(10240), "{line}");
+    }
+    drop(silent);
+    signal(&child, Signal::SIGTERM);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn out_of_descriptors_the_supervisor_pauses_accepting_and_its_log_stays_small() {
+    let fixture = Fixture::new();
+    let mut child = spawn_child_supervisor_with(
+        &fixture,
+        ChildOptions {
+            open_files: Some((64, 64)),
+            env: vec![
+                ("DVN_CHILD_MAX_CLIENTS", "1000".into()),
+                ("DVN_CHILD_REQUEST_TIMEOUT_MS", "1500".into()),
+            ],
+            ..Default::default()
+        },
+    );
+    wait_answering(&fixture);
+    let socket = fixture.state_dir.join("control.sock");
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..120)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = std::fs::read_to_string(fixture.state_dir.join("logs/daemon.log")).unwrap();
+    let failures = log.lines().filter(|l| l.contains("accept failed")).count();
+    assert!(failures >= 1, "the limit was hit: {log}");
+    assert!(
+        failures <= 4,
+        "{failures} accept failures logged in 3 s:\n{log}"
+    );
+    drop(silent);
+    let out = fixture.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    signal(&child, Signal::SIGTERM);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn the_daemon_log_is_rotated_by_size_while_running_and_repeats_are_left_out() {
+    use std::io::{BufRead, BufReader};
+    let fixture = Fixture::new();
+    let mut child = spawn_child_supervisor_with(
+        &fixture,
+        ChildOptions {
+            env: vec![
+                ("DVN_CHILD_LOG_MAX", "4096".into()),
+                ("DVN_CHILD_LOG_LEVEL", "debug".into()),
+            ],
+            ..Default::default()
+        },
+    );
+    wait_answering(&fixture);
+    let stream =
+        std::os::unix::net::UnixStream::connect(fixture.state_dir.join("control.sock")).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut ask = |line: &str| {
+        writer.write_all(line.as_bytes()).unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+    };
+    // 300 identical bad requests: one line, then a count.
+    for _ in 0..300 {
+        ask("{\"v\":1,\"op\":\"same\"}\n");
+    }
+    ask("{\"v\":1,\"op\":\"different\"}\n");
+    let log = fixture.state_dir.join("logs/daemon.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("unknown variant `same`").count(), 1, "{text}");
+    assert!(
+        text.contains("the previous message was repeated 299 more time(s)"),
+        "{text}"
+    );
+    // Distinct lines past the bound: the file is rotated while the daemon runs.
+    for i in 0..200 {
+        ask(&format!("{{\"v\":1,\"op\":\"op{i}\"}}\n"));
+    }
+    let rotated = fixture.state_dir.join("logs/daemon.log.1");
+    assert!(rotated.exists());
+    assert!(std::fs::metadata(&log).unwrap().len() <= 4096);
+    assert!(std::fs::metadata(&rotated).unwrap().len() <= 4096);
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("unknown variant `op199`")
+    );
+    signal(&child, Signal::SIGTERM);
+    assert!(child.wait().unwrap().success());
+}
+
+// --- Issue 10.6 and 10.8: protocol input. ---
+
+#[test]
+fn out_of_range_numbers_get_a_bad_request_naming_the_field_and_change_nothing() {
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    let cases = [
+        (
+            "{\"v\":1,\"op\":\"stop\",\"timeoutMs\":18446744073709551615}\n",
+            "`timeoutMs` of `stop` is 18446744073709551615, not a whole number in 0..=3600000",
+        ),
+        (
+            "{\"v\":1,\"op\":\"connect\",\"port\":22,\"timeoutMs\":0}\n",
+            "`timeoutMs` of `connect` is 0, not a whole number in 1..=86400000",
+        ),
+        (
+            "{\"v\":1,\"op\":\"connect\",\"port\":0}\n",
+            "`port` of `connect` is 0, not a whole number in 1..=4294967294",
+        ),
+        (
+            "{\"v\":1,\"op\":\"start\",\"wait\":true,\"timeoutMs\":18446744073709552000}\n",
+            "`timeoutMs` of `start` is 1.8446744073709552e+19, not a whole number in 1..=86400000",
+        ),
+    ];
+    for (line, message) in cases {
+        let reply = raw_reply(&fixture, line.as_bytes());
+        assert_eq!(reply["code"], "bad-request", "{line}");
+        assert_eq!(reply["message"], message, "{line}");
+    }
+    let report = status(&fixture);
+    assert_eq!((report.state, report.boots), (VmState::Running, 1));
+}
+
+#[test]
+fn a_stop_timeout_of_u64_max_neither_panics_nor_hangs_the_shutdown() {
+    let fixture = Fixture::new();
+    let mut child = spawn_child_supervisor_with(
+        &fixture,
+        ChildOptions {
+            env: vec![("DVN_CHILD_STOP_TIMEOUT_SECS", u64::MAX.to_string())],
+            ..Default::default()
+        },
+    );
+    wait_answering(&fixture);
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    // No timeoutMs: the supervisor's own (huge) stop timeout applies.
+    let reply = raw_reply(&fixture, b"{\"v\":1,\"op\":\"stop\"}\n");
+    assert_eq!(reply["reply"], "stopped", "{reply}");
+    assert_eq!(reply["outcome"], "graceful", "{reply}");
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    let t0 = Instant::now();
+    signal(&child, Signal::SIGTERM);
+    assert!(child.wait().unwrap().success());
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let log = std::fs::read_to_string(fixture.state_dir.join("logs/daemon.log")).unwrap();
+    assert!(log.contains("VM stop: Graceful"), "{log}");
+}
+
+#[test]
+fn a_last_request_without_its_newline_is_answered() {
+    use std::io::Read;
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(fixture.state_dir.join("control.sock")).unwrap();
+    stream.write_all(b"{\"v\":1,\"op\":\"status\"}").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(reply["reply"], "status", "{text}");
+    assert_eq!(reply["state"], "stopped");
+}
+
+#[test]
+fn a_request_with_a_key_given_twice_is_refused_and_does_nothing() {
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    let reply = raw_reply(
+        &fixture,
+        b"{\"v\":1,\"op\":\"stop\",\"force\":false,\"force\":true}\n",
+    );
+    assert_eq!(reply["code"], "bad-request");
+    assert_eq!(
+        reply["message"],
+        "duplicate key `force` at line 1 column 40; send each field once"
+    );
+    assert_eq!(status(&fixture).state, VmState::Running);
+}
+
+// --- Issue 17.1: a session is its stream. ---
+
+#[test]
+fn a_stream_stays_counted_after_its_control_connection_is_half_closed() {
+    use std::io::Read;
+    let fixture = Fixture::new();
+    let idle = Duration::from_millis(400);
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), Some(idle));
+    let control =
+        std::os::unix::net::UnixStream::connect(fixture.state_dir.join("control.sock")).unwrap();
+    (&control)
+        .write_all(b"{\"v\":1,\"op\":\"connect\",\"port\":22}\n")
+        .unwrap();
+    control.shutdown(std::net::Shutdown::Write).unwrap();
+    let (reply, fd) = receive_with_fd(&control);
+    assert!(reply.contains("\"reply\":\"connected\""), "{reply}");
+    let mut guest = std::fs::File::from(fd.expect("the stream came with the reply"));
+    let mut banner = [0u8; 8];
+    guest.read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0-");
+    drop(control);
+
+    std::thread::sleep(idle * 3);
+    let report = status(&fixture);
+    assert_eq!((report.state, report.connections), (VmState::Running, 1));
+
+    shut_down(&guest);
+    wait_state(&fixture, VmState::Stopped, Duration::from_secs(10));
+}
+
+// --- Issue 17.3: every catchable ending signal powers the guest off gracefully. ---
+
+fn signal_stops_gracefully(which: Signal) {
+    let fixture = Fixture::new();
+    let mut child = spawn_child_supervisor(&fixture);
+    wait_answering(&fixture);
+    let out = fixture.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{which}: {}", stderr(&out));
+    signal(&child, which);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{which}: {status}");
+    let log = std::fs::read_to_string(fixture.state_dir.join("logs/daemon.log")).unwrap();
+    assert!(
+        log.contains(&format!("{which}: powering the VM off gracefully")),
+        "{which}: {log}"
+    );
+    assert!(log.contains("VM stop: Graceful"), "{which}: {log}");
+    let calls = std::fs::read_to_string(fixture.state_dir.join("fake-vm-calls.log")).unwrap();
+    assert!(calls.contains("RequestStop 1 Done"), "{which}: {calls}");
+    assert!(!calls.contains("ForceStop 1 Done"), "{which}: {calls}");
+}
+
+#[test]
+fn sighup_powers_the_vm_off_gracefully_and_the_daemon_exits_0() {
+    signal_stops_gracefully(Signal::SIGHUP);
+}
+
+#[test]
+fn every_documented_stop_signal_powers_the_vm_off_gracefully() {
+    let signals: Vec<Signal> = darwin_vz_nix::daemon::stop_signals()
+        .into_iter()
+        .filter(|s| *s != Signal::SIGHUP)
+        .collect();
+    for batch in signals.chunks(4) {
+        let threads: Vec<_> = batch
+            .iter()
+            .map(|&which| std::thread::spawn(move || signal_stops_gracefully(which)))
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+    }
+}
+
+// --- Issue 17.4: measurement never disturbs work. ---
+
+#[test]
+fn bench_refuses_to_run_under_open_sessions_unless_forced() {
+    let fixture = Fixture::new();
+    let harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    let mut session = spawn_proxy(&fixture);
+    assert!(first_line(&mut session).starts_with("SSH-2.0-"));
+    assert_eq!(status(&fixture).connections, 1);
+
+    for (args, name) in [
+        (&["bench", "boot", "--runs", "1"][..], "bench boot"),
+        (&["bench", "control", "--runs", "2"][..], "bench control"),
+    ] {
+        let out = fixture.cli(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            stderr(&out),
+            format!(
+                "darwin-vz-nix: `{name}` forces the VM off between runs, and 1 session(s) are open (a build may be running); nothing was stopped. Wait until `darwin-vz-nix status` shows 0 connections, or pass --force to force the VM off under them\n"
+            )
+        );
+    }
+    let report = status(&fixture);
+    assert_eq!((report.state, report.boots), (VmState::Running, 1));
+    assert_eq!(harness.vm.boots(), 1, "the VM was never stopped");
+
+    let out = fixture.cli(&["bench", "boot", "--runs", "1", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(harness.vm.boots(), 2);
+    let _ = session.kill();
+    let _ = session.wait();
+}
+
+// --- Issue 10.4: the control group may look and build, not destroy. ---
+
+/// Runs only when re-executed by a test: sends `DVN_CLIENT_LINE` on the control
+/// socket `DVN_CLIENT_SOCKET` (as whichever user runs it) and prints the reply.
+#[test]
+#[ignore = "helper process for other tests"]
+fn child_client() {
+    use std::io::{BufRead, BufReader};
+    let Ok(socket) = std::env::var("DVN_CLIENT_SOCKET") else {
+        return;
+    };
+    let line = std::env::var("DVN_CLIENT_LINE").unwrap();
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).unwrap();
+    println!("REPLY {}", reply.trim());
+}
+
+/// Throwaway accounts and groups, deleted on drop.
+struct Accounts {
+    users: Vec<String>,
+    groups: Vec<String>,
+}
+
+impl Accounts {
+    fn new() -> Accounts {
+        Accounts {
+            users: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// `useradd` and friends lock /etc/passwd; other tests may hold the lock.
+    fn run(program: &str, args: &[&str]) {
+        for _ in 0..50 {
+            let out = Command::new(program).args(args).output().unwrap();
+            if out.status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{program} {args:?} kept failing");
+    }
+
+    fn group(&mut self, name: String) -> u32 {
+        Self::run("groupadd", &[&name]);
+        self.groups.push(name.clone());
+        nix::unistd::Group::from_name(&name)
+            .unwrap()
+            .unwrap()
+            .gid
+            .as_raw()
+    }
+
+    fn user(&mut self, name: String, group: &str) -> u32 {
+        Self::run("useradd", &["-M", "-N", "-g", group, &name]);
+        self.users.push(name.clone());
+        nix::unistd::User::from_name(&name)
+            .unwrap()
+            .unwrap()
+            .uid
+            .as_raw()
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        for user in &self.users {
+            let _ = Command::new("userdel").arg(user).status();
+        }
+        for group in &self.groups {
+            let _ = Command::new("groupdel").arg(group).status();
+        }
+    }
+}
+
+#[test]
+fn each_cell_of_the_authorization_table_holds_through_the_real_binary() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::getuid().is_root() {
+        eprintln!(
+            "skipped: needs root, to create throwaway accounts (useradd) and run the binary as them"
+        );
+        return;
+    }
+    let tag = format!("dvnt{}", std::process::id());
+    let mut accounts = Accounts::new();
+    let control_group = format!("{tag}g");
+    let gid = accounts.group(control_group.clone());
+    let outsiders = format!("{tag}h");
+    let other_gid = accounts.group(outsiders.clone());
+    let owner = accounts.user(format!("{tag}o"), &control_group);
+    let member = accounts.user(format!("{tag}m"), &control_group);
+    let outsider = accounts.user(format!("{tag}x"), &outsiders);
+
+    // The daemon runs as `owner`, in a directory it owns; the others can traverse
+    // to it and run copies of the binaries.
+    let fixture = Fixture::new();
+    let dir = fixture.dir.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    nix::unistd::chown(dir, Some(owner.into()), Some(gid.into())).unwrap();
+    let tests_exe = dir.join("supervisor-tests");
+    std::fs::copy(std::env::current_exe().unwrap(), &tests_exe).unwrap();
+    let cli_exe = dir.join("darwin-vz-nix");
+    std::fs::copy(env!("CARGO_BIN_EXE_darwin-vz-nix"), &cli_exe).unwrap();
+    let mut daemon = spawn_child_supervisor_with(
+        &fixture,
+        ChildOptions {
+            env: vec![("DVN_CHILD_CONTROL_GROUP", control_group.clone())],
+            exe: Some(tests_exe.clone()),
+            user: Some((owner, gid)),
+            ..Default::default()
+        },
+    );
+    wait_answering(&fixture);
+    let socket = fixture.state_dir.join("control.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        (meta.permissions().mode() & 0o777, meta.uid(), meta.gid()),
+        (0o660, owner, gid)
+    );
+
+    let cli = |who: Option<(u32, u32)>, args: &[&str]| {
+        let mut command = Command::new(&cli_exe);
+        command
+            .arg("--state-dir")
+            .arg(&fixture.state_dir)
+            .args(args)
+            .env_remove("DARWIN_VZ_NIX_CONFIG")
+            .env("DARWIN_VZ_NIX_GUEST", &fixture.guest_dir)
+            .env("DARWIN_VZ_NIX_SSH_USER", "builder")
+            .env("HOME", dir)
+            .current_dir("/")
+            .stdin(Stdio::null());
+        if let Some((uid, gid)) = who {
+            command.uid(uid).gid(gid);
+        }
+        command.output().unwrap()
+    };
+    let as_member = Some((member, gid));
+    let refused = |args: &[&str], op: &str| {
+        let out = cli(as_member, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout(&out));
+        assert!(
+            stderr(&out).starts_with(&format!(
+                "darwin-vz-nix: `{op}` is refused for uid {member}: only the daemon's user, {tag}o (uid {owner}), and root may"
+            )),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    };
+
+    // A member of the control group: status, start, connect, wait-ready…
+    let out = cli(as_member, &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = cli(as_member, &["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("ready in "), "{}", stdout(&out));
+    let mut proxy = Command::new(&cli_exe)
+        .arg("--state-dir")
+        .arg(&fixture.state_dir)
+        .arg("proxy")
+        .env("HOME", dir)
+        .current_dir("/")
+        .uid(member)
+        .gid(gid)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(first_line(&mut proxy).starts_with("SSH-2.0-"));
+    drop(proxy.stdin.take());
+    assert!(proxy.wait().unwrap().success());
+    let out = Command::new(&tests_exe)
+        .args(["--exact", "child_client", "--ignored", "--nocapture"])
+        .env("DVN_CLIENT_SOCKET", &socket)
+        .env(
+            "DVN_CLIENT_LINE",
+            "{\"v\":1,\"op\":\"wait-ready\",\"timeoutMs\":5000}\n",
+        )
+        .current_dir("/")
+        .uid(member)
+        .gid(gid)
+        .output()
+        .unwrap();
+    let reply = stdout(&out);
+    assert!(
+        reply.contains("REPLY {\"v\":1,\"reply\":\"ready\""),
+        "{reply}"
+    );
+
+    // …but never stop, end the supervisor, or reset state.
+    refused(&["stop"], "stop");
+    refused(&["stop", "--force"], "stop");
+    refused(&["stop", "--daemon"], "stop --daemon");
+    refused(&["destroy", "--yes"], "reset");
+    refused(&["rotate-keys"], "reset");
+    assert!(fixture.state_dir.join("disk.img").exists());
+    assert_eq!(status(&fixture).state, VmState::Running);
+
+    // Anyone else: the socket's mode keeps them out.
+    let out = cli(Some((outsider, other_gid)), &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("permission denied on the control socket"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The daemon's own user: everything.
+    let as_owner = Some((owner, gid));
+    let out = cli(as_owner, &["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = cli(as_owner, &["rotate-keys"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // Root: everything, down to ending the supervisor.
+    let out = cli(None, &["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = cli(None, &["destroy", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = cli(None, &["stop", "--daemon"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(daemon.wait().unwrap().success());
+    drop(accounts);
+}
+
+#[test]
+fn at_most_max_clients_are_served_at_once_and_the_rest_wait_their_turn() {
+    let fixture = Fixture::new();
+    let mut options = fixture.options(None);
+    options.max_clients = Some(2);
+    options.request_timeout = Duration::from_millis(1500);
+    let config = fixture.config(Default::default());
+    let _harness = Harness::start_with(&fixture, config, FakeVmBehaviour::default(), options);
+    let socket = fixture.state_dir.join("control.sock");
+    // Give the supervisor a moment to have served the harness's own readiness check.
+    std::thread::sleep(Duration::from_millis(100));
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..2)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    let out = fixture.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "served at once ({waited:?}) although two clients held both places"
+    );
+    assert!(waited < Duration::from_secs(6), "{waited:?}");
+    drop(silent);
 }

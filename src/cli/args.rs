@@ -462,6 +462,10 @@ pub struct LogsArgs {
 pub struct BenchArgs {
     #[command(subcommand)]
     pub what: BenchKind,
+    /// Run even while sessions are open: the bench forces the VM off between runs,
+    /// under whatever build is running.
+    #[arg(long, global = true)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]

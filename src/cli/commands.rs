@@ -13,7 +13,9 @@ use super::args::{
 };
 use crate::bench::{self, Stats};
 use crate::config::{self, Config, ConfigLayer, Origin, Source};
-use crate::control::protocol::{BootTiming, Reply, Request, StatusReport, StopOutcome, VmState};
+use crate::control::protocol::{
+    self, BootTiming, Reply, Request, StatusReport, StopOutcome, VmState,
+};
 use crate::control::{ClientError, ControlClient};
 use crate::daemon::{self, DaemonOptions};
 use crate::doctor;
@@ -43,7 +45,7 @@ pub fn run(cli: Cli) -> Outcome {
         Command::Daemon(args) => run_daemon(&global, &args.vm),
         Command::Doctor(args) => run_doctor(&global, &args.vm, args.json),
         Command::Logs(args) => logs(&global, &args),
-        Command::Bench(args) => run_bench(&global, args.what),
+        Command::Bench(args) => run_bench(&global, args.what, args.force),
         Command::Destroy(args) => reset(&global, false, args.yes),
         Command::RotateKeys => reset(&global, true, true),
         Command::Completions { shell } => {
@@ -184,9 +186,9 @@ fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
     }
     let request = Request::Start {
         wait: true,
-        timeout_ms: Some(timeout.as_millis() as u64),
+        timeout_ms: Some(protocol::millis(timeout)),
     };
-    let reply = client.call(request, timeout + Duration::from_secs(5))?;
+    let reply = client.call(request, timeout.saturating_add(Duration::from_secs(5)))?;
     let Reply::Started {
         already_running,
         boot,
@@ -388,10 +390,14 @@ fn stop(global: &GlobalArgs, args: &StopArgs) -> Outcome {
     };
     let request = Request::Stop {
         force: args.force,
-        timeout_ms: Some(timeout.as_millis() as u64),
+        timeout_ms: Some(protocol::millis(timeout)),
         exit: args.daemon,
+        unless_in_use: false,
     };
-    let reply = client.call(request, timeout + Duration::from_secs(30))?;
+    // The supervisor waits at most this long for the guest, then up to a minute for
+    // the forced stop.
+    let bound = timeout.min(crate::supervisor::MAX_STOP_TIMEOUT);
+    let reply = client.call(request, bound.saturating_add(Duration::from_secs(90)))?;
     let Reply::Stopped { outcome } = reply else {
         return Err(CliError::Failure(format!("unexpected reply {reply:?}")));
     };
@@ -440,6 +446,16 @@ fn status(global: &GlobalArgs, json: bool) -> Outcome {
             }
             return Err(CliError::NotRunning(String::new()));
         }
+        // A supervisor lives but cannot be reached: say that, never "not running".
+        Err(e @ ClientError::SocketMissing { .. }) => {
+            if let (true, ClientError::SocketMissing { pid, .. }) = (json, &e) {
+                println!(
+                    "{}",
+                    serde_json::json!({ "state": "unreachable", "supervisorPid": pid, "stateDir": config.state_dir })
+                );
+            }
+            return Err(e.into());
+        }
         Ok(mut client) => match client.call(Request::Status, Duration::from_secs(10))? {
             Reply::Status(report) => report,
             other => return Err(CliError::Failure(format!("unexpected reply {other:?}"))),
@@ -458,7 +474,9 @@ fn status(global: &GlobalArgs, json: bool) -> Outcome {
 }
 
 fn duration_text(secs: f64) -> String {
-    let secs = secs.max(0.0) as u64;
+    let secs = Duration::try_from_secs_f64(secs.max(0.0))
+        .unwrap_or(Duration::MAX)
+        .as_secs();
     match secs {
         0..60 => format!("{secs} s"),
         60..3600 => format!("{} min {} s", secs / 60, secs % 60),
@@ -528,6 +546,12 @@ pub fn format_status(r: &StatusReport) -> String {
     );
     if let Some(error) = &r.last_error {
         line("last error", error.clone());
+    }
+    for notice in &r.notices {
+        line(
+            "notice",
+            format!("{} ago: {}", duration_text(notice.age_secs), notice.message),
+        );
     }
     out
 }
@@ -737,18 +761,37 @@ fn tail_of(path: &Path, lines: usize) -> String {
         .unwrap_or_default()
 }
 
-fn run_bench(global: &GlobalArgs, what: BenchKind) -> Outcome {
+fn run_bench(global: &GlobalArgs, what: BenchKind, force: bool) -> Outcome {
     let host = HostInfo::detect();
     let config = resolve_config(global, ConfigLayer::default(), &host)?;
     let dir = &config.state_dir;
     let boot_timeout = Duration::from_secs(180);
+    let name = match what {
+        BenchKind::Boot { .. } => "bench boot",
+        BenchKind::Control { .. } => "bench control",
+    };
+    // Both benches force the VM off between runs: never under someone's build.
+    let sessions = bench::open_sessions(dir)?;
+    if sessions > 0 && !force {
+        return Err(bench_refusal(
+            name,
+            &format!("{sessions} session(s) are open"),
+        ));
+    }
+    let in_use = |e: ClientError| match e {
+        ClientError::Remote {
+            code: protocol::ErrorCode::Busy,
+            message,
+        } => bench_refusal(name, &message),
+        other => other.into(),
+    };
     match what {
         BenchKind::Boot { runs } => {
             println!(
                 "cold boots against the supervisor of {} ({runs} runs)…",
                 dir.display()
             );
-            let timings = bench::cold_boots(dir, runs, boot_timeout)?;
+            let timings = bench::cold_boots(dir, runs, boot_timeout, force).map_err(in_use)?;
             let column =
                 |f: fn(&BootTiming) -> f64| Stats::of(&timings.iter().map(f).collect::<Vec<_>>());
             if let (Some(started), Some(ready)) =
@@ -769,13 +812,22 @@ fn run_bench(global: &GlobalArgs, what: BenchKind) -> Outcome {
                 crate::contract::SSH_VSOCK_PORT,
                 cold,
                 boot_timeout,
-            )?;
+                force,
+            )
+            .map_err(in_use)?;
             if let Some(stats) = Stats::of(&first) {
                 println!("connect on a stopped VM to first guest byte   {stats}");
             }
         }
     }
     Ok(0)
+}
+
+/// Why a bench did not run: it would have forced the VM off under open sessions.
+fn bench_refusal(name: &str, why: &str) -> CliError {
+    CliError::Failure(format!(
+        "`{name}` forces the VM off between runs, and {why} (a build may be running); nothing was stopped. Wait until `darwin-vz-nix status` shows 0 connections, or pass --force to force the VM off under them"
+    ))
 }
 
 /// `destroy` and `rotate-keys`. Says which directory it acts on before acting; with

@@ -4,7 +4,7 @@ use std::io::{IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
@@ -16,6 +16,18 @@ pub enum ClientError {
         "no supervisor is running for {state_dir} (no one answers on {socket}); start one with `darwin-vz-nix start`, or enable services.darwin-vz in nix-darwin"
     )]
     NotRunning { state_dir: PathBuf, socket: PathBuf },
+    /// The directory's lock is held (a supervisor lives) but its socket does not
+    /// answer: it was deleted, and the supervisor makes it again shortly.
+    #[error(
+        "a supervisor (pid {pid}) owns {state_dir} but its control socket {socket} is missing; it makes the socket again within {within_secs} s — try again then (see its log {log})"
+    )]
+    SocketMissing {
+        pid: String,
+        state_dir: PathBuf,
+        socket: PathBuf,
+        within_secs: u64,
+        log: PathBuf,
+    },
     #[error(
         "permission denied on the control socket {socket}; run as the daemon's user or root (sudo), or ask for membership of its controlGroup"
     )]
@@ -38,6 +50,13 @@ pub enum ClientError {
     Remote { code: ErrorCode, message: String },
 }
 
+/// How often a supervisor checks that its socket file still exists (the server's
+/// `ServerOptions::DEFAULT_SOCKET_CHECK` is this).
+pub const SOCKET_CHECK_SECS: u64 = 2;
+
+/// How long a client waits for a live supervisor to make its deleted socket again.
+const SOCKET_WAIT: Duration = Duration::from_secs(SOCKET_CHECK_SECS + 1);
+
 pub struct ControlClient {
     stream: UnixStream,
     socket: PathBuf,
@@ -52,31 +71,51 @@ impl std::os::fd::AsFd for ControlClient {
 }
 
 impl ControlClient {
-    /// Connects to the supervisor of `state_dir`.
+    /// Connects to the supervisor of `state_dir`. When no one answers on the socket
+    /// but the directory's lock is held, the supervisor lives and its socket was
+    /// deleted: wait for it to make the socket again (it checks every
+    /// `SOCKET_CHECK_SECS`), and say so if it does not.
     pub fn connect(state_dir: &Path) -> Result<ControlClient, ClientError> {
         let state = crate::state::StateDir::new(state_dir);
         let socket = state.socket();
-        let stream = UnixStream::connect(&socket).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                ClientError::NotRunning {
-                    state_dir: state_dir.to_path_buf(),
-                    socket: socket.clone(),
+        let mut waited_since: Option<Instant> = None;
+        loop {
+            match UnixStream::connect(&socket) {
+                Ok(stream) => {
+                    return Ok(ControlClient {
+                        stream,
+                        socket,
+                        log: state.daemon_log(),
+                        buffer: Vec::new(),
+                    });
                 }
+                Err(source) => match source.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                        if !state.is_locked() {
+                            return Err(ClientError::NotRunning {
+                                state_dir: state_dir.to_path_buf(),
+                                socket,
+                            });
+                        }
+                        let since = *waited_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= SOCKET_WAIT {
+                            return Err(ClientError::SocketMissing {
+                                pid: state.lock_holder().unwrap_or_else(|| "unknown".into()),
+                                state_dir: state_dir.to_path_buf(),
+                                socket,
+                                within_secs: SOCKET_CHECK_SECS,
+                                log: state.daemon_log(),
+                            });
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    std::io::ErrorKind::PermissionDenied => {
+                        return Err(ClientError::PermissionDenied { socket });
+                    }
+                    _ => return Err(ClientError::Io { socket, source }),
+                },
             }
-            std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
-                socket: socket.clone(),
-            },
-            _ => ClientError::Io {
-                socket: socket.clone(),
-                source,
-            },
-        })?;
-        Ok(ControlClient {
-            stream,
-            socket,
-            log: state.daemon_log(),
-            buffer: Vec::new(),
-        })
+        }
     }
 
     /// Sends a request and waits up to `timeout` for its reply. Error replies become
@@ -87,16 +126,18 @@ impl ControlClient {
         Ok(reply)
     }
 
-    /// Asks for a stream to a guest port; returns its descriptor. Keep this client
-    /// alive while using the stream: dropping it tells the supervisor it ended.
+    /// Asks for a stream to a guest port; returns its descriptor. The stream is the
+    /// session: it counts as in use until the guest closes it or someone shuts it
+    /// down (`shutdown(2)`; closing a descriptor is not enough while the supervisor
+    /// holds its own copy). The control connection ends with the reply.
     pub fn connect_port(&mut self, port: u32, timeout: Duration) -> Result<OwnedFd, ClientError> {
         self.send(Request::Connect {
             port,
-            timeout_ms: Some(timeout.as_millis() as u64),
+            timeout_ms: Some(protocol::millis(timeout)),
         })?;
         // Allow a little more than the supervisor's own bound so that its error
         // reply, not our timeout, tells what happened.
-        let (reply, fd) = self.receive(timeout + Duration::from_secs(5))?;
+        let (reply, fd) = self.receive(timeout.saturating_add(Duration::from_secs(5)))?;
         match (reply, fd) {
             (Reply::Connected { .. }, Some(fd)) => Ok(fd),
             (Reply::Connected { .. }, None) => Err(ClientError::Protocol(

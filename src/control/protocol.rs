@@ -1,10 +1,15 @@
 //! The control protocol between the supervisor and its clients.
 //!
 //! One JSON object per line in each direction, every message carrying the protocol
-//! version `v`. A request is answered by exactly one reply. A successful `connect`
-//! reply carries the guest stream's file descriptor (`SCM_RIGHTS`) and the client keeps
-//! the control connection open for as long as it uses the stream: closing it is how
-//! the supervisor learns that the connection ended (which drives the idle poweroff).
+//! version `v`. A request is answered by exactly one reply; a last request without
+//! its newline is answered too. A successful `connect` reply carries the guest
+//! stream's file descriptor (`SCM_RIGHTS`) and ends the control connection: from then
+//! on the stream itself is the session (the supervisor watches its own copy of it), so
+//! the client may close the control connection, fork, or hand the descriptor on.
+//!
+//! Requests are checked strictly: a key given twice, an unknown field, or a number
+//! outside its range (see [`WAIT_TIMEOUT_MS`], [`STOP_TIMEOUT_MS`], [`PORTS`]) gets
+//! a `bad-request` reply naming the field.
 //!
 //! ```text
 //! -> {"v":1,"op":"status"}
@@ -15,8 +20,11 @@
 //! <- {"v":1,"reply":"error","code":"bad-request","message":"..."}
 //! ```
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; a supervisor refuses other versions.
@@ -24,6 +32,23 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// A request line longer than this is refused and the connection closed.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// `timeoutMs` of `start`, `wait-ready` and `connect`: 1 ms to 24 h. Absent means
+/// the supervisor's default wait (180 s).
+pub const WAIT_TIMEOUT_MS: RangeInclusive<u64> = 1..=86_400_000;
+
+/// `timeoutMs` of `stop`: 0 (force right after asking) to 1 h, the longest graceful
+/// poweroff the supervisor waits for. Absent means the configured `stopTimeout`.
+pub const STOP_TIMEOUT_MS: RangeInclusive<u64> = 0..=3_600_000;
+
+/// `port` of `connect`: any vsock port but 0 and `VMADDR_PORT_ANY` (2^32 - 1).
+pub const PORTS: RangeInclusive<u32> = 1..=u32::MAX - 1;
+
+/// A duration as whole milliseconds for `timeoutMs`, saturating instead of wrapping
+/// (an out-of-range value is then refused by the supervisor, naming the field).
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", rename_all_fields = "camelCase")]
@@ -40,13 +65,16 @@ pub enum Request {
     /// Waits until the VM is ready (without booting it).
     WaitReady { timeout_ms: Option<u64> },
     /// Powers the VM off: graceful first (ACPI), forced after `timeoutMs`; or forced
-    /// at once. With `exit`, the supervisor process ends afterwards.
+    /// at once. With `exit`, the supervisor process ends afterwards. With
+    /// `unlessInUse`, refused (`busy`) while a session is open.
     Stop {
         #[serde(default)]
         force: bool,
         timeout_ms: Option<u64>,
         #[serde(default)]
         exit: bool,
+        #[serde(default)]
+        unless_in_use: bool,
     },
     /// A stream to a guest vsock port; boots the VM on demand and waits until ready.
     Connect { port: u32, timeout_ms: Option<u64> },
@@ -64,6 +92,7 @@ impl Request {
             Request::Status => "status",
             Request::Start { .. } => "start",
             Request::WaitReady { .. } => "wait-ready",
+            Request::Stop { exit: true, .. } => "stop --daemon",
             Request::Stop { .. } => "stop",
             Request::Connect { .. } => "connect",
             Request::Reset { .. } => "reset",
@@ -136,6 +165,10 @@ pub enum ErrorCode {
     ConnectFailed,
     /// The operation needs a stopped or a running VM.
     WrongState,
+    /// The VM is in use (sessions open) and the request asked not to disturb it.
+    Busy,
+    /// This peer may not ask for this operation (see the README's authorization table).
+    Forbidden,
     /// Anything else inside the supervisor.
     Internal,
 }
@@ -196,14 +229,27 @@ pub struct StatusReport {
     pub supervisor_uptime_secs: f64,
     /// Seconds since the VM became ready, while it runs.
     pub vm_uptime_secs: Option<f64>,
-    /// Open proxied connections (each `ssh` or Nix session through `proxy`).
+    /// Sessions: connections waiting for a boot, and open guest streams (each `ssh`
+    /// or Nix connection through `proxy`, wherever ssh moved it).
     pub connections: usize,
     /// Seconds until the idle poweroff, when running with no connection.
     pub idle_remaining_secs: Option<f64>,
     pub boots: u64,
     pub last_boot: Option<BootTiming>,
     pub last_error: Option<String>,
+    /// Warnings worth a look (e.g. a key that was missing and was made afresh),
+    /// oldest first.
+    #[serde(default)]
+    pub notices: Vec<NoticeReport>,
     pub config: ConfigSummary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NoticeReport {
+    pub message: String,
+    /// Seconds since it was noted.
+    pub age_secs: f64,
 }
 
 /// The settings a client may want to compare or show.
@@ -228,11 +274,25 @@ pub struct BadRequest {
 }
 
 /// Parses one request line, checking the version before anything else so that an old
-/// client gets "wrong version" rather than a confusing field error.
+/// client gets "wrong version" rather than a confusing field error; then the fields,
+/// their ranges, and that no key is given twice.
 pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
     let bad = |code, message: String| BadRequest { code, message };
-    let value: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|e| bad(ErrorCode::BadRequest, format!("not a JSON object: {e}")))?;
+    let value = match serde_json::from_slice::<StrictJson>(line) {
+        Ok(StrictJson(value)) => value,
+        Err(e) if e.to_string().starts_with(DUPLICATE_KEY) => {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!("{e}; send each field once"),
+            ));
+        }
+        Err(e) => {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!("not a JSON object: {e}"),
+            ));
+        }
+    };
     let Some(object) = value.as_object() else {
         return Err(bad(ErrorCode::BadRequest, "not a JSON object".into()));
     };
@@ -253,6 +313,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
             ));
         }
     }
+    check_numbers(object).map_err(|message| bad(ErrorCode::BadRequest, message))?;
     serde_json::from_value::<RequestLine>(value)
         .map(|line| line.request)
         .map_err(|e| {
@@ -261,6 +322,107 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
                 format!("{e}; known ops: status, start, wait-ready, stop, connect, reset"),
             )
         })
+}
+
+/// The documented range of a numeric field of an operation, if it has one.
+fn field_range(op: &str, field: &str) -> Option<RangeInclusive<u64>> {
+    match (op, field) {
+        ("stop", "timeoutMs") => Some(STOP_TIMEOUT_MS),
+        ("start" | "wait-ready" | "connect", "timeoutMs") => Some(WAIT_TIMEOUT_MS),
+        ("connect", "port") => Some(u64::from(*PORTS.start())..=u64::from(*PORTS.end())),
+        _ => None,
+    }
+}
+
+/// Every numeric field a whole number within its documented range (`null` means
+/// "not given"), checked before serde so that the error names the field.
+fn check_numbers(object: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+    let Some(op) = object.get("op").and_then(|op| op.as_str()) else {
+        return Ok(());
+    };
+    let shown = if op == "stop" && object.get("exit") == Some(&serde_json::Value::Bool(true)) {
+        "stop --daemon"
+    } else {
+        op
+    };
+    for (field, value) in object {
+        let Some(range) = field_range(op, field) else {
+            continue;
+        };
+        match value.as_u64() {
+            Some(n) if range.contains(&n) => {}
+            None if value.is_null() => {}
+            _ => {
+                return Err(format!(
+                    "`{field}` of `{shown}` is {value}, not a whole number in {}..={}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+const DUPLICATE_KEY: &str = "duplicate key";
+
+/// A JSON value parsed like `serde_json::Value`, except that an object with the same
+/// key twice is an error (serde_json silently keeps the last one).
+struct StrictJson(serde_json::Value);
+
+impl<'de> Deserialize<'de> for StrictJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = StrictJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<StrictJson, E> {
+        Ok(StrictJson(v.into()))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<StrictJson, E> {
+        Ok(StrictJson(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<StrictJson, E> {
+        Ok(StrictJson(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<StrictJson, E> {
+        Ok(StrictJson(v.into()))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<StrictJson, E> {
+        Ok(StrictJson(v.into()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<StrictJson, E> {
+        Ok(StrictJson(v.into()))
+    }
+    fn visit_unit<E>(self) -> Result<StrictJson, E> {
+        Ok(StrictJson(serde_json::Value::Null))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StrictJson, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictJson(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(StrictJson(items.into()))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StrictJson, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(de::Error::custom(format!("{DUPLICATE_KEY} `{key}`")));
+            }
+            let StrictJson(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(StrictJson(object.into()))
+    }
 }
 
 /// Serialises a reply as one line (with its newline).
@@ -311,8 +473,105 @@ mod tests {
             Request::Stop {
                 force: false,
                 timeout_ms: None,
-                exit: false
+                exit: false,
+                unless_in_use: false,
             }
+        );
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_naming_it() {
+        for (line, key) in [
+            (
+                &br#"{"v":1,"op":"stop","force":false,"force":true}"#[..],
+                "force",
+            ),
+            (br#"{"v":1,"v":1,"op":"status"}"#, "v"),
+            (br#"{"v":1,"op":"status","op":"reset"}"#, "op"),
+        ] {
+            let err = parse_request(line).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest);
+            assert!(
+                err.message
+                    .starts_with(&format!("duplicate key `{key}` at line 1 column ")),
+                "{}",
+                err.message
+            );
+            assert!(
+                err.message.ends_with("; send each field once"),
+                "{}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn every_number_is_checked_against_its_documented_range() {
+        let cases: [(&[u8], &str); 8] = [
+            (
+                br#"{"v":1,"op":"connect","port":22,"timeoutMs":0}"#,
+                "`timeoutMs` of `connect` is 0, not a whole number in 1..=86400000",
+            ),
+            (
+                br#"{"v":1,"op":"connect","port":22,"timeoutMs":86400001}"#,
+                "`timeoutMs` of `connect` is 86400001, not a whole number in 1..=86400000",
+            ),
+            (
+                br#"{"v":1,"op":"connect","port":0}"#,
+                "`port` of `connect` is 0, not a whole number in 1..=4294967294",
+            ),
+            (
+                br#"{"v":1,"op":"connect","port":4294967295}"#,
+                "`port` of `connect` is 4294967295, not a whole number in 1..=4294967294",
+            ),
+            (
+                br#"{"v":1,"op":"start","wait":true,"timeoutMs":18446744073709551615}"#,
+                "`timeoutMs` of `start` is 18446744073709551615, not a whole number in 1..=86400000",
+            ),
+            (
+                br#"{"v":1,"op":"wait-ready","timeoutMs":-5}"#,
+                "`timeoutMs` of `wait-ready` is -5, not a whole number in 1..=86400000",
+            ),
+            (
+                br#"{"v":1,"op":"stop","timeoutMs":3600001}"#,
+                "`timeoutMs` of `stop` is 3600001, not a whole number in 0..=3600000",
+            ),
+            (
+                br#"{"v":1,"op":"stop","exit":true,"timeoutMs":1.5}"#,
+                "`timeoutMs` of `stop --daemon` is 1.5, not a whole number in 0..=3600000",
+            ),
+        ];
+        for (line, message) in cases {
+            let err = parse_request(line).unwrap_err();
+            assert_eq!(
+                (err.code, err.message.as_str()),
+                (ErrorCode::BadRequest, message)
+            );
+        }
+        // Beyond u64 (JSON reads it as a float): refused, naming the field.
+        let err =
+            parse_request(br#"{"v":1,"op":"stop","timeoutMs":18446744073709551616}"#).unwrap_err();
+        assert_eq!(
+            err.message,
+            "`timeoutMs` of `stop` is 1.8446744073709552e+19, not a whole number in 0..=3600000"
+        );
+        // The edges are accepted.
+        for line in [
+            &br#"{"v":1,"op":"connect","port":1,"timeoutMs":1}"#[..],
+            br#"{"v":1,"op":"connect","port":4294967294,"timeoutMs":86400000}"#,
+            br#"{"v":1,"op":"stop","timeoutMs":0}"#,
+            br#"{"v":1,"op":"stop","timeoutMs":3600000}"#,
+        ] {
+            parse_request(line).unwrap();
+        }
+        assert_eq!(
+            Duration::from_millis(*STOP_TIMEOUT_MS.end()),
+            crate::supervisor::MAX_STOP_TIMEOUT
+        );
+        assert_eq!(millis(Duration::MAX), u64::MAX, "saturates, never wraps");
+        assert_eq!(
+            millis(Duration::from_secs(18_446_744_073_709_552)),
+            u64::MAX
         );
     }
 

@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 
 use super::config::{self, describe};
 use super::delegate::{DelegateState, VmDelegate};
-use crate::backend::{BackendError, BackendEvent, GuestStream};
+use crate::backend::{BackendError, BackendEvent, GuestStream, StopCall};
 use crate::limits;
 use crate::plan::BootPlan;
 
@@ -53,6 +53,7 @@ impl<T> OnQueue<T> {
 
 /// The VM of one boot. Created, used and dropped on the queue.
 struct Running {
+    /// The supervisor's boot id (`BootId`) of this VM.
     generation: u64,
     vm: Retained<VZVirtualMachine>,
     /// VZ holds its delegate weakly; this is the strong reference.
@@ -234,14 +235,26 @@ pub unsafe fn start(
 
 // ---- stop --------------------------------------------------------------------
 
-/// Presses the virtual power button.
+/// Presses the virtual power button of boot `generation`'s VM; `NotCurrent` when
+/// that VM is not the one held.
 ///
 /// # Safety
 /// Call only on the VM queue (through `on_queue`).
-pub unsafe fn request_stop(shared: &Arc<Shared>, reply: oneshot::Sender<Result<(), BackendError>>) {
+pub unsafe fn request_stop(
+    shared: &Arc<Shared>,
+    generation: u64,
+    reply: oneshot::Sender<Result<StopCall, BackendError>>,
+) {
     // SAFETY: guaranteed by the caller.
-    let result = unsafe { shared.with_vm(|running| request_stop_vm(&running.vm)) }
-        .unwrap_or(Err(BackendError::NotRunning));
+    let result = unsafe {
+        shared.with_vm(|running| {
+            if running.generation != generation {
+                return Ok(StopCall::NotCurrent);
+            }
+            request_stop_vm(&running.vm).map(|()| StopCall::Done)
+        })
+    }
+    .unwrap_or(Ok(StopCall::NotCurrent));
     let _ = reply.send(result);
 }
 
@@ -266,31 +279,45 @@ unsafe fn request_stop_vm(vm: &VZVirtualMachine) -> Result<(), BackendError> {
 const SETTLE_POLL: Duration = Duration::from_millis(100);
 const SETTLE_POLLS: u32 = 100;
 
-/// Pulls the plug; replies once the VM has stopped and is released.
+/// Pulls the plug of boot `generation`'s VM; replies once it has stopped and is
+/// released. `NotCurrent`, touching nothing, when that VM is not the one held.
 ///
 /// # Safety
 /// Call only on the VM queue (through `on_queue`).
-pub unsafe fn force_stop(shared: &Arc<Shared>, reply: oneshot::Sender<Result<(), BackendError>>) {
+pub unsafe fn force_stop(
+    shared: &Arc<Shared>,
+    generation: u64,
+    reply: oneshot::Sender<Result<StopCall, BackendError>>,
+) {
     // SAFETY: guaranteed by the caller.
-    unsafe { force_stop_attempt(shared, reply, SETTLE_POLLS) };
+    unsafe { force_stop_attempt(shared, generation, reply, SETTLE_POLLS) };
 }
 
 /// # Safety
 /// Call only on the VM queue.
 unsafe fn force_stop_attempt(
     shared: &Arc<Shared>,
-    reply: oneshot::Sender<Result<(), BackendError>>,
+    generation: u64,
+    reply: oneshot::Sender<Result<StopCall, BackendError>>,
     polls_left: u32,
 ) {
     // SAFETY: guaranteed by the caller.
-    match unsafe { shared.with_vm(|running| stop_outcome(running, polls_left > 0)) } {
-        // Nothing runs: already what the caller wants.
-        None => {
-            let _ = reply.send(Ok(()));
+    let outcome = unsafe {
+        shared.with_vm(|running| {
+            if running.generation != generation {
+                return StopOutcome::NotCurrent;
+            }
+            stop_outcome(running, polls_left > 0)
+        })
+    };
+    match outcome {
+        // No VM of this boot is held: nothing to touch.
+        None | Some(StopOutcome::NotCurrent) => {
+            let _ = reply.send(Ok(StopCall::NotCurrent));
         }
         Some(StopOutcome::AlreadyStopped) => {
             drop(shared.take());
-            let _ = reply.send(Ok(()));
+            let _ = reply.send(Ok(StopCall::Done));
         }
         Some(StopOutcome::Settling) => {
             let again = Arc::clone(shared);
@@ -299,7 +326,9 @@ unsafe fn force_stop_attempt(
             // be dropped and the caller told that VZ never answered.
             let _ = shared.queue.after(when, move || {
                 // SAFETY: `after` runs this closure on the VM queue.
-                unsafe { force_stop_attempt(&again, reply, polls_left - 1) };
+                unsafe {
+                    force_stop_attempt(&again, generation, reply, polls_left.saturating_sub(1))
+                };
             });
         }
         Some(StopOutcome::Refused(why)) => {
@@ -313,6 +342,8 @@ unsafe fn force_stop_attempt(
 }
 
 enum StopOutcome {
+    /// The VM held belongs to another boot.
+    NotCurrent,
     AlreadyStopped,
     /// Between two states; look again shortly.
     Settling,
@@ -363,7 +394,7 @@ unsafe fn stop_vm(
     shared: &Arc<Shared>,
     vm: &VZVirtualMachine,
     generation: u64,
-    reply: Reply<Result<(), BackendError>>,
+    reply: Reply<Result<StopCall, BackendError>>,
 ) {
     let weak = Arc::downgrade(shared);
     let handler = RcBlock::new(move |error: *mut NSError| {
@@ -374,7 +405,7 @@ unsafe fn stop_vm(
                 if let Some(shared) = weak.upgrade() {
                     shared.release_later(generation);
                 }
-                Ok(())
+                Ok(StopCall::Done)
             }
         };
         reply.send(result);

@@ -39,14 +39,15 @@ mod delegate;
 mod machine;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use objc2::available;
 use objc2_virtualization::VZVirtualMachine;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::backend::{Backend, BackendError, BackendEvent, BoxFuture, GuestStream};
+use crate::backend::{
+    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestStream, StopCall,
+};
 use crate::doctor::PlatformFacts;
 use crate::plan::BootPlan;
 use machine::Shared;
@@ -57,10 +58,11 @@ use machine::Shared;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs VMs through Virtualization.framework.
+///
+/// Each VM is tagged with the supervisor's [`BootId`] (its `generation`), so a late
+/// callback or a late stop of an old boot never touches a newer VM.
 pub struct VzBackend {
     shared: Arc<Shared>,
-    /// Numbers boots, so a late callback of an old VM never touches a new one.
-    generation: AtomicU64,
 }
 
 impl VzBackend {
@@ -72,7 +74,6 @@ impl VzBackend {
         }
         Ok(VzBackend {
             shared: Shared::new(),
-            generation: AtomicU64::new(0),
         })
     }
 }
@@ -96,10 +97,11 @@ impl Backend for VzBackend {
 
     fn start(
         &self,
+        boot: BootId,
         plan: BootPlan,
         events: UnboundedSender<BackendEvent>,
     ) -> BoxFuture<'_, Result<(), BackendError>> {
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let generation = boot.0;
         Box::pin(async move {
             machine::on_queue(&self.shared, move |shared, reply| {
                 // SAFETY: `on_queue` runs this closure on the VM queue.
@@ -110,22 +112,22 @@ impl Backend for VzBackend {
         })
     }
 
-    fn request_stop(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+    fn request_stop(&self, boot: BootId) -> BoxFuture<'_, Result<StopCall, BackendError>> {
         Box::pin(async move {
-            machine::on_queue(&self.shared, |shared, reply| {
+            machine::on_queue(&self.shared, move |shared, reply| {
                 // SAFETY: `on_queue` runs this closure on the VM queue.
-                unsafe { machine::request_stop(shared, reply) }
+                unsafe { machine::request_stop(shared, boot.0, reply) }
             })
             .await
             .unwrap_or_else(|| Err(BackendError::Stop(unanswered("stop"))))
         })
     }
 
-    fn force_stop(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+    fn force_stop(&self, boot: BootId) -> BoxFuture<'_, Result<StopCall, BackendError>> {
         Box::pin(async move {
-            machine::on_queue(&self.shared, |shared, reply| {
+            machine::on_queue(&self.shared, move |shared, reply| {
                 // SAFETY: `on_queue` runs this closure on the VM queue.
-                unsafe { machine::force_stop(shared, reply) }
+                unsafe { machine::force_stop(shared, boot.0, reply) }
             })
             .await
             .unwrap_or_else(|| Err(BackendError::Stop(unanswered("stop"))))

@@ -14,7 +14,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use darwin_vz_nix::backend::{Backend, BackendError, BackendEvent, BoxFuture, GuestStream};
+use darwin_vz_nix::backend::{
+    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestStream, StopCall,
+};
 use darwin_vz_nix::config::{Config, ConfigLayer, Origin, Source};
 use darwin_vz_nix::daemon::{self, DaemonOptions};
 use darwin_vz_nix::host::HostInfo;
@@ -34,6 +36,9 @@ pub struct FakeVmBehaviour {
     pub boot_delay: Duration,
     /// How long after start guest port 22 keeps refusing connections.
     pub listen_delay: Duration,
+    /// How long a connection attempt takes to fail while nothing listens (VZ's
+    /// `connectToPort` can take seconds before it gives up).
+    pub refuse_delay: Duration,
     /// `start` fails with this message.
     pub fail_boot: Option<String>,
     /// The guest ignores the ACPI power button.
@@ -47,6 +52,7 @@ impl Default for FakeVmBehaviour {
         FakeVmBehaviour {
             boot_delay: Duration::from_millis(50),
             listen_delay: Duration::from_millis(100),
+            refuse_delay: Duration::ZERO,
             fail_boot: None,
             ignore_graceful_stop: false,
             sshd_extra: Vec::new(),
@@ -54,18 +60,64 @@ impl Default for FakeVmBehaviour {
     }
 }
 
+/// A lifecycle call the supervisor made, with the boot it named and what it did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub op: Op,
+    pub boot: BootId,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Start,
+    RequestStop,
+    ForceStop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It acted on that boot's VM.
+    Done,
+    /// That boot was not the current VM: nothing was touched.
+    NotCurrent,
+    /// It failed (e.g. `start` told to fail, a stop of a VM that is not running).
+    Failed,
+}
+
 #[derive(Default)]
 struct FakeVmState {
+    /// The boot whose VM is the current one (running or stopped).
+    current: Option<BootId>,
     running_since: Option<Instant>,
     events: Option<UnboundedSender<BackendEvent>>,
     boots: u32,
+    calls: Vec<Call>,
+}
+
+/// The guest side of the current VM's open streams, so that a stopping VM closes
+/// them as VZ does. Entries leave when their stream ends.
+#[derive(Default)]
+struct GuestEnds {
+    next: u64,
+    ends: Vec<(u64, GuestEnd)>,
+}
+
+enum GuestEnd {
+    /// A per-connection `sshd -i`, alive or not yet reaped (so its pid is not reused).
+    Process(nix::unistd::Pid),
+    Socket(UnixStream),
 }
 
 /// A VM played by the test process: "boot" is a delay, guest port 22 is `sshd -i`
-/// started per connection with the keys from the state directory.
+/// started per connection with the keys from the state directory. It records every
+/// lifecycle call with the boot it named (also in `<state>/fake-vm-calls.log`, for
+/// tests whose supervisor runs in a child process), and acts only on its current
+/// boot, as the real backend does.
 pub struct FakeVm {
     behaviour: Mutex<FakeVmBehaviour>,
     state: Mutex<FakeVmState>,
+    guest_ends: Arc<Mutex<GuestEnds>>,
     state_dir: PathBuf,
     sshd_log: PathBuf,
 }
@@ -75,6 +127,7 @@ impl FakeVm {
         Arc::new(FakeVm {
             behaviour: Mutex::new(behaviour),
             state: Mutex::new(FakeVmState::default()),
+            guest_ends: Arc::new(Mutex::new(GuestEnds::default())),
             state_dir: state_dir.to_path_buf(),
             sshd_log: state_dir.join("logs/fake-sshd.log"),
         })
@@ -84,22 +137,70 @@ impl FakeVm {
         self.state.lock().unwrap().boots
     }
 
+    /// Every lifecycle call so far, in order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// The boot whose VM runs now, if one does.
+    pub fn running_boot(&self) -> Option<BootId> {
+        let state = self.state.lock().unwrap();
+        state.running_since.and(state.current)
+    }
+
+    /// Changes how the VM behaves from now on (e.g. the next boots).
+    pub fn set_behaviour(&self, behaviour: FakeVmBehaviour) {
+        *self.behaviour.lock().unwrap() = behaviour;
+    }
+
+    fn record(&self, state: &mut FakeVmState, op: Op, boot: BootId, outcome: Outcome) {
+        state.calls.push(Call { op, boot, outcome });
+        let line = format!("{op:?} {} {outcome:?}\n", boot.0);
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.join("fake-vm-calls.log"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    }
+
+    /// The current VM stops: its guest streams close, as VZ closes them.
+    fn power_off(&self, state: &mut FakeVmState, event: Option<BackendEvent>) {
+        state.running_since = None;
+        if let (Some(events), Some(event)) = (&state.events, event) {
+            let _ = events.send(event);
+        }
+        let ends = std::mem::take(&mut self.guest_ends.lock().unwrap().ends);
+        for (_, end) in ends {
+            match end {
+                GuestEnd::Process(pid) => {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                GuestEnd::Socket(socket) => {
+                    let _ = socket.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+
     /// The VM dies with an error, as if the hypervisor failed.
     pub fn crash(&self, message: &str) {
         let mut state = self.state.lock().unwrap();
-        state.running_since = None;
-        if let Some(events) = &state.events {
-            let _ = events.send(BackendEvent::Crashed(message.to_string()));
-        }
+        self.power_off(&mut state, Some(BackendEvent::Crashed(message.to_string())));
     }
 
     /// The guest powers itself off.
     pub fn guest_poweroff(&self) {
         let mut state = self.state.lock().unwrap();
-        state.running_since = None;
-        if let Some(events) = &state.events {
-            let _ = events.send(BackendEvent::StoppedByGuest);
-        }
+        self.power_off(&mut state, Some(BackendEvent::StoppedByGuest));
+    }
+
+    /// Remembers a guest side of a stream; returns its key for `forget_end`.
+    fn remember_end(&self, end: GuestEnd) -> u64 {
+        let mut ends = self.guest_ends.lock().unwrap();
+        ends.next += 1;
+        let key = ends.next;
+        ends.ends.push((key, end));
+        key
     }
 
     /// Writes the guest's sshd_config and returns its path.
@@ -122,6 +223,11 @@ impl FakeVm {
             "KbdInteractiveAuthentication no".into(),
             "PidFile none".into(),
             "LogLevel VERBOSE".into(),
+            // vsock sends no RST, and the supervisor holds its own copy of every
+            // stream: a client that dies without a disconnect is found by these
+            // probes (the guest has 15 s × 4; the tests need seconds).
+            "ClientAliveInterval 1".into(),
+            "ClientAliveCountMax 2".into(),
         ];
         lines.extend(self.behaviour.lock().unwrap().sshd_extra.iter().cloned());
         std::fs::write(&path, lines.join("\n") + "\n").unwrap();
@@ -142,15 +248,28 @@ impl FakeVm {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| connect_error(22, e))?;
-        Ok(GuestStream::new(ours.into(), Some(Box::new(Reaper(child)))))
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let key = self.remember_end(GuestEnd::Process(pid));
+        let reaper = Reaper {
+            child,
+            key,
+            ends: self.guest_ends.clone(),
+        };
+        Ok(GuestStream::new(ours.into(), Some(Box::new(reaper))))
     }
 
-    fn spawn_echo(&self) -> Result<GuestStream, BackendError> {
-        let (ours, theirs) = UnixStream::pair().map_err(|e| connect_error(ECHO_PORT, e))?;
+    /// An echo "service": the guest side closes when the stream is shut down.
+    fn spawn_echo(&self, port: u32) -> Result<GuestStream, BackendError> {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| connect_error(port, e))?;
+        let key = self.remember_end(GuestEnd::Socket(
+            theirs.try_clone().map_err(|e| connect_error(port, e))?,
+        ));
+        let ends = self.guest_ends.clone();
         std::thread::spawn(move || {
             let mut reader = theirs.try_clone().unwrap();
             let mut writer = theirs;
             let _ = std::io::copy(&mut reader, &mut writer);
+            ends.lock().unwrap().ends.retain(|(k, _)| *k != key);
         });
         Ok(GuestStream::new(ours.into(), None))
     }
@@ -177,6 +296,7 @@ impl FakeVm {
             let mut reader = echo.try_clone().unwrap();
             let mut writer = echo;
             let _ = std::io::copy(&mut reader, &mut writer);
+            let _ = writer.shutdown(std::net::Shutdown::Both);
         });
         Ok(GuestStream::new(ours.into(), None))
     }
@@ -190,12 +310,22 @@ fn connect_error(port: u32, e: std::io::Error) -> BackendError {
 }
 
 /// Ends a per-connection sshd with its stream.
-struct Reaper(Child);
+struct Reaper {
+    child: Child,
+    key: u64,
+    ends: Arc<Mutex<GuestEnds>>,
+}
 
 impl Drop for Reaper {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        // Forget the pid before reaping it, so that it is never killed once reused.
+        self.ends
+            .lock()
+            .unwrap()
+            .ends
+            .retain(|(k, _)| *k != self.key);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -206,42 +336,66 @@ impl Backend for FakeVm {
 
     fn start(
         &self,
+        boot: BootId,
         _plan: BootPlan,
         events: UnboundedSender<BackendEvent>,
     ) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
             let behaviour = self.behaviour.lock().unwrap().clone();
             tokio::time::sleep(behaviour.boot_delay).await;
+            let mut state = self.state.lock().unwrap();
             if let Some(message) = behaviour.fail_boot {
+                self.record(&mut state, Op::Start, boot, Outcome::Failed);
                 return Err(BackendError::Start(message));
             }
-            let mut state = self.state.lock().unwrap();
+            // A new VM replaces the old one, whose streams close.
+            self.power_off(&mut state, None);
+            state.current = Some(boot);
             state.running_since = Some(Instant::now());
             state.events = Some(events);
             state.boots += 1;
+            self.record(&mut state, Op::Start, boot, Outcome::Done);
             Ok(())
         })
     }
 
-    fn request_stop(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+    fn request_stop(&self, boot: BootId) -> BoxFuture<'_, Result<StopCall, BackendError>> {
         Box::pin(async move {
-            if self.state.lock().unwrap().running_since.is_none() {
-                return Err(BackendError::NotRunning);
+            {
+                let mut state = self.state.lock().unwrap();
+                if state.current != Some(boot) {
+                    self.record(&mut state, Op::RequestStop, boot, Outcome::NotCurrent);
+                    return Ok(StopCall::NotCurrent);
+                }
+                if state.running_since.is_none() {
+                    self.record(&mut state, Op::RequestStop, boot, Outcome::Failed);
+                    return Err(BackendError::NotRunning);
+                }
+                self.record(&mut state, Op::RequestStop, boot, Outcome::Done);
             }
             if self.behaviour.lock().unwrap().ignore_graceful_stop {
-                return Ok(());
+                return Ok(StopCall::Done);
             }
             // The guest takes a moment to shut down, then reports it stopped.
             tokio::time::sleep(Duration::from_millis(30)).await;
-            self.guest_poweroff();
-            Ok(())
+            let mut state = self.state.lock().unwrap();
+            if state.current == Some(boot) && state.running_since.is_some() {
+                self.power_off(&mut state, Some(BackendEvent::StoppedByGuest));
+            }
+            Ok(StopCall::Done)
         })
     }
 
-    fn force_stop(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+    fn force_stop(&self, boot: BootId) -> BoxFuture<'_, Result<StopCall, BackendError>> {
         Box::pin(async move {
-            self.state.lock().unwrap().running_since = None;
-            Ok(())
+            let mut state = self.state.lock().unwrap();
+            if state.current != Some(boot) {
+                self.record(&mut state, Op::ForceStop, boot, Outcome::NotCurrent);
+                return Ok(StopCall::NotCurrent);
+            }
+            self.power_off(&mut state, None);
+            self.record(&mut state, Op::ForceStop, boot, Outcome::Done);
+            Ok(StopCall::Done)
         })
     }
 
@@ -253,7 +407,9 @@ impl Backend for FakeVm {
                 .unwrap()
                 .running_since
                 .ok_or(BackendError::NotRunning)?;
-            if since.elapsed() < self.behaviour.lock().unwrap().listen_delay {
+            let behaviour = self.behaviour.lock().unwrap().clone();
+            if since.elapsed() < behaviour.listen_delay {
+                tokio::time::sleep(behaviour.refuse_delay).await;
                 return Err(BackendError::Connect {
                     port,
                     reason: "Connection reset by peer".into(),
@@ -261,7 +417,7 @@ impl Backend for FakeVm {
             }
             match port {
                 22 => self.spawn_sshd(),
-                ECHO_PORT => self.spawn_echo(),
+                ECHO_PORT => self.spawn_echo(port),
                 ECHO_RELAYED_PORT => self.spawn_relayed_echo(),
                 _ => Err(BackendError::Connect {
                     port,
@@ -330,6 +486,9 @@ impl Fixture {
             idle_timeout: idle,
             stop_timeout: Duration::from_secs(2),
             handle_signals: false,
+            request_timeout: Duration::from_secs(5),
+            max_clients: None,
+            socket_check: Duration::from_secs(2),
         }
     }
 
@@ -361,6 +520,8 @@ pub fn current_user() -> String {
 /// The real supervisor with a fake VM, served from a thread of this process.
 pub struct Harness {
     pub vm: Arc<FakeVm>,
+    /// The supervisor's runtime, e.g. to count its live tasks.
+    pub runtime: tokio::runtime::Handle,
     thread: Option<std::thread::JoinHandle<()>>,
     state_dir: PathBuf,
 }
@@ -385,12 +546,14 @@ impl Harness {
         let vm = FakeVm::new(&fixture.state_dir, behaviour);
         let prepared = daemon::prepare(&config).expect("prepare the state directory");
         let backend: Arc<dyn Backend> = vm.clone();
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .unwrap();
+            handle_tx.send(runtime.handle().clone()).unwrap();
             runtime
                 .block_on(daemon::serve(
                     prepared,
@@ -403,6 +566,7 @@ impl Harness {
         });
         let harness = Harness {
             vm,
+            runtime: handle_rx.recv().unwrap(),
             thread: Some(thread),
             state_dir: fixture.state_dir.clone(),
         };
@@ -422,6 +586,7 @@ impl Drop for Harness {
                     force: true,
                     timeout_ms: None,
                     exit: true,
+                    unless_in_use: false,
                 },
                 Duration::from_secs(10),
             );

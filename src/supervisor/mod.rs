@@ -1,0 +1,675 @@
+//! The supervisor: the one owner of the VM's lifecycle.
+//!
+//! ```text
+//!            start / connect              guest sshd answered
+//!   Stopped ─────────────────> Starting ───────────────────────> Running
+//!     ^  ^                        │ plan, boot or readiness fails    │ stop, idle,
+//!     │  └──── guest powered off ─┼──────────────────────────────────┤ a signal
+//!     │                           v                                  v
+//!     │                        Failed  <─── VM crashed ───────── Stopping
+//!     └────────────────── stopped (gracefully or forced) ────────────┘
+//! ```
+//!
+//! Every request (`start`, `stop`, `connect`, idle poweroff, a signal) goes through
+//! the state machine, so concurrent requests share one boot and one stop. State lives
+//! behind a plain mutex that is never held across an `.await`; waiters watch a
+//! counter that is bumped on every change.
+//!
+//! **Identity, not position.** Every boot gets a [`BootId`], and every call that acts
+//! on a VM later (a boot task that wakes after a stop, a readiness timeout, a stop)
+//! names the boot it acts on; the backend ignores calls for a boot that is not its
+//! current one. Lifecycle calls to the backend (`start`, `request_stop`,
+//! `force_stop`) are serialised, and a boot checks that it is still current right
+//! before it starts its VM, so a superseded boot never starts or stops a newer VM.
+//!
+//! **A session is its stream** (`session`): the VM is in use while a connection waits
+//! for its boot, and then for as long as its guest stream lives — whichever process
+//! holds the descriptor. **Idle** (`idle`): when a running VM has no session, one timer
+//! per supervisor powers it off after the idle timeout; the supervisor stays, ready to
+//! boot again on the next connection.
+//!
+//! The supervisor speaks its own types ([`Snapshot`], [`BootTiming`], [`StopOutcome`],
+//! [`SupervisorError`]); the control layer translates them to the wire format.
+
+mod boot;
+mod idle;
+mod session;
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::backend::{Backend, BootId, StopCall};
+use crate::plan::BootPlan;
+
+/// A graceful poweroff never waits longer than this, whatever it is given (a huge
+/// `stopTimeout` must not hang a shutdown): then the VM is forced off.
+pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// How long a forced stop may take before the supervisor gives up on the backend.
+const FORCE_STOP_BOUND: Duration = Duration::from_secs(60);
+
+/// How many notices `status` keeps (the most recent ones).
+const MAX_NOTICES: usize = 16;
+
+/// Timing and policy knobs. Tests shrink them to milliseconds.
+#[derive(Debug, Clone)]
+pub struct SupervisorOptions {
+    /// Power off after this long without a session; `None` = never.
+    pub idle_timeout: Option<Duration>,
+    /// How long a graceful poweroff may take before it is forced (at most
+    /// [`MAX_STOP_TIMEOUT`]).
+    pub stop_timeout: Duration,
+    /// How long a boot may take until the guest's sshd answers.
+    pub boot_timeout: Duration,
+    /// The guest port whose SSH banner means "ready".
+    pub ready_port: u32,
+    /// Where the guest console goes, named in boot errors.
+    pub console_log: PathBuf,
+}
+
+/// A boot plan and the warnings found while making it (e.g. "the client key was
+/// missing and was made afresh", or a MAC address made anew), which `status` shows.
+#[derive(Debug, Clone)]
+pub struct PlannedBoot {
+    pub plan: BootPlan,
+    pub notices: Vec<String>,
+}
+
+/// What the supervisor asks of the state directory; the daemon implements it.
+/// Each method may block on the file system: the supervisor calls them where that is
+/// harmless.
+pub trait StateKeeper: Send + Sync + 'static {
+    /// A fresh, checked boot plan (config, artifacts, disk, keys), before each boot.
+    fn plan_boot(&self) -> Result<PlannedBoot, String>;
+    /// Deletes state (everything, or only the keys) while the VM is off.
+    fn reset(&self, keys_only: bool) -> Result<Vec<PathBuf>, String>;
+    /// Repairs what an ssh client needs on the host before each connection (e.g. a
+    /// deleted `known_hosts`); returns what it repaired, as notices.
+    fn before_connect(&self) -> Vec<String>;
+}
+
+/// The lifecycle of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Failed => "failed",
+        }
+    }
+}
+
+/// How long a boot took, from the moment it was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootTiming {
+    /// The plan was built and checked (config, artifacts, disk, keys).
+    pub planned: Duration,
+    /// The backend reported the VM started.
+    pub vm_started: Duration,
+    /// The guest's sshd answered.
+    pub ready: Duration,
+}
+
+/// Something worth telling whoever looks at `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub message: String,
+    /// How long ago it was noted.
+    pub age: Duration,
+}
+
+/// What the supervisor and its VM are doing, at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub state: VmState,
+    pub backend: &'static str,
+    pub uptime: Duration,
+    /// Since the VM became ready, while it runs.
+    pub vm_uptime: Option<Duration>,
+    /// Sessions: connections waiting for a boot, and open guest streams.
+    pub connections: usize,
+    /// Until the idle poweroff, while the idle clock runs.
+    pub idle_remaining: Option<Duration>,
+    pub boots: u64,
+    pub last_boot: Option<BootTiming>,
+    pub last_error: Option<String>,
+    /// Most recent last.
+    pub notices: Vec<Notice>,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Nothing was running.
+    AlreadyStopped,
+    /// The guest powered off when asked.
+    Graceful,
+    /// The guest did not power off in time, or a forced stop was asked.
+    Forced,
+}
+
+/// How to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopRequest {
+    /// Pull the plug at once.
+    pub force: bool,
+    /// How long the guest may take to power off before it is forced (capped at
+    /// [`MAX_STOP_TIMEOUT`]).
+    pub timeout: Duration,
+    /// Refuse (with [`SupervisorError::InUse`]) while a session is open, decided
+    /// atomically with the stop itself.
+    pub unless_in_use: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("{0}")]
+    BootFailed(String),
+    #[error("timed out after {} waiting for {what}", seconds(*after))]
+    Timeout { what: &'static str, after: Duration },
+    #[error("{0}")]
+    ConnectFailed(String),
+    #[error("{0}")]
+    StopFailed(String),
+    #[error(
+        "the VM is in use: {sessions} session(s) open (a build may be running); nothing was stopped"
+    )]
+    InUse { sessions: usize },
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// `1.5 s`, `250 ms`: a duration for messages.
+pub fn seconds(duration: Duration) -> String {
+    if duration < Duration::from_secs(1) {
+        format!("{} ms", duration.as_millis())
+    } else if duration.subsec_millis() == 0 {
+        format!("{} s", duration.as_secs())
+    } else {
+        format!("{:.1} s", duration.as_secs_f64())
+    }
+}
+
+/// `now + after`, or a moment so far ahead that it never comes when that overflows.
+fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let far = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(after)
+        .or_else(|| now.checked_add(far))
+        .unwrap_or(now)
+}
+
+/// The mutable part, under one lock.
+#[derive(Debug)]
+struct Life {
+    vm: VmState,
+    /// The current (or last) boot; events and tasks of other boots are ignored.
+    boot: BootId,
+    boots: u64,
+    ready_at: Option<Instant>,
+    connections: usize,
+    /// When the idle poweroff is due; set while the VM runs with no session.
+    idle_deadline: Option<Instant>,
+    last_boot: Option<BootTiming>,
+    last_error: Option<String>,
+    notices: VecDeque<(Instant, String)>,
+}
+
+impl Life {
+    /// Moves to `vm`, keeping the derived fields (uptime, idle clock) consistent.
+    fn set_vm(&mut self, vm: VmState, idle_timeout: Option<Duration>) {
+        match vm {
+            VmState::Running if self.vm != VmState::Running => self.ready_at = Some(Instant::now()),
+            VmState::Running | VmState::Stopping => {}
+            VmState::Stopped | VmState::Starting | VmState::Failed => self.ready_at = None,
+        }
+        self.vm = vm;
+        self.update_idle(idle_timeout);
+    }
+
+    /// Runs the idle clock exactly while the VM runs with no session; an already
+    /// running clock keeps its deadline.
+    fn update_idle(&mut self, idle_timeout: Option<Duration>) {
+        let idle = self.vm == VmState::Running && self.connections == 0;
+        if !idle {
+            self.idle_deadline = None;
+        } else if self.idle_deadline.is_none() {
+            self.idle_deadline = idle_timeout.and_then(|t| Instant::now().checked_add(t));
+        }
+    }
+
+    /// The VM of `boot` is gone (stopped, failed, or replaced by a newer boot).
+    fn boot_over(&self, boot: BootId) -> bool {
+        self.boot != boot || matches!(self.vm, VmState::Stopped | VmState::Failed)
+    }
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    keeper: Box<dyn StateKeeper>,
+    options: SupervisorOptions,
+    started: Instant,
+    life: Mutex<Life>,
+    changed: watch::Sender<u64>,
+    /// Serialises the backend's lifecycle calls (`start`, `request_stop`,
+    /// `force_stop`), as the `Backend` contract promises.
+    lifecycle: tokio::sync::Mutex<()>,
+    /// Serialises what writes the state directory (planning a boot, repairing
+    /// before a connection, resetting): two writers of the same key file at once
+    /// would trip over each other's temporary files.
+    state_files: tokio::sync::Mutex<()>,
+}
+
+impl Inner {
+    fn life(&self) -> MutexGuard<'_, Life> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.life
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Wakes everyone who waits for a change.
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Logs a notice and keeps it for `status`.
+    fn note(&self, message: String) {
+        tracing::warn!("{message}");
+        let mut life = self.life();
+        if life.notices.len() >= MAX_NOTICES {
+            life.notices.pop_front();
+        }
+        life.notices.push_back((Instant::now(), message));
+    }
+
+    /// Stops the VM of `boot` at once, unless a newer boot replaced it (then the
+    /// backend touches nothing). For tasks that find their boot superseded.
+    async fn force_stop_own(&self, boot: BootId) {
+        let _calls = self.lifecycle.lock().await;
+        match tokio::time::timeout(FORCE_STOP_BOUND, self.backend.force_stop(boot)).await {
+            Ok(Ok(StopCall::Done)) => tracing::debug!("{boot}: its VM is stopped"),
+            Ok(Ok(StopCall::NotCurrent)) => {
+                tracing::debug!("{boot}: its VM is already gone; nothing to stop")
+            }
+            Ok(Err(e)) => tracing::warn!("{boot}: stopping its VM failed: {e}"),
+            Err(_) => tracing::warn!(
+                "{boot}: the backend did not confirm the stop within {}",
+                seconds(FORCE_STOP_BOUND)
+            ),
+        }
+    }
+}
+
+/// Cheap to clone; all clones drive the same VM.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+impl Supervisor {
+    /// Must be called inside a Tokio runtime: it starts the supervisor's one idle
+    /// timer, which ends when the last clone is dropped.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        keeper: Box<dyn StateKeeper>,
+        options: SupervisorOptions,
+    ) -> Supervisor {
+        let (changed, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            backend,
+            keeper,
+            options,
+            started: Instant::now(),
+            life: Mutex::new(Life {
+                vm: VmState::Stopped,
+                boot: BootId::default(),
+                boots: 0,
+                ready_at: None,
+                connections: 0,
+                idle_deadline: None,
+                last_boot: None,
+                last_error: None,
+                notices: VecDeque::new(),
+            }),
+            changed,
+            lifecycle: tokio::sync::Mutex::new(()),
+            state_files: tokio::sync::Mutex::new(()),
+        });
+        tokio::spawn(idle::run(Arc::downgrade(&inner), inner.changed.subscribe()));
+        Supervisor { inner }
+    }
+
+    pub fn options(&self) -> &SupervisorOptions {
+        &self.inner.options
+    }
+
+    pub fn state(&self) -> VmState {
+        self.inner.life().vm
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let life = self.inner.life();
+        let now = Instant::now();
+        Snapshot {
+            state: life.vm,
+            backend: self.inner.backend.name(),
+            uptime: now.saturating_duration_since(self.inner.started),
+            vm_uptime: life.ready_at.map(|t| now.saturating_duration_since(t)),
+            connections: life.connections,
+            idle_remaining: life
+                .idle_deadline
+                .map(|deadline| deadline.saturating_duration_since(now)),
+            boots: life.boots,
+            last_boot: life.last_boot,
+            last_error: life.last_error.clone(),
+            notices: life
+                .notices
+                .iter()
+                .map(|(at, message)| Notice {
+                    message: message.clone(),
+                    age: now.saturating_duration_since(*at),
+                })
+                .collect(),
+        }
+    }
+
+    /// Boots the VM unless it runs, and waits until the guest's sshd answers.
+    /// Concurrent callers share one boot.
+    pub async fn ensure_running(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<BootTiming>, SupervisorError> {
+        self.ensure_boot(timeout).await.map(|(_, timing)| timing)
+    }
+
+    /// Like `ensure_running`, also naming the boot that runs.
+    async fn ensure_boot(
+        &self,
+        timeout: Duration,
+    ) -> Result<(BootId, Option<BootTiming>), SupervisorError> {
+        let deadline = deadline_after(timeout);
+        let mut changes = self.inner.changed.subscribe();
+        let mut joined: Option<BootId> = None;
+        loop {
+            {
+                let mut life = self.inner.life();
+                match life.vm {
+                    VmState::Running => return Ok((life.boot, life.last_boot)),
+                    VmState::Stopped | VmState::Failed => {
+                        if joined == Some(life.boot) {
+                            let why = life.last_error.clone().unwrap_or_else(|| {
+                                "the VM was stopped before it became ready".into()
+                            });
+                            return Err(SupervisorError::BootFailed(why));
+                        }
+                        let boot = life.boot.next();
+                        life.boot = boot;
+                        life.boots = life.boots.saturating_add(1);
+                        life.last_error = None;
+                        life.set_vm(VmState::Starting, self.inner.options.idle_timeout);
+                        joined = Some(boot);
+                        tokio::spawn(boot::run(self.inner.clone(), boot));
+                        drop(life);
+                        self.inner.notify();
+                    }
+                    // Follow the boot under way, whoever asked for it.
+                    VmState::Starting => joined = Some(life.boot),
+                    // A stop is under way; once it is done, boot again.
+                    VmState::Stopping => {}
+                }
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(SupervisorError::Timeout {
+                    what: "the guest's sshd to answer",
+                    after: timeout,
+                });
+            }
+        }
+    }
+
+    /// Starts a boot without waiting for it; `true` when the VM was already running.
+    pub fn start_in_background(&self) -> bool {
+        let running = self.state() == VmState::Running;
+        if !running {
+            let this = self.clone();
+            let timeout = self.inner.options.boot_timeout;
+            tokio::spawn(async move {
+                let _ = this.ensure_running(timeout).await;
+            });
+        }
+        running
+    }
+
+    /// Waits until the VM is ready, without booting it.
+    pub async fn wait_ready(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<BootTiming>, SupervisorError> {
+        let deadline = deadline_after(timeout);
+        let mut changes = self.inner.changed.subscribe();
+        loop {
+            {
+                let life = self.inner.life();
+                match life.vm {
+                    VmState::Running => return Ok(life.last_boot),
+                    VmState::Failed => {
+                        return Err(SupervisorError::BootFailed(
+                            life.last_error.clone().unwrap_or_default(),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(SupervisorError::Timeout {
+                    what: "the VM to become ready",
+                    after: timeout,
+                });
+            }
+        }
+    }
+
+    /// Powers the VM off: asks the guest first (unless `force`), pulls the plug after
+    /// the timeout. Concurrent stops share one.
+    pub async fn stop(&self, request: StopRequest) -> Result<StopOutcome, SupervisorError> {
+        let mut changes = self.inner.changed.subscribe();
+        let (boot, was_starting) = loop {
+            {
+                let mut life = self.inner.life();
+                match life.vm {
+                    VmState::Stopped | VmState::Failed => return Ok(StopOutcome::AlreadyStopped),
+                    VmState::Starting | VmState::Running => {
+                        if request.unless_in_use && life.connections > 0 {
+                            return Err(SupervisorError::InUse {
+                                sessions: life.connections,
+                            });
+                        }
+                        let was_starting = life.vm == VmState::Starting;
+                        life.set_vm(VmState::Stopping, self.inner.options.idle_timeout);
+                        break (life.boot, was_starting);
+                    }
+                    VmState::Stopping => {}
+                }
+            }
+            // Someone else is stopping it; wait for them.
+            let _ = changes.changed().await;
+        };
+        self.inner.notify();
+        tracing::info!(
+            "{boot}: stopping{}",
+            if request.force { " (forced)" } else { "" }
+        );
+
+        // A guest still booting cannot act on the power button.
+        if !request.force && !was_starting {
+            let call = {
+                let _calls = self.inner.lifecycle.lock().await;
+                self.inner.backend.request_stop(boot).await
+            };
+            match call {
+                Ok(StopCall::Done) => {
+                    let timeout = request.timeout.min(MAX_STOP_TIMEOUT);
+                    if let Some(outcome) = self.wait_stopped(boot, timeout, &mut changes).await {
+                        return outcome;
+                    }
+                    tracing::warn!(
+                        "the guest did not power off within {}; forcing",
+                        seconds(timeout)
+                    );
+                }
+                // The backend holds no VM of this boot: nothing to ask.
+                Ok(StopCall::NotCurrent) => {
+                    self.finish_stop(boot, VmState::Stopped, None);
+                    return Ok(StopOutcome::AlreadyStopped);
+                }
+                Err(e) => tracing::warn!("graceful stop failed ({e}); forcing"),
+            }
+        }
+        let result = {
+            let _calls = self.inner.lifecycle.lock().await;
+            tokio::time::timeout(FORCE_STOP_BOUND, self.inner.backend.force_stop(boot)).await
+        };
+        match result {
+            Ok(Ok(_)) => {
+                self.finish_stop(boot, VmState::Stopped, None);
+                Ok(StopOutcome::Forced)
+            }
+            Ok(Err(e)) => {
+                self.finish_stop(boot, VmState::Failed, Some(e.to_string()));
+                Err(SupervisorError::StopFailed(e.to_string()))
+            }
+            Err(_) => {
+                let message = format!(
+                    "the VM backend did not confirm the stop within {}",
+                    seconds(FORCE_STOP_BOUND)
+                );
+                self.finish_stop(boot, VmState::Failed, Some(message.clone()));
+                Err(SupervisorError::StopFailed(message))
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the guest of `boot` to power off; `None` on timeout.
+    async fn wait_stopped(
+        &self,
+        boot: BootId,
+        timeout: Duration,
+        changes: &mut watch::Receiver<u64>,
+    ) -> Option<Result<StopOutcome, SupervisorError>> {
+        let deadline = deadline_after(timeout);
+        loop {
+            {
+                let life = self.inner.life();
+                if life.boot != boot || life.vm != VmState::Stopping {
+                    return Some(match life.vm {
+                        VmState::Failed => Err(SupervisorError::StopFailed(
+                            life.last_error
+                                .clone()
+                                .unwrap_or_else(|| "the VM failed while powering off".into()),
+                        )),
+                        _ => Ok(StopOutcome::Graceful),
+                    });
+                }
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// Ends the stop of `boot` in `vm`, unless something else (a guest event) already
+    /// ended it.
+    fn finish_stop(&self, boot: BootId, vm: VmState, error: Option<String>) {
+        let mut life = self.inner.life();
+        if life.boot == boot && life.vm == VmState::Stopping {
+            life.set_vm(vm, self.inner.options.idle_timeout);
+            if error.is_some() {
+                life.last_error = error;
+            }
+        }
+        drop(life);
+        self.inner.notify();
+    }
+
+    /// A stream to a guest port, booting the VM first if needed. The returned
+    /// descriptor is the caller's to hand out; the supervisor keeps its own watch on
+    /// the stream and counts it as a session until the stream ends (see `session`).
+    pub async fn connect(&self, port: u32, timeout: Duration) -> Result<OwnedFd, SupervisorError> {
+        let lease = session::Lease::new(&self.inner);
+        let (boot, _) = self.ensure_boot(timeout).await?;
+        let repaired = {
+            let _files = self.inner.state_files.lock().await;
+            self.inner.keeper.before_connect()
+        };
+        for notice in repaired {
+            self.inner.note(notice);
+        }
+        let mut last = None;
+        // The guest answered the readiness probe, so this normally succeeds at once;
+        // a few retries cover sshd being restarted by its socket unit.
+        for _ in 0..10 {
+            match self.inner.backend.connect(port).await {
+                Ok(stream) => return session::open(&self.inner, boot, stream, lease),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(SupervisorError::ConnectFailed(
+            last.map_or_else(|| "no attempt".into(), |e| e.to_string()),
+        ))
+    }
+
+    /// Stops the VM (gracefully) and deletes state while nothing can boot.
+    pub async fn reset(&self, keys_only: bool) -> Result<Vec<PathBuf>, SupervisorError> {
+        // No boot plans (writes keys) while state is deleted.
+        let _files = self.inner.state_files.lock().await;
+        // Each round stops whatever a new connection booted meanwhile; a stream of
+        // connections that keeps booting it wins after a few rounds.
+        for _ in 0..5 {
+            self.stop(StopRequest {
+                force: false,
+                timeout: self.inner.options.stop_timeout,
+                unless_in_use: false,
+            })
+            .await?;
+            let life = self.inner.life();
+            if matches!(life.vm, VmState::Stopped | VmState::Failed) {
+                // Holding the lock keeps a concurrent connect from booting meanwhile.
+                return self
+                    .inner
+                    .keeper
+                    .reset(keys_only)
+                    .map_err(SupervisorError::Internal);
+            }
+        }
+        Err(SupervisorError::Internal(
+            "new connections kept booting the VM; nothing was deleted — try again".into(),
+        ))
+    }
+}
