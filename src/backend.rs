@@ -62,7 +62,9 @@ impl std::fmt::Debug for GuestStream {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
-    /// This build cannot run VMs here (e.g. not macOS, no entitlement).
+    /// This build cannot run VMs here: not macOS, too old a macOS, or a binary
+    /// without the virtualization entitlement (VZ's invalid-configuration error
+    /// that names it, with the codesign command as the fix).
     #[error("{0}")]
     Unsupported(String),
     /// The configuration or host is not fit for this plan (caught before starting).

@@ -140,6 +140,8 @@ pub struct ConfigLayer {
     /// How Nix uses the builder: the line `darwin-vz-nix machines` prints for Nix.
     /// Config file only (the nix-darwin module sets it).
     pub builder: Option<crate::machines::BuilderSettings>,
+    /// Boot the guest with nested virtualization (its `/dev/kvm`): auto, on, off.
+    pub nested_virtualization: Option<crate::nested::NestedVirtualization>,
 }
 
 /// Where a setting's value came from.
@@ -185,6 +187,11 @@ const FIELDS: &[FieldNames] = &[
     field("sshUser", "SSH_USER", "--ssh-user"),
     // Config file only: no variable or flag sets it, so these names are never shown.
     field("builder", "BUILDER", "--config"),
+    field(
+        "nestedVirtualization",
+        "NESTED_VIRTUALIZATION",
+        "--nested-virtualization",
+    ),
 ];
 
 const fn field(key: &'static str, env: &'static str, flag: &'static str) -> FieldNames {
@@ -274,6 +281,7 @@ pub struct Config {
     pub control_group: Option<String>,
     pub ssh_user: String,
     pub builder: crate::machines::BuilderSettings,
+    pub nested_virtualization: crate::nested::NestedVirtualization,
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -328,6 +336,8 @@ impl Config {
         let ssh_user =
             pick!(ssh_user, "sshUser").unwrap_or_else(|| crate::contract::GUEST_USER.to_string());
         let builder = pick!(builder, "builder").unwrap_or_default();
+        let nested_virtualization =
+            pick!(nested_virtualization, "nestedVirtualization").unwrap_or_default();
 
         let Some(state_dir) = state_dir else {
             return Err(ConfigErrors(vec![Problem {
@@ -383,6 +393,7 @@ impl Config {
             control_group,
             ssh_user,
             builder,
+            nested_virtualization,
             origins,
         };
         problems.extend(config.check_values());
@@ -568,7 +579,7 @@ pub struct EnvSettings {
 pub const CONFIG_FILE_VAR: &str = "DARWIN_VZ_NIX_CONFIG";
 
 /// Variables of the test suite (`tests/macos.rs`), which the program does not read.
-const TEST_SUITE_VARS: [&str; 2] = ["DARWIN_VZ_NIX_MAC_TESTS", "DARWIN_VZ_NIX_TEST_GUEST"];
+const TEST_SUITE_VARS: [&str; 2] = ["DARWIN_VZ_NIX_TEST_GUEST", "DARWIN_VZ_NIX_TEST_KVM_GUEST"];
 
 /// Reads every `DARWIN_VZ_NIX_*` variable of `vars` (the process environment in
 /// production). None is ever ignored: a variable that is set but empty, not UTF-8,
@@ -697,6 +708,13 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
         "logLevel" => layer.log_level = Some(text.parse()?),
         "controlGroup" => layer.control_group = Some(text.into()),
         "sshUser" => layer.ssh_user = Some(text.into()),
+        "nestedVirtualization" => layer.nested_virtualization = Some(text.parse()?),
+        // It has a name in FIELDS only so that messages can name it.
+        "builder" => {
+            return Err(
+                "the builder section is set in the config file only (--config); unset it".into(),
+            );
+        }
         _ => unreachable!("every key in FIELDS is handled: {key}"),
     }
     Ok(())
@@ -850,6 +868,7 @@ mod tests {
             memory_bytes: 16 * 1024 * 1024 * 1024,
             macos_version: Some((14, 4)),
             arch: "aarch64".into(),
+            nested_virtualization: None,
         }
     }
 
@@ -1116,6 +1135,51 @@ mod tests {
                 "--ssh-user: \"a\\nProxyCommand x\" is not a user name; use letters, digits, `_`, `-` or `.` (at most 32 characters, not starting with `-`)",
                 "--control-group: \"staff wheel\" is not a group name; use letters, digits, `_`, `-` or `.` (at most 64 characters)",
             ]
+        );
+    }
+
+    #[test]
+    fn nested_virtualization_is_auto_unless_a_layer_says_on_or_off() {
+        assert_eq!(
+            resolve(vec![]).unwrap().nested_virtualization,
+            crate::nested::NestedVirtualization::Auto
+        );
+        let from_env = read_env(vars(&[("DARWIN_VZ_NIX_NESTED_VIRTUALIZATION", "off")]))
+            .unwrap()
+            .layer;
+        let from_file = parse_layer(r#"{"nestedVirtualization": "on"}"#).unwrap();
+        let config = resolve(vec![
+            file(from_file),
+            Source {
+                origin: Origin::Env,
+                layer: from_env,
+            },
+        ])
+        .unwrap();
+        assert_eq!(
+            config.nested_virtualization,
+            crate::nested::NestedVirtualization::Off,
+            "env beats file"
+        );
+        assert_eq!(
+            config.input("nestedVirtualization"),
+            "DARWIN_VZ_NIX_NESTED_VIRTUALIZATION"
+        );
+        let err = read_env(vars(&[("DARWIN_VZ_NIX_NESTED_VIRTUALIZATION", "yes")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: DARWIN_VZ_NIX_NESTED_VIRTUALIZATION: `yes` is not a nestedVirtualization value; use auto, on or off"
+        );
+        let err = parse_layer(r#"{"nestedVirtualization": "yes"}"#).unwrap_err();
+        assert!(err.contains("expected one of `auto`, `on`, `off`"), "{err}");
+    }
+
+    #[test]
+    fn the_builder_section_cannot_come_from_the_environment() {
+        let err = read_env(vars(&[("DARWIN_VZ_NIX_BUILDER", "{}")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: DARWIN_VZ_NIX_BUILDER: the builder section is set in the config file only (--config); unset it"
         );
     }
 

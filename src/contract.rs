@@ -55,5 +55,9 @@ pub const PARAM_ROSETTA_PRESERVE_ARGV0: &str = "darwin_vz_nix.rosetta_preserve_a
 /// (`guest_timing` reads the last one from the console log).
 pub const CONSOLE_MARKER_BOOT_TIMING: &str = "darwin-vz-nix-boot-timing:";
 
+/// Starts the console line on which the guest says whether it has `/dev/kvm`
+/// (nix/nixos/scripts/kvm.sh; `nested::kvm_marker` reads it).
+pub const CONSOLE_MARKER_KVM: &str = "darwin-vz-nix-kvm:";
+
 /// The contract as JSON, for the test that compares it with these constants.
 pub const CONTRACT_JSON: &str = include_str!("../nix/contract.json");

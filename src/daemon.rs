@@ -27,6 +27,7 @@ use crate::control::server::{ServerContext, ServerOptions};
 use crate::host::HostInfo;
 use crate::logfile::LogFile;
 use crate::mac::{MacAddress, MacOrigin};
+use crate::nested::{self, GuestReport};
 use crate::plan::{BootPlan, HOST_STORE, PlanInputs};
 use crate::state::{Access, StateDir, StateError, StateLock};
 use crate::supervisor::{
@@ -71,6 +72,12 @@ pub struct DaemonOptions {
     pub max_clients: Option<usize>,
     /// How often the control socket file is checked and, when deleted, made again.
     pub socket_check: Duration,
+    /// How long after the guest is ready the supervisor waits for it to say whether
+    /// it has `/dev/kvm` (see `nested`).
+    pub guest_report_wait: Duration,
+    /// How long the backend's start and forced stop may take before the supervisor
+    /// reports them as failed.
+    pub backend_timeout: Duration,
 }
 
 impl DaemonOptions {
@@ -84,9 +91,15 @@ impl DaemonOptions {
             request_timeout: ServerOptions::DEFAULT_REQUEST_TIMEOUT,
             max_clients: None,
             socket_check: ServerOptions::DEFAULT_SOCKET_CHECK,
+            guest_report_wait: DEFAULT_GUEST_REPORT_WAIT,
+            backend_timeout: crate::supervisor::DEFAULT_BACKEND_TIMEOUT,
         }
     }
 }
+
+/// The guest says whether it has `/dev/kvm` before its nix-daemon starts, seconds
+/// after sshd answers at most; a guest that has not said so by then never will.
+pub const DEFAULT_GUEST_REPORT_WAIT: Duration = Duration::from_secs(60);
 
 /// A state directory this process now owns.
 pub struct Prepared {
@@ -177,6 +190,13 @@ impl StateKeeper for DaemonKeeper {
         reset_state(&self.state, keys_only).map_err(|e| e.to_string())
     }
 
+    fn record_guest_report(&self, report: &GuestReport) -> Result<(), String> {
+        // Root's `darwin-vz-nix machines` reads it (launchd runs it when the file
+        // changes); it can only take kvm and nixos-test away (see `nested`).
+        crate::state::write_file_atomic(&self.state.guest_report(), &report.to_json(), 0o644)
+            .map_err(|e| format!("cannot record the guest's report: {e}"))
+    }
+
     fn before_connect(&self) -> Vec<String> {
         match keys::restore_known_hosts(&self.state) {
             Ok(false) => Vec::new(),
@@ -237,6 +257,7 @@ pub async fn serve(
         state_dir: state.root().to_path_buf(),
         console_log: state.console_log(),
         daemon_log: state.daemon_log(),
+        nested_virtualization: Some(config.nested_virtualization),
     };
     let supervisor_options = SupervisorOptions {
         idle_timeout: options.idle_timeout,
@@ -244,6 +265,8 @@ pub async fn serve(
         boot_timeout: options.boot_timeout,
         ready_port: contract::SSH_VSOCK_PORT,
         console_log: state.console_log(),
+        guest_report_wait: options.guest_report_wait,
+        backend_timeout: options.backend_timeout,
     };
     let keeper = DaemonKeeper {
         config,
@@ -270,7 +293,8 @@ pub async fn serve(
     let bound = options
         .stop_timeout
         .min(MAX_STOP_TIMEOUT)
-        .saturating_add(Duration::from_secs(90));
+        .saturating_add(options.backend_timeout)
+        .saturating_add(Duration::from_secs(30));
     let stop = supervisor.stop(StopRequest {
         force: false,
         timeout: options.stop_timeout,
@@ -381,6 +405,15 @@ pub fn check_boot(
                 message: e.to_string(),
             });
         }
+    }
+    // `on` on a Mac without it; the guest kernel is judged when the plan is made.
+    if let Err(message) =
+        nested::decide(config.nested_virtualization, host.nested_support(), || None)
+    {
+        problems.push(Problem {
+            input: config.input("nestedVirtualization"),
+            message,
+        });
     }
     if disk::is_qcow2(&state.disk_image()).unwrap_or(false) {
         let message = disk::DiskError::Qcow2 {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::host::HostInfo;
 use crate::state::StateDir;
-use crate::{artifacts, disk};
+use crate::{artifacts, disk, nested};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -112,6 +112,7 @@ pub fn run(config: &Config, host: &HostInfo, facts: &PlatformFacts, exe: &Path) 
     checks.push(check_keys(&state));
     checks.push(check_config(config, host, &state));
     checks.push(check_guest(config));
+    checks.push(check_nested(config, host));
     checks
 }
 
@@ -316,6 +317,30 @@ fn check_config(config: &Config, host: &HostInfo, state: &StateDir) -> Check {
     }
 }
 
+fn check_nested(config: &Config, host: &HostInfo) -> Check {
+    const NAME: &str = "nested virt";
+    let kernel = || {
+        artifacts::resolve(config)
+            .ok()
+            .and_then(|guest| nested::kernel_release(&guest.kernel))
+    };
+    match nested::decide(config.nested_virtualization, host.nested_support(), kernel) {
+        Ok(decision) if decision.enabled => Check::ok(
+            NAME,
+            format!("{decision}; the guest offers kvm and nixos-test if it has /dev/kvm"),
+        ),
+        Ok(decision) if host.nested_support() == nested::HostSupport::NotMac => {
+            Check::skip(NAME, decision.to_string())
+        }
+        Ok(decision) => Check::ok(NAME, format!("{decision}; no kvm for Nix")),
+        Err(message) => Check::fail(
+            NAME,
+            format!("{}: {message}", config.input("nestedVirtualization")),
+            "set nestedVirtualization to auto or off",
+        ),
+    }
+}
+
 fn check_guest(config: &Config) -> Check {
     match artifacts::resolve(config) {
         Ok(a) => Check::ok("guest", format!("kernel {}", a.kernel.display())),
@@ -347,6 +372,7 @@ mod tests {
             memory_bytes: 16 << 30,
             macos_version: None,
             arch: "x86_64".into(),
+            nested_virtualization: None,
         };
         let checks = run(
             &config,
@@ -358,9 +384,63 @@ mod tests {
         assert_eq!(by_name("macOS").verdict, Verdict::Skip);
         assert_eq!(by_name("Virtualization").verdict, Verdict::Skip);
         assert_eq!(by_name("Rosetta").verdict, Verdict::Skip);
+        assert_eq!(by_name("nested virt").verdict, Verdict::Skip);
         assert_eq!(by_name("guest").verdict, Verdict::Fail);
         assert_eq!(by_name("state dir").verdict, Verdict::Ok);
         assert!(by_name("guest").to_string().starts_with("FAIL  guest"));
+    }
+
+    #[test]
+    fn nested_virtualization_is_shown_and_on_fails_where_the_mac_has_none() {
+        let m2 = HostInfo {
+            cpus: 8,
+            memory_bytes: 16 << 30,
+            macos_version: Some((15, 3)),
+            arch: "aarch64".into(),
+            nested_virtualization: Some(false),
+        };
+        let config = |setting: &str| {
+            let layer = ConfigLayer {
+                nested_virtualization: Some(setting.parse().unwrap()),
+                ..Default::default()
+            };
+            Config::resolve(
+                &[Source {
+                    origin: Origin::Flag,
+                    layer,
+                }],
+                Some("/s".into()),
+            )
+            .unwrap()
+        };
+        let auto = check_nested(&config("auto"), &m2);
+        assert_eq!(auto.verdict, Verdict::Ok);
+        assert!(
+            auto.detail
+                .starts_with("off: auto, and this Mac's chip has none"),
+            "{auto}"
+        );
+        let on = check_nested(&config("on"), &m2);
+        assert_eq!(on.verdict, Verdict::Fail);
+        assert!(
+            on.detail
+                .starts_with("--nested-virtualization: on needs an Apple M3 or later"),
+            "{on}"
+        );
+        assert_eq!(
+            on.fix.as_deref(),
+            Some("set nestedVirtualization to auto or off")
+        );
+        let m3 = HostInfo {
+            nested_virtualization: Some(true),
+            ..m2
+        };
+        let on = check_nested(&config("on"), &m3);
+        assert_eq!(on.verdict, Verdict::Ok);
+        assert!(
+            on.detail.starts_with("on: nestedVirtualization = on"),
+            "{on}"
+        );
     }
 
     #[test]
@@ -370,6 +450,7 @@ mod tests {
             memory_bytes: 16 << 30,
             macos_version: Some((12, 6)),
             arch: "aarch64".into(),
+            nested_virtualization: None,
         };
         assert_eq!(check_macos(&host).verdict, Verdict::Fail);
         let config = Config::resolve(&[], Some("/s".into())).unwrap();

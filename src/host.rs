@@ -14,6 +14,9 @@ pub struct HostInfo {
     pub macos_version: Option<(u32, u32)>,
     /// `aarch64`, `x86_64`, …
     pub arch: String,
+    /// What VZ's `VZGenericPlatformConfiguration.isNestedVirtualizationSupported`
+    /// says (asked on macOS 15 or later; `None` where it cannot be asked).
+    pub nested_virtualization: Option<bool>,
 }
 
 impl HostInfo {
@@ -27,7 +30,13 @@ impl HostInfo {
             memory_bytes: platform::memory_bytes().unwrap_or(0),
             macos_version: platform::macos_version(),
             arch: std::env::consts::ARCH.to_string(),
+            nested_virtualization: crate::platform_nested_virtualization(),
         }
+    }
+
+    /// Whether this host can boot a guest with nested virtualization.
+    pub fn nested_support(&self) -> crate::nested::HostSupport {
+        crate::nested::HostSupport::from_facts(self.macos_version, self.nested_virtualization)
     }
 
     /// Rosetta's binfmt "preserve argv[0]" flag needs a macOS 14 host.

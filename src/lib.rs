@@ -26,6 +26,7 @@ pub mod limits;
 pub mod logfile;
 pub mod mac;
 pub mod machines;
+pub mod nested;
 pub mod plan;
 pub mod proxy;
 pub mod size;
@@ -58,6 +59,19 @@ pub fn platform_backend() -> Result<Arc<dyn Backend>, BackendError> {
 /// True when this build can run VMs here.
 pub fn vm_backend_available() -> bool {
     cfg!(target_os = "macos")
+}
+
+/// What VZ's `isNestedVirtualizationSupported` says about this Mac: asked on macOS
+/// 15 or later only, `None` elsewhere (see `HostInfo::nested_virtualization`).
+pub fn platform_nested_virtualization() -> Option<bool> {
+    #[cfg(target_os = "macos")]
+    {
+        vz::nested_virtualization_supported()
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        None
+    }
 }
 
 /// What the platform says about virtualization and Rosetta, for `doctor`.

@@ -23,6 +23,10 @@
 //! fields separated by whitespace: store URI, systems, SSH key, max jobs, speed
 //! factor, supported features, mandatory features, public host key (`-` = unset).
 //! So no field may contain whitespace, `,` inside a list item, `;` or `#`.
+//!
+//! `kvm` and `nixos-test` are offered where nested virtualization gives the guest a
+//! `/dev/kvm` ([`nested_facts`]); the only file of the state directory root reads
+//! for that is the guest's report, which can take them away but never add them.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -30,17 +34,19 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::host::HostInfo;
 use crate::state::StateDir;
-use crate::{contract, files};
+use crate::{artifacts, contract, files, nested};
 
 /// The root-owned file the nix-darwin module writes the entry to, and that
 /// `/etc/nix/machines` includes; `nix/lib.nix` (`machinesFile`) names the same path.
 /// Users without nix-darwin are told to use it too.
 pub const NIX_MACHINES_FILE: &str = "/etc/nix/darwin-vz-nix.machines";
 
-/// Features advertised unless the configuration lists its own. No `kvm` (and so no
-/// `nixos-test`): without `/dev/kvm` in the guest, such builds would be sent to the
-/// VM and fail there instead of going to a machine that has it.
+/// Features advertised unless the configuration lists its own. `kvm` and
+/// `nixos-test` join them only where nested virtualization gives the guest a
+/// `/dev/kvm` ([`nested_facts`]): advertised without it, such builds would be sent
+/// to the VM and fail there instead of going to a machine that has it.
 pub const DEFAULT_SUPPORTED_FEATURES: &[&str] = &["benchmark", "big-parallel"];
 
 /// Accepted `maxJobs`: Nix runs that many builds on the VM at once.
@@ -190,6 +196,44 @@ pub struct VmFacts {
     /// example `kvm` once the guest is known to have `/dev/kvm`). They join the
     /// default list only: a `supportedFeatures` list the user wrote is kept as written.
     pub extra_features: Vec<Name>,
+}
+
+/// What root knows about nested virtualization on this Mac, as [`VmFacts`], and
+/// what to say about it: `kvm` and `nixos-test` where the daemon will boot the
+/// guest with nested virtualization (the setting, this Mac, the guest's kernel:
+/// `nested::decide`), unless the guest's last report (written by the daemon into
+/// its state directory) says that a boot with it had no `/dev/kvm` — the report can
+/// only take features away (`nested::offer`).
+pub fn nested_facts(config: &Config, host: &HostInfo, state: &StateDir) -> (VmFacts, Vec<String>) {
+    let mut warnings = Vec::new();
+    let kernel = || {
+        artifacts::resolve(config)
+            .ok()
+            .and_then(|guest| nested::kernel_release(&guest.kernel))
+    };
+    let decision = match nested::decide(config.nested_virtualization, host.nested_support(), kernel)
+    {
+        Ok(decision) => decision,
+        Err(message) => {
+            warnings.push(format!(
+                "{}: {message}; the line offers no kvm, and the daemon boots nothing until this is changed",
+                config.input("nestedVirtualization")
+            ));
+            return (VmFacts::default(), warnings);
+        }
+    };
+    let report = nested::read_report(&state.guest_report()).unwrap_or_else(|message| {
+        warnings.push(message);
+        None
+    });
+    let offer = nested::offer(&decision, report.as_ref());
+    warnings.extend(offer.warning);
+    let extra_features = offer
+        .features
+        .iter()
+        .filter_map(|feature| Name::try_from(feature.to_string()).ok())
+        .collect();
+    (VmFacts { extra_features }, warnings)
 }
 
 /// The builder as Nix should see it: every field of one machines-file entry.

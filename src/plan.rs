@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::contract;
 use crate::host::HostInfo;
 use crate::mac::MacAddress;
+use crate::nested::{self, Decision};
 use crate::state::StateDir;
 
 /// Where the host's Nix store lives.
@@ -38,6 +39,8 @@ pub struct BootPlan {
     /// Kernel parameters, in order; joined with spaces for the boot loader.
     pub command_line: Vec<String>,
     pub devices: Vec<Device>,
+    /// Whether the guest boots with nested virtualization (at EL2, with KVM), and why.
+    pub nested_virtualization: Decision,
 }
 
 /// One device of the VM. Each variant maps to one VZ device configuration.
@@ -128,6 +131,8 @@ pub enum PlanError {
         "the kernel command line would be {len} bytes, more than the {MAX_COMMAND_LINE} arm64 Linux keeps (it silently cuts the rest); kernelParams add {extra} bytes of it — shorten them"
     )]
     CommandLineTooLong { len: usize, extra: usize },
+    #[error("nestedVirtualization: {0}")]
+    NestedVirtualization(String),
 }
 
 /// Refuses a command line the guest's kernel would cut. `extra` is how many bytes
@@ -210,6 +215,12 @@ impl BootPlan {
             Device::MemoryBalloon,
         ]);
 
+        let nested_virtualization =
+            nested::decide(config.nested_virtualization, host.nested_support(), || {
+                nested::kernel_release(&artifacts.kernel)
+            })
+            .map_err(PlanError::NestedVirtualization)?;
+
         let plan = BootPlan {
             cpus: config.cores,
             memory_mib: config.memory_mib,
@@ -217,6 +228,7 @@ impl BootPlan {
             initrd: artifacts.initrd.clone(),
             command_line: command_line(config, artifacts, host),
             devices,
+            nested_virtualization,
         };
         plan.check()?;
         check_command_line(&plan.command_line, &config.kernel_params)?;
@@ -314,6 +326,7 @@ impl fmt::Display for BootPlan {
         for device in &self.devices {
             writeln!(f, "  {device}")?;
         }
+        writeln!(f, "nested virt   {}", self.nested_virtualization)?;
         Ok(())
     }
 }
@@ -383,6 +396,7 @@ mod tests {
             memory_bytes: 16 << 30,
             macos_version: Some(macos),
             arch: "aarch64".into(),
+            nested_virtualization: None,
         }
     }
 
@@ -525,6 +539,60 @@ mod tests {
             err.to_string(),
             "the kernel command line would be 2048 bytes, more than the 2047 arm64 Linux keeps (it silently cuts the rest); kernelParams add 201 bytes of it — shorten them"
         );
+    }
+
+    #[test]
+    fn the_plan_carries_the_nested_virtualization_decision() {
+        let plan = plan(ConfigLayer::default(), (14, 0));
+        assert!(!plan.nested_virtualization.enabled);
+        assert!(
+            plan.to_string()
+                .ends_with("nested virt   off: auto, and nested virtualization needs macOS 15 or later, and this Mac runs 14.0\n"),
+            "{plan}"
+        );
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["nestedVirtualization"]["enabled"], false);
+
+        // `on` where the Mac cannot: no plan, the requirement named.
+        let config = Config::resolve(
+            &[Source {
+                origin: Origin::Flag,
+                layer: ConfigLayer {
+                    nested_virtualization: Some(nested::NestedVirtualization::On),
+                    ..Default::default()
+                },
+            }],
+            Some("/state".into()),
+        )
+        .unwrap();
+        let err = BootPlan::build(&PlanInputs {
+            config: &config,
+            artifacts: &artifacts(),
+            state: &StateDir::new("/state"),
+            host: &host((15, 1)),
+            mac: "0a:00:00:00:00:01".parse().unwrap(),
+            host_store: Path::new(HOST_STORE),
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("nestedVirtualization: on needs an Apple M3 or later"),
+            "{err}"
+        );
+        let supported = HostInfo {
+            nested_virtualization: Some(true),
+            ..host((15, 1))
+        };
+        let plan = BootPlan::build(&PlanInputs {
+            config: &config,
+            artifacts: &artifacts(),
+            state: &StateDir::new("/state"),
+            host: &supported,
+            mac: "0a:00:00:00:00:01".parse().unwrap(),
+            host_store: Path::new(HOST_STORE),
+        })
+        .unwrap();
+        assert!(plan.nested_virtualization.enabled);
     }
 
     #[test]

@@ -290,6 +290,12 @@ impl StateDir {
     pub fn previous_console_log(&self) -> PathBuf {
         self.logs_dir().join("console.previous.log")
     }
+    /// What the supervisor learnt about the last boot's guest (`nested::GuestReport`);
+    /// root's `machines` reads it, and nix-darwin's launchd watches it
+    /// (`nix/lib.nix` `guestReportFile` names the same path).
+    pub fn guest_report(&self) -> PathBuf {
+        self.root.join("guest-report.json")
+    }
 
     /// The control socket path must fit in `sockaddr_un`.
     pub fn check_socket_path(&self) -> Result<(), StateError> {

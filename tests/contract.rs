@@ -68,6 +68,7 @@ fn contract_json_matches_the_rust_constants() {
             "/consoleMarkers/bootTiming",
             contract::CONSOLE_MARKER_BOOT_TIMING.into(),
         ),
+        ("/consoleMarkers/kvm", contract::CONSOLE_MARKER_KVM.into()),
     ];
     for (pointer, value) in expected {
         assert_eq!(&at(pointer), value, "contract.json {pointer}");
@@ -185,6 +186,7 @@ fn module_defaults_are_fitted_to_a_small_mac_and_max_jobs_follows_the_cores() {
         memory_bytes: 8 << 30,
         macos_version: Some((15, 0)),
         arch: "aarch64".into(),
+        nested_virtualization: None,
     };
     let state = StateDir::new("/var/lib/darwin-vz");
 

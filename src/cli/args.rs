@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigLayer, LogLevel, parse_number, ranges};
+use crate::nested::NestedVirtualization;
 use crate::size::ByteSize;
 
 /// Ranges of the numbers that only a command's own flags set (the README's CLI
@@ -210,6 +211,11 @@ pub struct VmArgs {
     /// User to log in as on the guest [default: builder].
     #[arg(long, value_name = "USER")]
     pub ssh_user: Option<String>,
+    /// Boot the guest with nested virtualization, so it has /dev/kvm and Nix may send
+    /// it NixOS VM tests: auto = wherever it works (an M3 or later, macOS 15+, a guest
+    /// kernel of 6.12+), on (refused where the Mac cannot), off [default: auto].
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub nested_virtualization: Option<NestedVirtualization>,
 }
 
 impl VmArgs {
@@ -238,6 +244,7 @@ impl VmArgs {
             ssh_user: self.ssh_user.clone(),
             // Config file only.
             builder: None,
+            nested_virtualization: self.nested_virtualization,
         }
     }
 
@@ -261,6 +268,10 @@ impl VmArgs {
         );
         push("--control-group", self.control_group.clone());
         push("--ssh-user", self.ssh_user.clone());
+        push(
+            "--nested-virtualization",
+            self.nested_virtualization.map(|v| v.as_str().to_string()),
+        );
         for param in &self.kernel_params {
             push("--kernel-param", Some(param.clone()));
         }
@@ -407,6 +418,10 @@ pub struct MachinesArgs {
     /// User Nix logs in as on the guest [default: builder].
     #[arg(long, value_name = "USER")]
     pub ssh_user: Option<String>,
+    /// The daemon's nested virtualization: the line offers kvm and nixos-test where it
+    /// is on [default: auto].
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub nested_virtualization: Option<NestedVirtualization>,
     /// Write the line to PATH (atomically, mode 0644) instead of printing it; root runs
     /// this for the nix-daemon.
     #[arg(long, value_name = "PATH")]
@@ -421,6 +436,7 @@ impl MachinesArgs {
             rosetta: self.rosetta,
             no_rosetta: self.no_rosetta,
             ssh_user: self.ssh_user.clone(),
+            nested_virtualization: self.nested_virtualization,
             ..VmArgs::default()
         }
         .layer()

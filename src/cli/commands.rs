@@ -249,6 +249,17 @@ fn check_same_settings(
             running.rosetta, config.rosetta
         ));
     }
+    if vm.nested_virtualization.is_some()
+        && running
+            .nested_virtualization
+            .is_some_and(|n| n != config.nested_virtualization)
+    {
+        differences.push(format!(
+            "nestedVirtualization {} (asked {})",
+            running.nested_virtualization.unwrap_or_default(),
+            config.nested_virtualization
+        ));
+    }
     if differences.is_empty() {
         return Ok(());
     }
@@ -526,6 +537,7 @@ pub fn format_status(r: &StatusReport) -> String {
             c.idle_timeout_minutes
         ),
     );
+    line("nested virt", nested_status(r));
     line(
         "supervisor",
         format!(
@@ -554,6 +566,35 @@ pub fn format_status(r: &StatusReport) -> String {
         );
     }
     out
+}
+
+/// The `nested virt` line of `status`: the setting, what the last boot did, and
+/// loudly when nested virtualization is on but the guest has no `/dev/kvm`.
+fn nested_status(r: &StatusReport) -> String {
+    use crate::nested::Kvm;
+    let setting = r.config.nested_virtualization.unwrap_or_default();
+    let Some(guest) = &r.guest else {
+        return format!("{setting} (decided at each boot; none yet)");
+    };
+    let boot = guest.boot;
+    if !guest.nested_virtualization {
+        return format!("{setting}: off for boot {boot}; kvm and nixos-test are not offered");
+    }
+    match (guest.kvm, &guest.warning) {
+        (_, Some(warning)) => format!("{setting}: WARNING — {warning}"),
+        (None, None) => format!(
+            "{setting}: on for boot {boot}; waiting for the guest to say whether it has /dev/kvm"
+        ),
+        (Some(Kvm::Present), None) => format!(
+            "{setting}: on for boot {boot}; the guest has /dev/kvm{}: kvm and nixos-test are offered",
+            guest
+                .kernel
+                .as_deref()
+                .map(|k| format!(" (Linux {k})"))
+                .unwrap_or_default()
+        ),
+        (Some(kvm), None) => format!("{setting}: on for boot {boot}; /dev/kvm {}", kvm.as_str()),
+    }
 }
 
 /// Where `ssh` and `ssh-config` go. A user given on their command line is checked
@@ -622,13 +663,18 @@ fn proxy(global: &GlobalArgs, port: u32, timeout: Duration, fdpass: bool) -> Out
 
 /// Prints the builder's machines-file text, or writes it to `--write PATH`. It
 /// resolves and fits the configuration as `daemon` does, so the line describes the
-/// VM that daemon runs; it reads and writes nothing in the state directory.
+/// VM that daemon runs; of the state directory it reads only the guest's report,
+/// which can take `kvm` away (`machines::nested_facts`), and it writes nothing there.
 fn machines(global: &GlobalArgs, args: &args::MachinesArgs) -> Outcome {
-    use crate::machines::{self, MachineLine, VmFacts};
+    use crate::machines::{self, MachineLine};
     let host = HostInfo::detect();
     let config = resolve_config(global, args.layer(), &host)?;
     let state = StateDir::new(&config.state_dir);
-    let line = MachineLine::new(&config, &state, &VmFacts::default());
+    let (facts, warnings) = machines::nested_facts(&config, &host, &state);
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
+    let line = MachineLine::new(&config, &state, &facts);
     let Some(path) = &args.write else {
         print!("{}", line.render());
         return Ok(0);

@@ -242,6 +242,28 @@ pub struct StatusReport {
     #[serde(default)]
     pub notices: Vec<NoticeReport>,
     pub config: ConfigSummary,
+    /// What the guest of the current (or last) boot had: nested virtualization and
+    /// `/dev/kvm` (absent before the first boot, and from older supervisors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestSummary>,
+}
+
+/// Nested virtualization and `/dev/kvm` in the guest of one boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestSummary {
+    pub boot: u64,
+    /// The boot asked for nested virtualization.
+    pub nested_virtualization: bool,
+    /// What the guest said about `/dev/kvm`; absent while it has not said yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm: Option<crate::nested::Kvm>,
+    /// The guest's kernel release, as it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Set when nested virtualization is on but the guest has no `/dev/kvm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +286,9 @@ pub struct ConfigSummary {
     pub state_dir: PathBuf,
     pub console_log: PathBuf,
     pub daemon_log: PathBuf,
+    /// The `nestedVirtualization` setting (absent from older supervisors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nested_virtualization: Option<crate::nested::NestedVirtualization>,
 }
 
 /// Why a request line could not be understood; becomes an error reply.

@@ -27,8 +27,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::access::{self, Owner, Peer};
 use super::protocol::{
-    self, BootTiming, ConfigSummary, ErrorCode, MAX_LINE_BYTES, NoticeReport, Reply, Request,
-    StatusReport, StopOutcome, VmState,
+    self, BootTiming, ConfigSummary, ErrorCode, GuestSummary, MAX_LINE_BYTES, NoticeReport, Reply,
+    Request, StatusReport, StopOutcome, VmState,
 };
 use crate::state::Access;
 use crate::supervisor::{self, StopRequest, Supervisor, SupervisorError};
@@ -483,6 +483,13 @@ fn status_report(snapshot: supervisor::Snapshot, summary: &ConfigSummary) -> Sta
             })
             .collect(),
         config: summary.clone(),
+        guest: snapshot.guest.map(|guest| GuestSummary {
+            boot: guest.boot.0,
+            nested_virtualization: guest.nested_virtualization,
+            kvm: guest.kvm,
+            warning: guest.warning(),
+            kernel: guest.kernel,
+        }),
     }
 }
 

@@ -34,6 +34,7 @@ pub(super) async fn run(inner: Arc<Inner>, boot: BootId) {
         inner.note(notice);
     }
     let plan = planned.plan;
+    let nested_virtualization = plan.nested_virtualization.enabled;
     let planned_after = t0.elapsed();
     tracing::info!(
         "{boot}: booting: {} CPUs, {} MiB",
@@ -52,10 +53,25 @@ pub(super) async fn run(inner: Arc<Inner>, boot: BootId) {
             tracing::info!("{boot}: superseded before its VM started");
             return;
         }
-        inner.backend.start(boot, plan, events).await
+        tokio::time::timeout(
+            inner.options.backend_timeout,
+            inner.backend.start(boot, plan, events),
+        )
+        .await
     };
-    if let Err(e) = started {
-        return fail(&inner, boot, e.to_string());
+    match started {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return fail(&inner, boot, e.to_string()),
+        Err(_) => {
+            let message = format!(
+                "the VM backend did not confirm the start within {}",
+                seconds(inner.options.backend_timeout)
+            );
+            fail(&inner, boot, message);
+            // The VM may still come up later: make sure this boot's goes.
+            inner.force_stop_own(boot).await;
+            return;
+        }
     }
     let vm_started = t0.elapsed();
     tracing::info!(
@@ -105,6 +121,11 @@ pub(super) async fn run(inner: Arc<Inner>, boot: BootId) {
     drop(life);
     tracing::info!("{boot}: guest ready after {:.2} s", ready.as_secs_f64());
     inner.notify();
+    tokio::spawn(super::guest::follow(
+        inner.clone(),
+        boot,
+        nested_virtualization,
+    ));
 }
 
 fn still_starting(inner: &Inner, boot: BootId) -> bool {

@@ -32,6 +32,7 @@
 //! [`SupervisorError`]); the control layer translates them to the wire format.
 
 mod boot;
+mod guest;
 mod idle;
 mod session;
 
@@ -44,14 +45,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::backend::{Backend, BootId, StopCall};
+use crate::nested::GuestReport;
 use crate::plan::BootPlan;
+
+pub use guest::GuestFacts;
 
 /// A graceful poweroff never waits longer than this, whatever it is given (a huge
 /// `stopTimeout` must not hang a shutdown): then the VM is forced off.
 pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// How long a forced stop may take before the supervisor gives up on the backend.
-const FORCE_STOP_BOUND: Duration = Duration::from_secs(60);
+/// How long the backend's `start` and `force_stop` may take by default before the
+/// supervisor gives up on them. Above the VZ backend's own bound (30 s,
+/// `limits::VZ_CALLBACK_TIMEOUT`), whose message says more.
+pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How many notices `status` keeps (the most recent ones).
 const MAX_NOTICES: usize = 16;
@@ -70,6 +76,12 @@ pub struct SupervisorOptions {
     pub ready_port: u32,
     /// Where the guest console goes, named in boot errors.
     pub console_log: PathBuf,
+    /// How long after "ready" to wait for the guest to say whether it has
+    /// `/dev/kvm` (`guest`).
+    pub guest_report_wait: Duration,
+    /// How long the backend's `start` and `force_stop` may take before they are
+    /// reported as failed ([`DEFAULT_BACKEND_TIMEOUT`]).
+    pub backend_timeout: Duration,
 }
 
 /// A boot plan and the warnings found while making it (e.g. "the client key was
@@ -91,6 +103,11 @@ pub trait StateKeeper: Send + Sync + 'static {
     /// Repairs what an ssh client needs on the host before each connection (e.g. a
     /// deleted `known_hosts`); returns what it repaired, as notices.
     fn before_connect(&self) -> Vec<String>;
+    /// Records what the guest of a boot said about itself, where root's
+    /// `darwin-vz-nix machines` reads it. Nothing by default.
+    fn record_guest_report(&self, _report: &GuestReport) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The lifecycle of the VM.
@@ -151,6 +168,8 @@ pub struct Snapshot {
     pub last_error: Option<String>,
     /// Most recent last.
     pub notices: Vec<Notice>,
+    /// What the guest of the current (or last) boot said about `/dev/kvm`.
+    pub guest: Option<GuestFacts>,
 }
 
 /// How a stop ended.
@@ -229,6 +248,7 @@ struct Life {
     last_boot: Option<BootTiming>,
     last_error: Option<String>,
     notices: VecDeque<(Instant, String)>,
+    guest: Option<GuestFacts>,
 }
 
 impl Life {
@@ -303,7 +323,8 @@ impl Inner {
     /// backend touches nothing). For tasks that find their boot superseded.
     async fn force_stop_own(&self, boot: BootId) {
         let _calls = self.lifecycle.lock().await;
-        match tokio::time::timeout(FORCE_STOP_BOUND, self.backend.force_stop(boot)).await {
+        let bound = self.options.backend_timeout;
+        match tokio::time::timeout(bound, self.backend.force_stop(boot)).await {
             Ok(Ok(StopCall::Done)) => tracing::debug!("{boot}: its VM is stopped"),
             Ok(Ok(StopCall::NotCurrent)) => {
                 tracing::debug!("{boot}: its VM is already gone; nothing to stop")
@@ -311,7 +332,7 @@ impl Inner {
             Ok(Err(e)) => tracing::warn!("{boot}: stopping its VM failed: {e}"),
             Err(_) => tracing::warn!(
                 "{boot}: the backend did not confirm the stop within {}",
-                seconds(FORCE_STOP_BOUND)
+                seconds(bound)
             ),
         }
     }
@@ -347,6 +368,7 @@ impl Supervisor {
                 last_boot: None,
                 last_error: None,
                 notices: VecDeque::new(),
+                guest: None,
             }),
             changed,
             lifecycle: tokio::sync::Mutex::new(()),
@@ -387,6 +409,7 @@ impl Supervisor {
                     age: now.saturating_duration_since(*at),
                 })
                 .collect(),
+            guest: life.guest.clone(),
         }
     }
 
@@ -550,7 +573,11 @@ impl Supervisor {
         }
         let result = {
             let _calls = self.inner.lifecycle.lock().await;
-            tokio::time::timeout(FORCE_STOP_BOUND, self.inner.backend.force_stop(boot)).await
+            tokio::time::timeout(
+                self.inner.options.backend_timeout,
+                self.inner.backend.force_stop(boot),
+            )
+            .await
         };
         match result {
             Ok(Ok(_)) => {
@@ -564,7 +591,7 @@ impl Supervisor {
             Err(_) => {
                 let message = format!(
                     "the VM backend did not confirm the stop within {}",
-                    seconds(FORCE_STOP_BOUND)
+                    seconds(self.inner.options.backend_timeout)
                 );
                 self.finish_stop(boot, VmState::Failed, Some(message.clone()));
                 Err(SupervisorError::StopFailed(message))

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use objc2::rc::Retained;
-use objc2::{AnyThread, ClassType};
+use objc2::{AnyThread, ClassType, available};
 use objc2_foundation::{NSArray, NSError, NSString, NSURL};
 use objc2_virtualization::{
     VZDirectorySharingDeviceConfiguration, VZDiskImageCachingMode,
@@ -35,7 +35,7 @@ pub fn build(plan: &BootPlan) -> Result<Retained<VZVirtualMachineConfiguration>,
     // SAFETY: a plain allocation and init of a configuration object we own.
     let config = unsafe { VZVirtualMachineConfiguration::new() };
     let boot_loader = boot_loader(plan)?;
-    let platform = generic_platform();
+    let platform = generic_platform(plan.nested_virtualization.enabled)?;
     let cpus = cpu_count(plan.cpus)?;
     let memory = memory_size(plan.memory_mib)?;
     // SAFETY: setters on a configuration that is not shared with anything yet.
@@ -58,6 +58,38 @@ pub fn build(plan: &BootPlan) -> Result<Retained<VZVirtualMachineConfiguration>,
 /// `localizedDescription`.
 pub fn describe(error: &NSError) -> String {
     error.localizedDescription().to_string()
+}
+
+/// Whether VZ refused because this process lacks the virtualization entitlement
+/// (an invalid-configuration error naming it; `limits::is_missing_entitlement`).
+fn missing_entitlement(error: &NSError) -> bool {
+    let reason = error
+        .localizedFailureReason()
+        .map(|reason| reason.to_string())
+        .unwrap_or_default();
+    limits::is_missing_entitlement(
+        &error.domain().to_string(),
+        error.code(),
+        &[&describe(error), &reason],
+    )
+}
+
+/// A VZ error as ours: the missing entitlement becomes `Unsupported`, with the
+/// codesign command for this very binary; anything else goes to `otherwise`.
+fn vz_error(error: &NSError, otherwise: impl FnOnce(String) -> BackendError) -> BackendError {
+    if missing_entitlement(error) {
+        let exe = std::env::current_exe()
+            .map(|path| path.display().to_string())
+            .unwrap_or_else(|_| "darwin-vz-nix".into());
+        BackendError::Unsupported(limits::unsigned_binary(&exe))
+    } else {
+        otherwise(describe(error))
+    }
+}
+
+/// The error of a start that VZ refused (`startWithCompletionHandler:`).
+pub fn start_error(error: &NSError) -> BackendError {
+    vz_error(error, BackendError::Start)
 }
 
 fn invalid(message: impl Into<String>) -> BackendError {
@@ -87,10 +119,43 @@ fn boot_loader(plan: &BootPlan) -> Result<Retained<VZLinuxBootLoader>, BackendEr
     }
 }
 
-/// `VZLinuxBootLoader` is only valid with the generic platform (macOS 12+).
-fn generic_platform() -> Retained<VZGenericPlatformConfiguration> {
+/// `VZLinuxBootLoader` is only valid with the generic platform (macOS 12+). With
+/// `nested`, the guest boots at EL2 with nested virtualization (macOS 15+, M3 or
+/// later); the plan asks for it only where `nested::decide` found the Mac able, and
+/// this checks again with VZ itself.
+fn generic_platform(
+    nested: bool,
+) -> Result<Retained<VZGenericPlatformConfiguration>, BackendError> {
     // SAFETY: plain init of a platform configuration we own.
-    unsafe { VZGenericPlatformConfiguration::new() }
+    let platform = unsafe { VZGenericPlatformConfiguration::new() };
+    if nested {
+        if !available!(macos = 15.0) {
+            return Err(invalid(
+                "nested virtualization needs macOS 15 or later; set nestedVirtualization = auto or off",
+            ));
+        }
+        // SAFETY: a class property without preconditions (macOS 15+, checked above).
+        if !unsafe { VZGenericPlatformConfiguration::isNestedVirtualizationSupported() } {
+            return Err(invalid(
+                "this Mac has no nested virtualization (it needs an Apple M3 or later); set nestedVirtualization = auto or off",
+            ));
+        }
+        // SAFETY: a setter on a platform configuration we own (macOS 15+).
+        unsafe { platform.setNestedVirtualizationEnabled(true) };
+    }
+    Ok(platform)
+}
+
+/// What VZ says about nested virtualization on this Mac; `None` before macOS 15,
+/// where the question does not exist.
+pub fn nested_virtualization_supported() -> Option<bool> {
+    if available!(macos = 15.0) {
+        // SAFETY: a class property without preconditions, callable on any thread
+        // (macOS 15+, checked above).
+        Some(unsafe { VZGenericPlatformConfiguration::isNestedVirtualizationSupported() })
+    } else {
+        None
+    }
 }
 
 fn cpu_count(cores: u32) -> Result<usize, BackendError> {
@@ -118,10 +183,9 @@ fn memory_size(memory_mib: u64) -> Result<u64, BackendError> {
 fn validate(config: &VZVirtualMachineConfiguration) -> Result<(), BackendError> {
     // SAFETY: validation only reads the configuration we built.
     unsafe { config.validateWithError() }.map_err(|error| {
-        invalid(format!(
-            "the VM configuration is invalid: {}",
-            describe(&error)
-        ))
+        vz_error(&error, |text| {
+            invalid(format!("the VM configuration is invalid: {text}"))
+        })
     })
 }
 

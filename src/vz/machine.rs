@@ -5,9 +5,11 @@
 //! VZ calls completion handlers and the delegate on that queue too. So each
 //! operation here is a closure sent to the queue with `exec_async`, and its result
 //! comes back to async Rust through a `tokio::sync::oneshot`. Nothing VZ ever leaves
-//! the queue except inside [`OnQueue`], which is only opened on the queue.
+//! the queue except inside [`OnQueue`], which is only opened on the queue and always
+//! dropped there.
 
 use std::cell::Cell;
+use std::mem::ManuallyDrop;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,27 +29,60 @@ use tokio::sync::oneshot;
 use super::config::{self, describe};
 use super::delegate::{DelegateState, VmDelegate};
 use crate::backend::{BackendError, BackendEvent, GuestStream, StopCall};
-use crate::limits;
+use crate::limits::{self, LeftoverVm};
 use crate::plan::BootPlan;
 
-/// A value that may only be used on the VM's queue.
-pub struct OnQueue<T>(T);
+/// A value that may only be used on the VM's queue, and that is dropped there.
+///
+/// It may be moved to any thread (the VM slot is shared with async code), but its
+/// value is reachable only through the unsafe [`OnQueue::get`], whose callers are on
+/// the queue, and its `Drop` hands the value to the queue instead of dropping it
+/// wherever the wrapper happens to be: the rule "VZ objects are used and released
+/// only on the VM's queue" is kept by the type, not by each caller.
+pub struct OnQueue<T: 'static> {
+    value: ManuallyDrop<T>,
+    queue: DispatchRetained<DispatchQueue>,
+}
 
-// SAFETY: VZ objects may be used from any thread as long as all uses are serialized
-// on the VM's serial queue. An `OnQueue` is opened (`get`) only inside closures that
-// run on that queue and is dropped there too (the places that hold one say so), so
-// moving the wrapper to another thread never lets two threads use the object.
-unsafe impl<T> Send for OnQueue<T> {}
+// SAFETY: VZ objects may be used from any thread as long as every use is serialized
+// on the VM's serial queue. The value inside is only reached through `get`, which
+// must be called on that queue, and is only dropped by `Drop` below, which sends it
+// to the queue; so moving the wrapper to another thread never lets a second thread
+// touch the value.
+unsafe impl<T: 'static> Send for OnQueue<T> {}
 
-impl<T> OnQueue<T> {
-    fn new(value: T) -> OnQueue<T> {
-        OnQueue(value)
+impl<T: 'static> OnQueue<T> {
+    fn new(value: T, queue: &DispatchRetained<DispatchQueue>) -> OnQueue<T> {
+        OnQueue {
+            value: ManuallyDrop::new(value),
+            queue: queue.clone(),
+        }
     }
 
     /// # Safety
     /// Call only on the VM's queue.
     unsafe fn get(&self) -> &T {
-        &self.0
+        &self.value
+    }
+}
+
+/// Carries a value to the queue in `OnQueue::drop`; private, so nothing else can
+/// send a queue-bound value anywhere.
+struct ToQueue<T>(T);
+
+// SAFETY: only `OnQueue::drop` makes one, to move its value into a closure that the
+// VM queue runs; the value is dropped there and nowhere else.
+unsafe impl<T> Send for ToQueue<T> {}
+
+impl<T: 'static> Drop for OnQueue<T> {
+    fn drop(&mut self) {
+        // SAFETY: `value` is never used again: this is the wrapper's drop.
+        let value = ToQueue(unsafe { ManuallyDrop::take(&mut self.value) });
+        // Dropped in a later turn of the queue, also when this runs on the queue
+        // itself: a VZ callback never sees its own VM deallocated under it.
+        // `drop(value)` moves the whole `ToQueue` into the closure (destructuring it
+        // there would capture only its field, which is not `Send`).
+        self.queue.exec_async(move || drop(value));
     }
 }
 
@@ -82,8 +117,8 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes the current VM out. The caller drops it on the queue, which releases
-    /// the VM and gives its memory back to macOS.
+    /// Takes the current VM out. Dropping it (anywhere: `OnQueue` sends it to the
+    /// queue) releases the VM and gives its memory back to macOS.
     fn take(&self) -> Option<OnQueue<Running>> {
         self.slot().take()
     }
@@ -102,7 +137,6 @@ impl Shared {
                 None
             };
             drop(slot);
-            // Dropped here, on the queue.
             drop(released);
         });
     }
@@ -117,10 +151,19 @@ impl Shared {
         slot.as_ref().map(|running| f(unsafe { running.get() }))
     }
 
-    /// Releases whatever VM is still held, on the queue.
-    pub fn release_all(self: &Arc<Shared>) {
-        let shared = Arc::clone(self);
-        self.queue.exec_async(move || drop(shared.take()));
+    /// Releases whatever VM is still held (`OnQueue` drops it on the queue).
+    pub fn release_all(&self) {
+        drop(self.take());
+    }
+
+    /// The boot and state of the VM held now, if any.
+    ///
+    /// # Safety
+    /// Call only on the VM queue.
+    unsafe fn held(&self) -> Option<(u64, isize)> {
+        // SAFETY: guaranteed by the caller.
+        // The closure is inside the unsafe block too: `state` is read on the queue.
+        unsafe { self.with_vm(|running| (running.generation, running.vm.state().0)) }
     }
 }
 
@@ -169,7 +212,19 @@ unsafe fn error_ref<'a>(error: *mut NSError) -> Option<&'a NSError> {
 
 // ---- start -------------------------------------------------------------------
 
-/// Creates and starts the VM for `plan`; replies once it runs.
+/// Why `start` did not start a VM.
+pub enum StartRefusal {
+    /// The VM of an earlier boot is still held and may still run (its start or
+    /// stop timed out): it must be stopped before a second VM opens the same disk.
+    Leftover {
+        generation: u64,
+        state: &'static str,
+    },
+    Failed(BackendError),
+}
+
+/// Creates and starts the VM for `plan`; replies once it runs. Refuses, touching
+/// nothing, while the VM of an earlier boot may still run.
 ///
 /// # Safety
 /// Call only on the VM queue (through `on_queue`).
@@ -178,16 +233,28 @@ pub unsafe fn start(
     plan: BootPlan,
     events: UnboundedSender<BackendEvent>,
     generation: u64,
-    reply: oneshot::Sender<Result<(), BackendError>>,
+    reply: oneshot::Sender<Result<(), StartRefusal>>,
 ) {
-    if let Some(stale) = shared.take() {
-        tracing::warn!("releasing a VM of an earlier boot that was still held");
-        drop(stale);
+    // SAFETY: guaranteed by the caller.
+    if let Some((held, raw_state)) = unsafe { shared.held() } {
+        match limits::leftover_vm(raw_state) {
+            LeftoverVm::Release => {
+                tracing::info!("releasing the stopped VM of boot {held}");
+                drop(shared.take());
+            }
+            LeftoverVm::StopFirst => {
+                let _ = reply.send(Err(StartRefusal::Leftover {
+                    generation: held,
+                    state: limits::state_name(raw_state),
+                }));
+                return;
+            }
+        }
     }
     let config = match config::build(&plan) {
         Ok(config) => config,
         Err(error) => {
-            let _ = reply.send(Err(error));
+            let _ = reply.send(Err(StartRefusal::Failed(error)));
             return;
         }
     };
@@ -208,11 +275,14 @@ pub unsafe fn start(
     // SAFETY: on the VM queue; the delegate outlives the VM because `Running`
     // holds both.
     unsafe { vm.setDelegate(Some(ProtocolObject::from_ref(&*delegate))) };
-    *shared.slot() = Some(OnQueue::new(Running {
-        generation,
-        vm: vm.clone(),
-        _delegate: delegate,
-    }));
+    *shared.slot() = Some(OnQueue::new(
+        Running {
+            generation,
+            vm: vm.clone(),
+            _delegate: delegate,
+        },
+        &shared.queue,
+    ));
 
     let reply = Reply::new(reply);
     let weak = Arc::downgrade(shared);
@@ -224,7 +294,7 @@ pub unsafe fn start(
                 if let Some(shared) = weak.upgrade() {
                     shared.release_later(generation);
                 }
-                Err(BackendError::Start(describe(error)))
+                Err(StartRefusal::Failed(config::start_error(error)))
             }
         };
         reply.send(result);
@@ -442,11 +512,10 @@ pub unsafe fn connect(
         }
     };
     let reply = Reply::new(reply);
-    let queue = shared.queue.clone();
     let handler = RcBlock::new(
         move |connection: *mut VZVirtioSocketConnection, error: *mut NSError| {
             // SAFETY: VZ passes nil or valid objects for the duration of the call.
-            let result = unsafe { connection_result(connection, error, &queue) };
+            let result = unsafe { connection_result(connection, error) };
             reply.send(result.map_err(|reason| BackendError::Connect { port, reason }));
         },
     );
@@ -470,12 +539,12 @@ unsafe fn socket_device(vm: &VZVirtualMachine) -> Option<Retained<VZVirtioSocket
 unsafe fn connection_result(
     connection: *mut VZVirtioSocketConnection,
     error: *mut NSError,
-    queue: &DispatchRetained<DispatchQueue>,
 ) -> Result<GuestStream, String> {
-    // SAFETY: guaranteed by the caller; retaining keeps the connection past the call.
+    // SAFETY: guaranteed by the caller; retaining keeps the connection for the
+    // duplication below.
     if let Some(connection) = unsafe { Retained::retain(connection) } {
         // SAFETY: guaranteed by the caller.
-        return unsafe { guest_stream(connection, queue) };
+        return unsafe { guest_stream(&connection) };
     }
     // SAFETY: guaranteed by the caller.
     Err(match unsafe { error_ref(error) } {
@@ -484,68 +553,35 @@ unsafe fn connection_result(
     })
 }
 
-/// Our own descriptor for the connection, plus the connection itself as keepalive.
+/// Our own descriptor for the connection; VZ's is closed at once.
 ///
-/// The connection owns its descriptor and closes it when closed or released, so we
-/// `dup()` it (with `FD_CLOEXEC`): the duplicate is what the proxy gets, possibly
-/// in another process via `SCM_RIGHTS`. The socket stays open until both the
-/// duplicate and the connection are closed.
+/// The connection owns its descriptor (an AF_UNIX socket to the framework) and
+/// closes it when closed or released. We `dup()` it (with `FD_CLOEXEC`) and then
+/// close the connection right away, as apple/containerization's `dupHandle()` does
+/// (dup, then `close()`): from here on the duplicate is this process's descriptor
+/// for the stream, besides the copy the supervisor keeps to watch the session
+/// (`supervisor::session`). Keeping VZ's descriptor open until the stream ended
+/// made the guest see the end of a stream only when the supervisor let go of it.
 ///
 /// # Safety
 /// Call only on the VM queue.
-unsafe fn guest_stream(
-    connection: Retained<VZVirtioSocketConnection>,
-    queue: &DispatchRetained<DispatchQueue>,
-) -> Result<GuestStream, String> {
-    // Whatever happens next, the connection is closed and released on the queue.
-    let keepalive = ConnectionKeepalive {
-        connection: Some(OnQueue::new(connection)),
-        queue: queue.clone(),
-    };
+unsafe fn guest_stream(connection: &VZVirtioSocketConnection) -> Result<GuestStream, String> {
     // SAFETY: guaranteed by the caller.
-    let raw = unsafe { keepalive.connection()?.fileDescriptor() };
-    if raw < 0 {
-        return Err("the connection was closed before it could be used".into());
-    }
-    // SAFETY: `raw` is open for as long as the connection lives, which `keepalive`
-    // ensures past this borrow.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
-    // `try_clone_to_owned` is `fcntl(F_DUPFD_CLOEXEC)`: a new descriptor with
-    // close-on-exec set.
-    let fd: OwnedFd = borrowed
-        .try_clone_to_owned()
-        .map_err(|error| format!("could not duplicate the connection's descriptor: {error}"))?;
-    Ok(GuestStream::new(fd, Some(Box::new(keepalive))))
-}
-
-/// Keeps a `VZVirtioSocketConnection` alive for as long as its stream is used; on
-/// drop, closes and releases it on the VM queue.
-struct ConnectionKeepalive {
-    connection: Option<OnQueue<Retained<VZVirtioSocketConnection>>>,
-    queue: DispatchRetained<DispatchQueue>,
-}
-
-impl ConnectionKeepalive {
-    /// # Safety
-    /// Call only on the VM queue.
-    unsafe fn connection(&self) -> Result<&VZVirtioSocketConnection, String> {
-        match &self.connection {
-            // SAFETY: guaranteed by the caller.
-            Some(connection) => Ok(unsafe { connection.get() }),
-            None => Err("the connection is gone".into()),
-        }
-    }
-}
-
-impl Drop for ConnectionKeepalive {
-    fn drop(&mut self) {
-        if let Some(connection) = self.connection.take() {
-            self.queue.exec_async(move || {
-                // SAFETY: this closure runs on the VM queue, where the connection
-                // is closed and then dropped (released).
-                unsafe { connection.get().close() };
-                drop(connection);
-            });
-        }
-    }
+    let raw = unsafe { connection.fileDescriptor() };
+    let duplicate = if raw < 0 {
+        Err("the connection was closed before it could be used".to_string())
+    } else {
+        // SAFETY: `raw` is open until the `close()` below.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+        // `try_clone_to_owned` is `fcntl(F_DUPFD_CLOEXEC)`: a new descriptor with
+        // close-on-exec set, sharing the socket.
+        borrowed
+            .try_clone_to_owned()
+            .map_err(|error| format!("could not duplicate the connection's descriptor: {error}"))
+    };
+    // Closes VZ's descriptor only; the socket lives on in the duplicate.
+    // SAFETY: guaranteed by the caller.
+    unsafe { connection.close() };
+    let fd: OwnedFd = duplicate?;
+    Ok(GuestStream::new(fd, None))
 }

@@ -8,10 +8,18 @@
 //! # Availability
 //!
 //! The floor is macOS 13; [`VzBackend::new`] refuses older systems, so nothing below
-//! needs its own check. Anything newer than 13 must be guarded with
-//! `objc2::available!` (none is used today). Minimum versions are from Apple's
+//! needs its own check. Anything newer than 13 is guarded with `objc2::available!`:
+//! today only nested virtualization (macOS 15). Minimum versions are from Apple's
 //! Virtualization documentation; names and signatures from objc2-virtualization
 //! 0.3.2 (see `notes/vz-api.md` in the project notes for where each was checked).
+//!
+//! # Bounded, and never two VMs on one disk
+//!
+//! `startWithCompletionHandler:` and a forced stop are awaited at most
+//! `limits::VZ_CALLBACK_TIMEOUT` (30 s, as Lima waits for a stop). A call that does
+//! not answer in time is reported as failed, and its VM stays in the slot: the next
+//! start finds it and, unless it has stopped, stops it first, or refuses to boot —
+//! a second VM must never open the same `disk.img`.
 //!
 //! | API | macOS |
 //! |---|---|
@@ -21,6 +29,7 @@
 //! | `VZVirtualMachineConfiguration`: `new`, `setBootLoader:`, `setCPUCount:`, `setMemorySize:`, `minimumAllowedCPUCount`, `maximumAllowedCPUCount`, `minimumAllowedMemorySize`, `maximumAllowedMemorySize`, `validateWithError:`, `setStorageDevices:`, `setNetworkDevices:`, `setSocketDevices:`, `setEntropyDevices:`, `setSerialPorts:`, `setMemoryBalloonDevices:` | 11.0 |
 //! | `VZVirtualMachineConfiguration`: `setPlatform:`, `setDirectorySharingDevices:` | 12.0 |
 //! | `VZGenericPlatformConfiguration` | 12.0 |
+//! | `VZGenericPlatformConfiguration`: `isNestedVirtualizationSupported`, `setNestedVirtualizationEnabled:` (guarded) | 15.0 |
 //! | `VZLinuxBootLoader`: `initWithKernelURL:`, `setInitialRamdiskURL:`, `setCommandLine:` | 11.0 |
 //! | `VZDiskImageStorageDeviceAttachment`: `initWithURL:readOnly:cachingMode:synchronizationMode:error:`; `VZDiskImageCachingModeCached`; `VZDiskImageSynchronizationModeFsync` | 12.0 |
 //! | `VZVirtioBlockDeviceConfiguration`: `initWithAttachment:` | 11.0 |
@@ -29,6 +38,7 @@
 //! | `VZVirtioFileSystemDeviceConfiguration`: `validateTag:error:`, `initWithTag:`, `setShare:` | 12.0 |
 //! | `VZLinuxRosettaDirectoryShare`: `availability`, `initWithError:` | 13.0 |
 //! | `VZVirtioSocketDeviceConfiguration`; `VZVirtioSocketDevice`: `connectToPort:completionHandler:`; `VZVirtioSocketConnection`: `fileDescriptor`, `close` | 11.0 |
+//! | `NSError`: `domain`, `code`, `localizedFailureReason` (to tell the missing entitlement) | Foundation |
 //! | `VZVirtioEntropyDeviceConfiguration` | 11.0 |
 //! | `VZVirtioConsoleDeviceSerialPortConfiguration`, `VZSerialPortConfiguration.setAttachment:`, `VZFileSerialPortAttachment`: `initWithURL:append:error:` | 11.0 |
 //! | `VZVirtioTraditionalMemoryBalloonDeviceConfiguration` | 11.0 |
@@ -49,8 +59,9 @@ use crate::backend::{
     Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestStream, StopCall,
 };
 use crate::doctor::PlatformFacts;
+use crate::limits;
 use crate::plan::BootPlan;
-use machine::Shared;
+use machine::{Shared, StartRefusal};
 
 /// How long one `connectToPort` may take. Apple documents that it "does nothing"
 /// while the guest does not listen (in practice it fails with ECONNRESET); this
@@ -90,6 +101,46 @@ fn unanswered(what: &str) -> String {
     format!("Virtualization.framework never answered the {what} request")
 }
 
+impl VzBackend {
+    /// Starts the VM of `generation`, bounded by `VZ_CALLBACK_TIMEOUT`. A start
+    /// that does not call back in time is reported as failed and its VM stays in
+    /// the slot, where the next start finds it.
+    async fn start_once(
+        &self,
+        generation: u64,
+        plan: BootPlan,
+        events: UnboundedSender<BackendEvent>,
+    ) -> Result<(), StartRefusal> {
+        let attempt = machine::on_queue(&self.shared, move |shared, reply| {
+            // SAFETY: `on_queue` runs this closure on the VM queue.
+            unsafe { machine::start(shared, plan, events, generation, reply) }
+        });
+        match tokio::time::timeout(limits::VZ_CALLBACK_TIMEOUT, attempt).await {
+            Ok(Some(result)) => result,
+            Ok(None) => Err(StartRefusal::Failed(BackendError::Start(unanswered(
+                "start",
+            )))),
+            Err(_) => Err(StartRefusal::Failed(BackendError::Start(
+                limits::vz_timeout("start"),
+            ))),
+        }
+    }
+
+    /// Pulls the plug of boot `generation`'s VM, bounded by `VZ_CALLBACK_TIMEOUT`.
+    /// On a timeout the VM stays in the slot (it may still stop later, or run).
+    async fn force_stop_bounded(&self, generation: u64) -> Result<StopCall, BackendError> {
+        let attempt = machine::on_queue(&self.shared, move |shared, reply| {
+            // SAFETY: `on_queue` runs this closure on the VM queue.
+            unsafe { machine::force_stop(shared, generation, reply) }
+        });
+        match tokio::time::timeout(limits::VZ_CALLBACK_TIMEOUT, attempt).await {
+            Ok(Some(result)) => result,
+            Ok(None) => Err(BackendError::Stop(unanswered("stop"))),
+            Err(_) => Err(BackendError::Stop(limits::vz_timeout("forced stop"))),
+        }
+    }
+}
+
 impl Backend for VzBackend {
     fn name(&self) -> &'static str {
         "Virtualization.framework"
@@ -103,12 +154,31 @@ impl Backend for VzBackend {
     ) -> BoxFuture<'_, Result<(), BackendError>> {
         let generation = boot.0;
         Box::pin(async move {
-            machine::on_queue(&self.shared, move |shared, reply| {
-                // SAFETY: `on_queue` runs this closure on the VM queue.
-                unsafe { machine::start(shared, plan, events, generation, reply) }
-            })
-            .await
-            .unwrap_or_else(|| Err(BackendError::Start(unanswered("start"))))
+            let refusal = match self
+                .start_once(generation, plan.clone(), events.clone())
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(StartRefusal::Failed(error)) => return Err(error),
+                Err(StartRefusal::Leftover { generation, state }) => (generation, state),
+            };
+            // Never two VMs on one disk image: the VM an earlier boot left behind
+            // (its start or stop timed out) is stopped first, then this boot starts.
+            let (leftover, state) = refusal;
+            tracing::warn!("the VM of boot {leftover} is still {state}; stopping it first");
+            let why = match self.force_stop_bounded(leftover).await {
+                Ok(_) => match self.start_once(generation, plan, events).await {
+                    Ok(()) => return Ok(()),
+                    Err(StartRefusal::Failed(error)) => return Err(error),
+                    Err(StartRefusal::Leftover { .. }) => {
+                        "it was still held after its stop was confirmed".to_string()
+                    }
+                },
+                Err(error) => error.to_string(),
+            };
+            Err(BackendError::Start(limits::leftover_refused(
+                leftover, state, &why,
+            )))
         })
     }
 
@@ -124,14 +194,7 @@ impl Backend for VzBackend {
     }
 
     fn force_stop(&self, boot: BootId) -> BoxFuture<'_, Result<StopCall, BackendError>> {
-        Box::pin(async move {
-            machine::on_queue(&self.shared, move |shared, reply| {
-                // SAFETY: `on_queue` runs this closure on the VM queue.
-                unsafe { machine::force_stop(shared, boot.0, reply) }
-            })
-            .await
-            .unwrap_or_else(|| Err(BackendError::Stop(unanswered("stop"))))
-        })
+        Box::pin(self.force_stop_bounded(boot.0))
     }
 
     fn connect(&self, port: u32) -> BoxFuture<'_, Result<GuestStream, BackendError>> {
@@ -149,6 +212,8 @@ impl Backend for VzBackend {
         })
     }
 }
+
+pub use config::nested_virtualization_supported;
 
 /// What Virtualization.framework says about this Mac, for `doctor`.
 pub fn platform_facts() -> PlatformFacts {

@@ -45,6 +45,13 @@ pub struct FakeVmBehaviour {
     pub ignore_graceful_stop: bool,
     /// Extra lines for the guest's sshd_config.
     pub sshd_extra: Vec<String>,
+    /// What the guest says on its console about `/dev/kvm` at boot, as
+    /// nix/nixos/scripts/kvm.sh does; `None`: it says nothing (an older guest).
+    pub guest_kvm: Option<bool>,
+    /// `start` never finishes, as if VZ never called back.
+    pub start_hangs: bool,
+    /// `force_stop` of the current VM never finishes.
+    pub force_stop_hangs: bool,
 }
 
 impl Default for FakeVmBehaviour {
@@ -56,6 +63,9 @@ impl Default for FakeVmBehaviour {
             fail_boot: None,
             ignore_graceful_stop: false,
             sshd_extra: Vec::new(),
+            guest_kvm: Some(false),
+            start_hangs: false,
+            force_stop_hangs: false,
         }
     }
 }
@@ -337,12 +347,28 @@ impl Backend for FakeVm {
     fn start(
         &self,
         boot: BootId,
-        _plan: BootPlan,
+        plan: BootPlan,
         events: UnboundedSender<BackendEvent>,
     ) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
             let behaviour = self.behaviour.lock().unwrap().clone();
+            if behaviour.start_hangs {
+                return std::future::pending().await;
+            }
             tokio::time::sleep(behaviour.boot_delay).await;
+            if let (Some(kvm), Some(console)) = (behaviour.guest_kvm, plan.console_log()) {
+                // What nix/nixos/scripts/kvm.sh prints on the console at boot.
+                let line = format!(
+                    "{} {} (Linux 6.12.5)\r\n",
+                    darwin_vz_nix::contract::CONSOLE_MARKER_KVM,
+                    if kvm { "present" } else { "absent" }
+                );
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(console)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+            }
             let mut state = self.state.lock().unwrap();
             if let Some(message) = behaviour.fail_boot {
                 self.record(&mut state, Op::Start, boot, Outcome::Failed);
@@ -388,6 +414,10 @@ impl Backend for FakeVm {
 
     fn force_stop(&self, boot: BootId) -> BoxFuture<'_, Result<StopCall, BackendError>> {
         Box::pin(async move {
+            let hangs = self.behaviour.lock().unwrap().force_stop_hangs;
+            if hangs && self.state.lock().unwrap().current == Some(boot) {
+                return std::future::pending().await;
+            }
             let mut state = self.state.lock().unwrap();
             if state.current != Some(boot) {
                 self.record(&mut state, Op::ForceStop, boot, Outcome::NotCurrent);
@@ -489,6 +519,8 @@ impl Fixture {
             request_timeout: Duration::from_secs(5),
             max_clients: None,
             socket_check: Duration::from_secs(2),
+            guest_report_wait: Duration::from_secs(10),
+            backend_timeout: Duration::from_secs(20),
         }
     }
 
@@ -542,6 +574,18 @@ impl Harness {
         behaviour: FakeVmBehaviour,
         options: DaemonOptions,
     ) -> Harness {
+        Self::start_on(fixture, config, behaviour, options, HostInfo::detect())
+    }
+
+    /// Like `start_with`, on a host described by `host` (e.g. a Mac that has nested
+    /// virtualization).
+    pub fn start_on(
+        fixture: &Fixture,
+        config: Config,
+        behaviour: FakeVmBehaviour,
+        options: DaemonOptions,
+        host: HostInfo,
+    ) -> Harness {
         prepare_sshd_privsep_dir();
         let vm = FakeVm::new(&fixture.state_dir, behaviour);
         let prepared = daemon::prepare(&config).expect("prepare the state directory");
@@ -555,13 +599,7 @@ impl Harness {
                 .unwrap();
             handle_tx.send(runtime.handle().clone()).unwrap();
             runtime
-                .block_on(daemon::serve(
-                    prepared,
-                    config,
-                    HostInfo::detect(),
-                    backend,
-                    options,
-                ))
+                .block_on(daemon::serve(prepared, config, host, backend, options))
                 .unwrap();
         });
         let harness = Harness {
