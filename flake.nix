@@ -87,6 +87,8 @@
             machines = config.environment.etc."nix/machines".text;
             activation = config.system.activationScripts.extraActivation.text;
             etcFiles = builtins.attrNames config.environment.etc;
+            refreshPlist =
+              config.environment.launchDaemons."${config.launchd.daemons.darwin-vz-nix-machines.serviceConfig.Label}.plist".text;
             sshConfig = config.environment.etc."ssh/ssh_config.d/100-darwin-vz-nix.conf".text;
           };
           wrong = builtins.filter (e: !e.holds generated) expect;
@@ -134,6 +136,11 @@
         # Mac gets its first guest without any Linux builder.
         ${guestSystem} = {
           guest = mkGuest { };
+          # The default guest with the kernel nested virtualization can use (Linux
+          # 6.12 or later; nix/nixos/kvm.nix), which Rosetta before macOS 26 cannot
+          # run. The nix-darwin module picks it for rosetta = false (with
+          # nestedVirtualization left at auto) and for nestedVirtualization = "on".
+          guest-kvm = mkGuest { modules = [ (import ./nix/lib.nix).guestKernelModule ]; };
           default = self.packages.${guestSystem}.guest;
         };
       };
@@ -227,6 +234,19 @@
                 what = "the daemon gets rosetta = true";
                 holds = g: g.daemonConfig.rosetta;
               }
+              {
+                what = "nested virtualization is auto, and the features are left to `machines`";
+                holds =
+                  g: g.daemonConfig.nestedVirtualization == "auto" && !(g.daemonConfig.builder ? supportedFeatures);
+              }
+              {
+                what = "root rewrites the builder's line when the guest report changes";
+                holds =
+                  g:
+                  lib.hasInfix "<string>/var/lib/darwin-vz/guest-report.json</string>" g.refreshPlist
+                  && lib.hasInfix "<string>--write</string>" g.refreshPlist
+                  && !lib.hasInfix "<key>UserName</key>" g.refreshPlist;
+              }
             ];
           };
           module-no-rosetta-never-idle = evalModule {
@@ -262,7 +282,10 @@
             ];
           };
         };
-        ${guestSystem}.guest = defaultGuest;
+        ${guestSystem} = {
+          guest = defaultGuest;
+          guest-kvm = self.packages.${guestSystem}.guest-kvm;
+        };
       };
 
       # `nix fmt` with no arguments formats the whole tree (plain nixfmt would read

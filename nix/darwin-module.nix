@@ -47,7 +47,14 @@ let
   # is substituted from the binary cache and no Linux builder is needed yet.
   optionDefaultPriority = (lib.mkOptionDefault { }).priority;
   customGuest = options.services.darwin-vz.extraNixOSConfig.highestPrio < optionDefaultPriority;
-  guestModules = lib.optional customGuest cfg.extraNixOSConfig;
+  # The guest's kernel follows rosetta and nestedVirtualization (nix/nixos/kvm.nix):
+  # the kernel KVM can use where nested virtualization is wanted and Rosetta allows
+  # it, or was asked for explicitly. That guest is the flake's guest-kvm, cached too.
+  kvmKernel = dvnLib.guestKernelForNestedVirtualization {
+    inherit (cfg) rosetta nestedVirtualization;
+  };
+  guestModules =
+    lib.optional customGuest cfg.extraNixOSConfig ++ lib.optional kvmKernel dvnLib.guestKernelModule;
 
   linuxBuilderDir = toString config.nix.linux-builder.workingDirectory;
 
@@ -258,16 +265,22 @@ in
     };
 
     supportedFeatures = mkOption {
-      type = types.listOf machinesName;
-      # No "kvm" (and so no "nixos-test"): the guest has no /dev/kvm, and
-      # advertising it sends builds there that can only fail.
+      type = types.nullOr (types.listOf machinesName);
+      # null: `darwin-vz-nix machines` decides, with kvm and nixos-test only where
+      # the guest really has /dev/kvm; a list is advertised as written.
       default = dvnLib.builderDefaults.supportedFeatures;
       example = [
         "benchmark"
         "big-parallel"
         "my-feature"
       ];
-      description = "System features of the VM: Nix sends it builds that require only these.";
+      description = ''
+        System features of the VM: Nix sends it builds that require only these. `null`:
+        `benchmark` and `big-parallel`, plus `kvm` and `nixos-test` exactly where
+        {option}`services.darwin-vz.nestedVirtualization` gives the guest a `/dev/kvm`
+        (taken away again when a boot shows it has none). A list is advertised as
+        written, whatever the guest has.
+      '';
     };
 
     mandatoryFeatures = mkOption {
@@ -276,6 +289,22 @@ in
       example = [ "big-parallel" ];
       description = ''
         Features a build must require to be sent to the VM (they count as supported too).
+      '';
+    };
+
+    nestedVirtualization = mkOption {
+      type = types.enum dvnLib.nestedVirtualizationValues;
+      default = defaults.nestedVirtualization;
+      example = "off";
+      description = ''
+        Boot the guest with nested virtualization, so that it has `/dev/kvm` and Nix
+        can run NixOS VM tests (`nixosTest`, `kvm`, `nixos-test`) on it. It needs an
+        Apple M3 or later, macOS 15 or later, and a guest kernel of Linux 6.12 or
+        later. `"auto"`: on exactly where all three hold. `"on"`: on, and the daemon
+        refuses to boot where the Mac cannot. `"off"`: never. The guest's kernel
+        follows this and {option}`services.darwin-vz.rosetta`: with Rosetta on, the
+        guest keeps a kernel Rosetta runs on (before 6.11) unless this is `"on"`; see
+        the README, "Nested virtualization".
       '';
     };
 
@@ -396,9 +425,17 @@ in
         ++ accountAssertions;
 
         warnings =
-          lib.optional (builtins.elem "kvm" cfg.supportedFeatures) ''
-            services.darwin-vz.supportedFeatures lists "kvm", but the guest has no /dev/kvm:
-            builds that need it will be sent to the VM and fail there.
+          lib.optional (cfg.supportedFeatures != null && builtins.elem "kvm" cfg.supportedFeatures) ''
+            services.darwin-vz.supportedFeatures lists "kvm": it is advertised whether or not
+            the guest has /dev/kvm, and builds that need it fail in a guest without it. Leave
+            supportedFeatures unset (null) to offer kvm exactly where the guest has it.
+          ''
+          ++ lib.optional (cfg.rosetta && cfg.nestedVirtualization == "on") ''
+            services.darwin-vz.nestedVirtualization = "on" with rosetta = true: the guest runs
+            the kernel nested virtualization needs (Linux 6.12 or later), which Rosetta before
+            macOS 26 cannot run (x86_64-linux builds fail: "Failed to find vdso DT_HASH").
+            On macOS 15 choose one: nestedVirtualization = "auto" keeps x86_64-linux builds
+            (no kvm), rosetta = false keeps kvm (no x86_64-linux).
           ''
           # nix.distributedBuilds throws when read with nix.enable off.
           ++ lib.optional (config.nix.enable && !config.nix.distributedBuilds) ''
@@ -446,6 +483,16 @@ in
             printf >&2 'Nix keeps the builder line it had, or none. To retry: sudo %s\n' ${lib.escapeShellArg writeMachinesFile}
           fi
         '';
+
+        # Root writes the builder's line again whenever the daemon records what a
+        # boot's guest said about /dev/kvm, so kvm and nixos-test leave the line as
+        # soon as a guest turns out to have none (the report can only take them
+        # away; see nix/lib.nix, machinesRefreshDaemon).
+        launchd.daemons.darwin-vz-nix-machines = dvnLib.machinesRefreshDaemon {
+          program = exe;
+          inherit configFile;
+          stateDir = cfg.workingDirectory;
+        };
 
         launchd.daemons.darwin-vz-nix = {
           # `command` (rather than ProgramArguments) makes nix-darwin wrap it in

@@ -145,6 +145,21 @@ let
     "_nixbld"
     "nixbld"
   ];
+
+  # The file root writes the builder's machines-file line to, at every activation
+  # (`darwin-vz-nix machines --write`); src/machines.rs names the same path
+  # (NIX_MACHINES_FILE), compared by tests/contract.rs. Root-owned in a root-owned
+  # directory: the daemon's account cannot change what root's nix-daemon reads.
+  machinesFile = "/etc/nix/darwin-vz-nix.machines";
+
+  # Where the daemon records what the guest of its last boot said about /dev/kvm
+  # (src/state.rs StateDir::guest_report names the same file; a test compares them).
+  guestReportFile = stateDir: "${withoutTrailingSlash (toString stateDir)}/guest-report.json";
+
+  # Root's log of the machines refresh (machinesRefreshDaemon): root-owned, unlike
+  # the daemon's log file, which belongs to the service account (a root job
+  # appending to that would write wherever the account points it).
+  machinesRefreshLog = "/var/log/darwin-vz-nix-machines.log";
 in
 {
   inherit
@@ -152,13 +167,10 @@ in
     statePaths
     sshConfigForbidden
     normalisePath
+    machinesFile
+    guestReportFile
+    machinesRefreshLog
     ;
-
-  # The file root writes the builder's machines-file line to, at every activation
-  # (`darwin-vz-nix machines --write`); src/machines.rs names the same path
-  # (NIX_MACHINES_FILE), compared by tests/contract.rs. Root-owned in a root-owned
-  # directory: the daemon's account cannot change what root's nix-daemon reads.
-  machinesFile = "/etc/nix/darwin-vz-nix.machines";
 
   # Defaults of the services.darwin-vz options that become daemon settings. The
   # module declares its options with these; tests/nix/daemon-config.nix feeds them
@@ -176,6 +188,7 @@ in
     workingDirectory = "/var/lib/darwin-vz";
     logLevel = "info";
     group = "_darwin-vz";
+    nestedVirtualization = "auto";
   };
 
   # Defaults of the options that shape the builder's machines line; the CLI has
@@ -184,11 +197,39 @@ in
   builderDefaults = {
     maxJobs = null;
     speedFactor = 1;
-    supportedFeatures = [
-      "benchmark"
-      "big-parallel"
-    ];
+    # null: the features follow the VM — defaultSupportedFeatures, plus kvm and
+    # nixos-test where nested virtualization gives the guest a /dev/kvm.
+    supportedFeatures = null;
     mandatoryFeatures = [ ];
+  };
+
+  # What supportedFeatures = null offers besides kvm and nixos-test; the CLI's
+  # DEFAULT_SUPPORTED_FEATURES (src/machines.rs), compared by tests/contract.rs.
+  defaultSupportedFeatures = [
+    "benchmark"
+    "big-parallel"
+  ];
+
+  # The values of the nestedVirtualization option, as the daemon accepts them.
+  nestedVirtualizationValues = [
+    "auto"
+    "on"
+    "off"
+  ];
+
+  # Whether the guest takes the kernel that nested virtualization can use (Linux
+  # 6.12 or later) instead of the one Rosetta before macOS 26 needs (before 6.11);
+  # see nix/nixos/kvm.nix. `on` asks for KVM whatever Rosetta then does; `auto`
+  # only when Rosetta is off anyway; `off` never.
+  guestKernelForNestedVirtualization =
+    { rosetta, nestedVirtualization }:
+    nestedVirtualization == "on" || (nestedVirtualization == "auto" && !rosetta);
+
+  # The guest module that makes that choice. The flake's
+  # packages.aarch64-linux.guest-kvm is the default guest with it, so a module guest
+  # with it comes from the binary cache too.
+  guestKernelModule = {
+    darwin-vz-nix.kernel.forNestedVirtualization = true;
   };
 
   # Systems the builder advertises: aarch64-linux natively, x86_64-linux only when
@@ -218,6 +259,7 @@ in
       # The service's group may use the control socket (darwin-vz-nix status, stop).
       controlGroup = optionalValue cfg "group";
       sshUser = optionalValue cfg "sshUser";
+      nestedVirtualization = optionalValue cfg "nestedVirtualization";
       builder =
         let
           settings = withoutNulls {
@@ -315,6 +357,35 @@ in
         ControlMaster no
         ControlPath none
     '';
+
+  # The launchd job (nix-darwin's launchd.daemons.<name>) that keeps the builder's
+  # line honest between switches: when the daemon records a new guest report, root
+  # writes the line again from the daemon's config. The report can only take kvm and
+  # nixos-test away (src/nested.rs), so the service account that writes it can never
+  # make root's nix-daemon trust more. No UserName: it runs as root. ProgramArguments
+  # rather than `command`: launchd starts it only when the report changes, which only
+  # a daemon running from /nix/store does, so the store is there.
+  machinesRefreshDaemon =
+    {
+      program,
+      configFile,
+      stateDir,
+    }:
+    {
+      serviceConfig = {
+        ProgramArguments = [
+          (toString program)
+          "machines"
+          "--config"
+          (toString configFile)
+          "--write"
+          machinesFile
+        ];
+        WatchPaths = [ (guestReportFile stateDir) ];
+        StandardOutPath = machinesRefreshLog;
+        StandardErrorPath = machinesRefreshLog;
+      };
+    };
 
   # launchd sends SIGKILL this many seconds after SIGTERM. The daemon answers
   # SIGTERM with a graceful guest poweroff that may take stopTimeout seconds, then

@@ -123,7 +123,7 @@ impl HostSupport {
                 "nested virtualization needs macOS {MIN_MACOS} or later, and this Mac runs {major}.{minor}"
             )),
             HostSupport::NotMac => Some(format!(
-                "there is no Virtualization.framework on this system ({}); nested virtualization needs an Apple M3 or later with macOS {MIN_MACOS} or later",
+                "there is no Virtualization.framework on this system ({})",
                 std::env::consts::OS
             )),
         }

@@ -810,6 +810,7 @@ fn a_variable_that_is_set_but_unusable_is_an_error_and_destroy_deletes_nothing()
         "LOG_LEVEL",
         "CONTROL_GROUP",
         "SSH_USER",
+        "NESTED_VIRTUALIZATION",
         "CONFIG",
     ] {
         let name = format!("DARWIN_VZ_NIX_{name}");
@@ -1202,4 +1203,126 @@ fn logs_never_follow_a_linked_log() {
             logs.join("daemon.log").display()
         )
     );
+}
+
+/// `nestedVirtualization` through the binary, on a machine without it (this one is
+/// not a Mac): every layer names its input, `on` is refused before anything boots,
+/// `auto` says why it is off, `doctor` shows it, and root's `machines` warns and
+/// writes a line without kvm instead of failing the switch.
+#[test]
+fn nested_virtualization_is_a_setting_that_says_where_it_cannot_be_on() {
+    if darwin_vz_nix::vm_backend_available() {
+        eprintln!("skipped: this test describes a machine without Virtualization.framework");
+        return;
+    }
+    let fixture = Fixture::new();
+    let requirement = "on needs an Apple M3 or later with macOS 15 or later, but there is no Virtualization.framework on this system (linux); set it to auto (on wherever it works) or off";
+    assert_usage_error(
+        &dry_run(&fixture, &["--nested-virtualization", "on"], &[]),
+        &format!("invalid configuration: --nested-virtualization: {requirement}"),
+    );
+    assert_usage_error(
+        &dry_run(
+            &fixture,
+            &[],
+            &[("DARWIN_VZ_NIX_NESTED_VIRTUALIZATION", "on")],
+        ),
+        &format!("invalid configuration: DARWIN_VZ_NIX_NESTED_VIRTUALIZATION: {requirement}"),
+    );
+    assert_usage_error(
+        &dry_run(
+            &fixture,
+            &[],
+            &[("DARWIN_VZ_NIX_NESTED_VIRTUALIZATION", "maybe")],
+        ),
+        "invalid configuration: DARWIN_VZ_NIX_NESTED_VIRTUALIZATION: `maybe` is not a nestedVirtualization value; use auto, on or off",
+    );
+    let file = fixture.dir.path().join("config.json");
+    std::fs::write(&file, r#"{"nestedVirtualization": "on"}"#).unwrap();
+    let path = file.display().to_string();
+    assert_usage_error(
+        &dry_run(&fixture, &["--config", &path], &[]),
+        &format!("invalid configuration: `nestedVirtualization` in {path}: {requirement}"),
+    );
+    let out = run(&fixture, &["start", "--nested-virtualization", "yes"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("invalid value 'yes' for '--nested-virtualization <WHEN>'"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = dry_run(&fixture, &[], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(
+            "\nnested virt   off: auto, and there is no Virtualization.framework on this system (linux)"
+        ),
+        "{}",
+        stdout(&out)
+    );
+    let out = dry_run(&fixture, &["--json", "--nested-virtualization", "off"], &[]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        plan["nestedVirtualization"],
+        serde_json::json!({ "enabled": false, "reason": "nestedVirtualization = off" })
+    );
+
+    let out = run(
+        &fixture,
+        &["doctor", "--cores", "1", "--memory", "1024"],
+        &[],
+    );
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("skip  nested virt    off: auto, and there is no")),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(
+        &fixture,
+        &[
+            "doctor",
+            "--cores",
+            "1",
+            "--memory",
+            "1024",
+            "--nested-virtualization",
+            "on",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with(
+                "FAIL  nested virt    --nested-virtualization: on needs an Apple M3 or later"
+            ) && l.ends_with("— fix: set nestedVirtualization to auto or off")),
+        "{}",
+        stdout(&out)
+    );
+
+    let target = fixture.dir.path().join("machines");
+    let out = run(
+        &fixture,
+        &[
+            "machines",
+            "--nested-virtualization",
+            "on",
+            "--write",
+            target.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "warning: --nested-virtualization: {requirement}; the line offers no kvm, and the daemon boots nothing until this is changed\n"
+        )
+    );
+    let written = std::fs::read_to_string(&target).unwrap();
+    assert!(written.contains(" benchmark,big-parallel - -"), "{written}");
 }

@@ -9,6 +9,7 @@ use darwin_vz_nix::config::{self, Config, Origin, Source, defaults};
 use darwin_vz_nix::contract;
 use darwin_vz_nix::host::HostInfo;
 use darwin_vz_nix::machines::{self, MachineLine, VmFacts};
+use darwin_vz_nix::nested::NestedVirtualization;
 use darwin_vz_nix::state::StateDir;
 use serde_json::Value;
 
@@ -147,6 +148,20 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     assert_eq!(module.state_dir, Path::new("/var/lib/darwin-vz"));
     assert_eq!(module.control_group.as_deref(), Some("_darwin-vz"));
     assert!(module.guest.dir.as_ref().unwrap().starts_with("/nix/store"));
+
+    assert_eq!(module.nested_virtualization, NestedVirtualization::Auto);
+    assert_eq!(
+        load("chosen").nested_virtualization,
+        NestedVirtualization::Off
+    );
+    assert!(
+        load("chosen").builder.supported_features.is_some(),
+        "a list the user sets reaches the daemon"
+    );
+    assert!(
+        module.builder.supported_features.is_none(),
+        "by default `machines` decides the features"
+    );
 
     let custom = load("no-rosetta-never-idle");
     assert!(!custom.rosetta);
@@ -305,8 +320,12 @@ fn the_module_checks_give_the_expected_answers() {
         machines::default_systems(false)
     );
     let builder = &checks["builderDefaults"];
+    assert!(
+        builder["supportedFeatures"].is_null(),
+        "the features follow the VM unless the user lists them"
+    );
     assert_eq!(
-        systems(&builder["supportedFeatures"]),
+        systems(&checks["defaultSupportedFeatures"]),
         machines::DEFAULT_SUPPORTED_FEATURES
     );
     assert_eq!(builder["mandatoryFeatures"], serde_json::json!([]));
@@ -314,5 +333,117 @@ fn the_module_checks_give_the_expected_answers() {
     assert!(
         builder["maxJobs"].is_null(),
         "maxJobs follows the cores the daemon uses"
+    );
+}
+
+/// Nested virtualization on both sides: the option's values are the daemon's, the
+/// guest's kernel follows rosetta and nestedVirtualization as nix/nixos/kvm.nix
+/// says, and root's launchd job watches the very file the daemon writes its guest
+/// report to and runs a `machines` command the CLI accepts.
+#[test]
+fn nested_virtualization_agrees_between_the_module_the_guest_and_the_daemon() {
+    let checks = support::nix_eval_json(Path::new("tests/nix/module-checks.nix"));
+
+    for value in checks["nestedVirtualizationValues"].as_array().unwrap() {
+        let text = value.as_str().unwrap();
+        let parsed: NestedVirtualization = text.parse().unwrap();
+        assert_eq!(parsed.as_str(), text);
+    }
+    assert_eq!(
+        checks["nestedVirtualizationValues"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let kernels: Vec<(bool, String, bool)> = checks["guestKernel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["rosetta"].as_bool().unwrap(),
+                c["nestedVirtualization"].as_str().unwrap().to_string(),
+                c["kvmKernel"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let expected = [
+        (true, "auto", false),
+        (true, "on", true),
+        (true, "off", false),
+        (false, "auto", true),
+        (false, "on", true),
+        (false, "off", false),
+    ];
+    assert_eq!(kernels.len(), expected.len());
+    for ((rosetta, nested, kvm), (want_rosetta, want_nested, want_kvm)) in
+        kernels.iter().zip(expected)
+    {
+        assert_eq!(
+            (*rosetta, nested.as_str(), *kvm),
+            (want_rosetta, want_nested, want_kvm)
+        );
+    }
+    assert_eq!(
+        checks["guestKernelModule"],
+        serde_json::json!({ "darwin-vz-nix": { "kernel": { "forNestedVirtualization": true } } })
+    );
+
+    let state = StateDir::new("/var/lib/darwin-vz");
+    let report = state.guest_report().display().to_string();
+    for path in checks["guestReportFiles"].as_array().unwrap() {
+        assert_eq!(path.as_str().unwrap(), report);
+    }
+
+    let job = &checks["machinesRefresh"]["serviceConfig"];
+    assert_eq!(job["WatchPaths"], serde_json::json!([report]));
+    assert!(
+        job.get("UserName").is_none(),
+        "root runs it: only root writes what Nix reads"
+    );
+    for key in ["StandardOutPath", "StandardErrorPath"] {
+        let log = job[key].as_str().unwrap();
+        assert!(
+            !log.starts_with("/var/lib/darwin-vz"),
+            "root's log is not in the service account's directory: {log}"
+        );
+        assert_eq!(log, "/var/log/darwin-vz-nix-machines.log");
+    }
+    let args: Vec<String> = serde_json::from_value(job["ProgramArguments"].clone()).unwrap();
+    assert_eq!(
+        args.get(1..).unwrap(),
+        [
+            "machines",
+            "--config",
+            "/nix/store/00000000000000000000000000000000-darwin-vz-nix.json",
+            "--write",
+            machines::NIX_MACHINES_FILE,
+        ]
+    );
+
+    // The real CLI takes those arguments (with a config and a target of this test).
+    let fixture = support::Fixture::new();
+    let config = fixture.dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({ "stateDir": fixture.state_dir }).to_string(),
+    )
+    .unwrap();
+    let target = fixture.dir.path().join("machines");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_darwin-vz-nix"))
+        .args(args.get(1..3).unwrap())
+        .arg(&config)
+        .arg(args.get(4).unwrap())
+        .arg(&target)
+        .env_remove("DARWIN_VZ_NIX_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", support::stderr(&out));
+    assert!(
+        std::fs::read_to_string(&target)
+            .unwrap()
+            .contains("ssh-ng://builder@darwin-vz-nix aarch64-linux,x86_64-linux")
     );
 }

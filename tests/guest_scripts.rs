@@ -689,3 +689,55 @@ fn leftover_build_directories_are_moved_aside_then_deleted() {
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(names(&trash).is_empty());
 }
+
+/// nix/nixos/scripts/kvm.sh: the features follow /dev/kvm, and the console line
+/// says which in the form the host's supervisor reads (`nested::kvm_marker`).
+#[test]
+fn kvm_features_follow_the_device_and_the_console_line_tells_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let fragment = dir.path().join("run/darwin-vz-nix/nix-kvm.conf");
+    let marker = Path::new(darwin_vz_nix::contract::CONSOLE_MARKER_KVM);
+    let release = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
+    let release = release.trim();
+
+    // /dev/null stands in for /dev/kvm: a character device.
+    let output = run(
+        "kvm",
+        &[Path::new("/dev/null"), &fragment, marker],
+        "",
+        &[],
+        None,
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(
+        fs::read_to_string(&fragment).unwrap(),
+        "extra-system-features = kvm nixos-test\n"
+    );
+    let said = darwin_vz_nix::nested::kvm_marker(&output.stdout).unwrap();
+    assert_eq!(said.kvm, darwin_vz_nix::nested::Kvm::Present);
+    assert_eq!(said.kernel.as_deref(), Some(release));
+
+    // No device (a guest booted without nested virtualization), or something that
+    // is not a character device: no fragment, and the host is told.
+    let regular = dir.path().join("not-a-device");
+    fs::write(&regular, "").unwrap();
+    for device in [dir.path().join("kvm"), regular] {
+        let output = run("kvm", &[&device, &fragment, marker], "", &[], None);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        assert!(!fragment.exists(), "{device:?}: the fragment is gone");
+        assert_eq!(
+            text(&output.stdout),
+            format!("darwin-vz-nix-kvm: absent (Linux {release})\n")
+        );
+        assert!(
+            fs::read_dir(fragment.parent().unwrap())
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+
+    let output = run("kvm", &[Path::new("/dev/null")], "", &[], None);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).starts_with("usage: kvm DEVICE FRAGMENT MARKER"));
+}

@@ -1744,3 +1744,307 @@ fn at_most_max_clients_are_served_at_once_and_the_rest_wait_their_turn() {
     assert!(waited < Duration::from_secs(6), "{waited:?}");
     drop(silent);
 }
+
+// ---- bounded backend calls (issue 14, part 1) ---------------------------------
+
+/// The backend never calls back from `start` (VZ's completion handler that never
+/// comes): the boot fails within the bound, the supervisor asks for that boot's VM
+/// to go, and the daemon still shuts down at once.
+#[test]
+fn a_start_the_backend_never_finishes_fails_within_the_bound_and_the_daemon_still_exits() {
+    use darwin_vz_nix::backend::BootId;
+    let fixture = Fixture::new();
+    let options = darwin_vz_nix::daemon::DaemonOptions {
+        backend_timeout: Duration::from_secs(1),
+        ..fixture.options(None)
+    };
+    let behaviour = FakeVmBehaviour {
+        start_hangs: true,
+        ..Default::default()
+    };
+    let harness = Harness::start_with(
+        &fixture,
+        fixture.config(Default::default()),
+        behaviour,
+        options,
+    );
+
+    let started = Instant::now();
+    let out = fixture.cli(&["start", "--timeout", "60"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).lines().last().unwrap(),
+        "darwin-vz-nix: the VM backend did not confirm the start within 1 s"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let report = status(&fixture);
+    assert_eq!(report.state, VmState::Failed);
+    assert_eq!(
+        report.last_error.as_deref(),
+        Some("the VM backend did not confirm the start within 1 s")
+    );
+    wait_for(Duration::from_secs(10), "a stop of boot 1's VM", || {
+        harness
+            .vm
+            .calls()
+            .iter()
+            .any(|c| c.op == Op::ForceStop && c.boot == BootId(1))
+    });
+
+    let shutdown = Instant::now();
+    drop(harness);
+    assert!(
+        shutdown.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        shutdown.elapsed()
+    );
+}
+
+/// The backend never confirms a forced stop: `stop --force` fails within the bound
+/// with the reason, the VM counts as failed (not "stopping" forever), and the
+/// daemon's own shutdown is bounded too.
+#[test]
+fn a_forced_stop_the_backend_never_confirms_fails_within_the_bound_and_shutdown_does_not_hang() {
+    let fixture = Fixture::new();
+    let options = darwin_vz_nix::daemon::DaemonOptions {
+        backend_timeout: Duration::from_secs(1),
+        ..fixture.options(None)
+    };
+    let harness = Harness::start_with(
+        &fixture,
+        fixture.config(Default::default()),
+        FakeVmBehaviour::default(),
+        options,
+    );
+    let out = fixture.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    harness.vm.set_behaviour(FakeVmBehaviour {
+        force_stop_hangs: true,
+        ..Default::default()
+    });
+
+    let started = Instant::now();
+    let out = fixture.cli(&["stop", "--force"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).lines().last().unwrap(),
+        "darwin-vz-nix: the VM backend did not confirm the stop within 1 s"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status(&fixture).state, VmState::Failed);
+
+    let shutdown = Instant::now();
+    drop(harness);
+    assert!(
+        shutdown.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        shutdown.elapsed()
+    );
+}
+
+// ---- nested virtualization: what the guest says, and what Nix is told ----------
+
+/// A Mac with nested virtualization (an M3 or later with macOS 15), as VZ would
+/// describe it.
+fn mac_with_nested_virtualization() -> darwin_vz_nix::host::HostInfo {
+    darwin_vz_nix::host::HostInfo {
+        macos_version: Some((15, 2)),
+        nested_virtualization: Some(true),
+        ..darwin_vz_nix::host::HostInfo::detect()
+    }
+}
+
+/// The builder's line as root's `darwin-vz-nix machines` makes it on `host`, and
+/// the warnings it prints.
+fn machines_line(
+    config: &darwin_vz_nix::config::Config,
+    host: &darwin_vz_nix::host::HostInfo,
+) -> (String, Vec<String>) {
+    use darwin_vz_nix::machines::{MachineLine, nested_facts};
+    let state = darwin_vz_nix::state::StateDir::new(&config.state_dir);
+    let (facts, warnings) = nested_facts(config, host, &state);
+    (
+        MachineLine::new(config, &state, &facts).to_string(),
+        warnings,
+    )
+}
+
+fn guest_report(fixture: &Fixture) -> Option<darwin_vz_nix::nested::GuestReport> {
+    let state = darwin_vz_nix::state::StateDir::new(&fixture.state_dir);
+    darwin_vz_nix::nested::read_report(&state.guest_report()).unwrap()
+}
+
+/// The whole path, end to end: a boot with nested virtualization whose guest says
+/// it has no /dev/kvm is reported loudly (status, the daemon's log), recorded in the
+/// state directory, and the line root writes for Nix loses kvm and nixos-test; the
+/// next boot's guest has /dev/kvm, and they come back.
+#[test]
+fn a_guest_without_dev_kvm_is_said_loudly_and_its_report_takes_kvm_out_of_the_machines_line() {
+    use darwin_vz_nix::nested::{Kvm, NestedVirtualization};
+    let fixture = Fixture::new();
+    let mac = mac_with_nested_virtualization();
+    let config = fixture.config(darwin_vz_nix::config::ConfigLayer {
+        nested_virtualization: Some(NestedVirtualization::On),
+        ..Default::default()
+    });
+
+    // Before any boot, root offers what the setting and the Mac give.
+    let (line, warnings) = machines_line(&config, &mac);
+    assert!(
+        line.contains(" benchmark,big-parallel,kvm,nixos-test - -"),
+        "{line}"
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+
+    let behaviour = FakeVmBehaviour {
+        guest_kvm: Some(false),
+        ..Default::default()
+    };
+    let harness = Harness::start_on(
+        &fixture,
+        config.clone(),
+        behaviour,
+        fixture.options(None),
+        mac.clone(),
+    );
+    let out = fixture.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    wait_for(Duration::from_secs(15), "the guest report", || {
+        guest_report(&fixture).is_some()
+    });
+    let report = guest_report(&fixture).unwrap();
+    assert_eq!(
+        (report.boot, report.nested_virtualization, report.kvm),
+        (1, true, Kvm::Absent)
+    );
+    assert_eq!(report.kernel.as_deref(), Some("6.12.5"));
+
+    let loud = "nested virtualization is on, but the guest of boot 1 (Linux 6.12.5) has no /dev/kvm: kvm and nixos-test are not offered to Nix";
+    let text = stdout(&fixture.cli(&["status"]));
+    assert!(
+        text.contains(&format!("nested virt   on: WARNING — {loud}")),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&fixture.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(json["guest"]["kvm"], "absent");
+    assert_eq!(json["guest"]["nestedVirtualization"], true);
+    assert_eq!(json["config"]["nestedVirtualization"], "on");
+    // Noted as a warning: logged (daemon.log in the real daemon) and kept for status.
+    let notices = json["notices"].as_array().unwrap();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n["message"].as_str().unwrap().starts_with(loud)),
+        "{notices:?}"
+    );
+
+    let (line, warnings) = machines_line(&config, &mac);
+    assert!(line.contains(" benchmark,big-parallel - -"), "{line}");
+    assert!(!line.contains("kvm"), "{line}");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].starts_with(loud), "{warnings:?}");
+
+    // The next boot's guest has /dev/kvm: the report says so and kvm is back.
+    harness.vm.set_behaviour(FakeVmBehaviour {
+        guest_kvm: Some(true),
+        ..Default::default()
+    });
+    assert_eq!(fixture.cli(&["stop"]).status.code(), Some(0));
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    wait_for(Duration::from_secs(15), "boot 2's report", || {
+        guest_report(&fixture).is_some_and(|r| r.boot == 2)
+    });
+    assert_eq!(guest_report(&fixture).unwrap().kvm, Kvm::Present);
+    let (line, warnings) = machines_line(&config, &mac);
+    assert!(
+        line.contains(" benchmark,big-parallel,kvm,nixos-test - -"),
+        "{line}"
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let text = stdout(&fixture.cli(&["status"]));
+    assert!(
+        text.contains("nested virt   on: on for boot 2; the guest has /dev/kvm (Linux 6.12.5): kvm and nixos-test are offered"),
+        "{text}"
+    );
+}
+
+/// A guest that never says whether it has /dev/kvm (one built without kvm.nix) is
+/// "unknown" after the wait, and unknown is not offered; a boot without nested
+/// virtualization (auto, and a guest kernel whose version cannot be read) reports
+/// that too, and its report takes nothing away from a later decision.
+#[test]
+fn a_guest_that_never_says_is_unknown_and_not_offered_and_a_boot_without_nesting_takes_nothing_away()
+ {
+    use darwin_vz_nix::nested::{Kvm, NestedVirtualization};
+    let fixture = Fixture::new();
+    let mac = mac_with_nested_virtualization();
+    let config = fixture.config(darwin_vz_nix::config::ConfigLayer {
+        nested_virtualization: Some(NestedVirtualization::On),
+        ..Default::default()
+    });
+    let options = darwin_vz_nix::daemon::DaemonOptions {
+        guest_report_wait: Duration::from_millis(500),
+        ..fixture.options(None)
+    };
+    let behaviour = FakeVmBehaviour {
+        guest_kvm: None,
+        ..Default::default()
+    };
+    let harness = Harness::start_on(&fixture, config.clone(), behaviour, options, mac.clone());
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    wait_for(Duration::from_secs(15), "the guest report", || {
+        guest_report(&fixture).is_some()
+    });
+    assert_eq!(guest_report(&fixture).unwrap().kvm, Kvm::Unknown);
+    let (line, warnings) = machines_line(&config, &mac);
+    assert!(!line.contains("kvm"), "{line}");
+    assert!(
+        warnings[0].contains("did not say whether it has /dev/kvm"),
+        "{warnings:?}"
+    );
+    drop(harness);
+
+    // auto: the fake guest's kernel has no readable version, so this boot runs
+    // without nested virtualization; its report says so and removes nothing.
+    std::fs::remove_file(fixture.state_dir.join("guest-report.json")).unwrap();
+    let auto = fixture.config(Default::default());
+    let behaviour = FakeVmBehaviour {
+        guest_kvm: Some(false),
+        ..Default::default()
+    };
+    let _harness = Harness::start_on(
+        &fixture,
+        auto.clone(),
+        behaviour,
+        fixture.options(None),
+        mac.clone(),
+    );
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    wait_for(Duration::from_secs(15), "the guest report", || {
+        guest_report(&fixture).is_some()
+    });
+    let report = guest_report(&fixture).unwrap();
+    assert_eq!(
+        (report.nested_virtualization, report.kvm),
+        (false, Kvm::Absent)
+    );
+    let text = stdout(&fixture.cli(&["status"]));
+    assert!(
+        text.contains("nested virt   auto: off for boot 1; kvm and nixos-test are not offered"),
+        "{text}"
+    );
+    // Asked for with `on`, root would offer kvm again: a report from a boot without
+    // nested virtualization says nothing about one with it.
+    let (line, warnings) = machines_line(&config, &mac);
+    assert!(line.contains(",kvm,nixos-test "), "{line}");
+    assert!(warnings.is_empty(), "{warnings:?}");
+}

@@ -61,10 +61,11 @@ in
       sandbox = lib.mkDefault true;
 
       # What this machine can honestly do. NixOS adds "kvm" (and "nixos-test",
-      # "gccarch-*") by default; a VZ guest has no /dev/kvm, and a build that
-      # requires it must be scheduled elsewhere rather than fail here. NixOS tests
-      # need kvm as well. Replace with lib.mkForce in extraNixOSConfig, and keep
-      # the host's nix.buildMachines supportedFeatures in step.
+      # "gccarch-*") by default; a VZ guest has /dev/kvm only when the host gives
+      # it nested virtualization, so kvm.nix adds "kvm" and "nixos-test" at boot,
+      # exactly when /dev/kvm exists, and a build that requires them is otherwise
+      # scheduled elsewhere rather than failing here. Replace with lib.mkForce in
+      # extraNixOSConfig, and keep services.darwin-vz.supportedFeatures in step.
       system-features = lib.mkForce [
         "benchmark"
         "big-parallel"

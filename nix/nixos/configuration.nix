@@ -50,6 +50,7 @@
 # should not); lib.mkDefault marks a choice that extraNixOSConfig may simply
 # redefine.
 {
+  config,
   lib,
   options,
   pkgs,
@@ -79,6 +80,9 @@ let
     probe.success && probe.value;
   pinnedKernel = lib.findFirst present null rosettaSafeKernels;
   userChoseKernel = options.boot.kernelPackages.highestPrio < (lib.mkDefault null).priority;
+  # KVM under the host's nested virtualization needs 6.12 or later instead
+  # (kvm.nix): then the newest longterm kernel, which pkgs.linuxPackages is.
+  kvmKernel = config.darwin-vz-nix.kernel.forNestedVirtualization;
 in
 {
   imports = [
@@ -90,14 +94,15 @@ in
     ./builder.nix
     ./rosetta.nix
     ./boot-speed.nix
+    ./kvm.nix
   ];
 
   boot.kernelPackages = lib.mkDefault (
-    if pinnedKernel != null then pkgs.${pinnedKernel} else pkgs.linuxPackages
+    if pinnedKernel != null && !kvmKernel then pkgs.${pinnedKernel} else pkgs.linuxPackages
   );
   assertions = [
     {
-      assertion = pinnedKernel != null || userChoseKernel;
+      assertion = pinnedKernel != null || kvmKernel || userChoseKernel;
       message = ''
         darwin-vz-nix: this nixpkgs has none of the kernels the guest pins
         (${lib.concatStringsSep ", " rosettaSafeKernels}): Linux before 6.11, which Rosetta

@@ -66,6 +66,7 @@ rec {
     pkgs.coreutils
     pkgs.util-linux
   ];
+  kvm = app "kvm" ./scripts/kvm.sh [ pkgs.coreutils ];
   host-handover = app "host-handover" ./scripts/host-handover.sh [
     pkgs.coreutils
     pkgs.util-linux

@@ -100,5 +100,45 @@ in
     noRosetta = dvnLib.defaultSystems false;
   };
 
-  inherit (dvnLib) builderDefaults;
+  inherit (dvnLib) builderDefaults defaultSupportedFeatures nestedVirtualizationValues;
+
+  # Where the daemon records its guest report, for a state directory written with
+  # and without a trailing slash.
+  guestReportFiles = map dvnLib.guestReportFile [
+    "/var/lib/darwin-vz"
+    "/var/lib/darwin-vz/"
+  ];
+
+  # The launchd job that has root write the builder's line again when the report
+  # changes (nix-darwin's launchd.daemons.<name>).
+  machinesRefresh = dvnLib.machinesRefreshDaemon {
+    program = "/nix/store/00000000000000000000000000000000-darwin-vz-nix/bin/darwin-vz-nix";
+    configFile = "/nix/store/00000000000000000000000000000000-darwin-vz-nix.json";
+    stateDir = "/var/lib/darwin-vz";
+  };
+
+  # (rosetta, nestedVirtualization) -> does the guest take the kernel KVM can use?
+  guestKernel =
+    map
+      (
+        case:
+        case
+        // {
+          kvmKernel = dvnLib.guestKernelForNestedVirtualization case;
+        }
+      )
+      (
+        builtins.concatMap
+          (
+            rosetta:
+            map (nestedVirtualization: {
+              inherit rosetta nestedVirtualization;
+            }) dvnLib.nestedVirtualizationValues
+          )
+          [
+            true
+            false
+          ]
+      );
+  inherit (dvnLib) guestKernelModule;
 }
