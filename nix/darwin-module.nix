@@ -14,7 +14,9 @@
 # without Determinate's module), and it merges with the user's own nix.buildMachines
 # / determinateNix.buildMachines. The daemon, which runs as the service account,
 # writes nothing Nix reads: whoever writes a machines line chooses where root's
-# nix-daemon connects, with which key, for which systems.
+# nix-daemon connects, with which key, for which systems. It does record what each
+# boot's guest said about /dev/kvm (nested virtualization); a root launchd job then
+# writes the line again, and that report can only take kvm and nixos-test away.
 #
 # The VM is not booted here: the daemon starts idle, boots the guest when the first
 # build connects through `darwin-vz-nix proxy`, and powers it off after
@@ -206,7 +208,10 @@ in
         modules = guestModules;
       };
       defaultText = lib.literalMD ''
-        the default guest, with {option}`services.darwin-vz.extraNixOSConfig` merged in when set
+        the default guest, with {option}`services.darwin-vz.extraNixOSConfig` merged in when
+        set, and the kernel nested virtualization can use when
+        {option}`services.darwin-vz.nestedVirtualization` is `"on"`, or `"auto"` with
+        {option}`services.darwin-vz.rosetta` off
       '';
       example = lib.literalExpression ''
         inputs.darwin-vz-nix.lib.mkGuest { modules = [ ./builder.nix ]; }

@@ -129,7 +129,9 @@ pub enum Command {
     /// the same configuration (--config, the environment, --state-dir and the flags
     /// below, resolved as `daemon` resolves them): maxJobs is the cores it gives the
     /// VM, fitted to this Mac unless configured; the systems follow Rosetta; the key is
-    /// the state directory's client key. Reads and writes nothing in the state directory.
+    /// the state directory's client key; kvm and nixos-test where nested
+    /// virtualization gives the guest /dev/kvm. Of the state directory it reads only
+    /// the guest's report, and it writes nothing there.
     #[command(after_help = machines_after_help())]
     Machines(MachinesArgs),
     /// Run the supervisor in the foreground (what launchd runs).
@@ -397,7 +399,13 @@ config file and flags):
 
 --write PATH replaces PATH atomically with a 0644 file. It refuses a symbolic link at PATH,
 and a directory that is not owned by root (or by you) or that its group or everyone may
-write to."
+write to.
+
+kvm and nixos-test join the default features where the daemon boots the guest with nested
+virtualization (nestedVirtualization, this Mac, the guest's kernel), unless the guest's
+last report in the state directory (guest-report.json, which the daemon writes after each
+boot) says that a boot with it had no /dev/kvm: the report can take them away, never add
+them. nix-darwin runs this command again whenever that report changes."
     )
 }
 

@@ -151,9 +151,10 @@ impl Shared {
         slot.as_ref().map(|running| f(unsafe { running.get() }))
     }
 
-    /// Releases whatever VM is still held (`OnQueue` drops it on the queue).
-    pub fn release_all(&self) {
-        drop(self.take());
+    /// Releases whatever VM is still held, on the queue.
+    pub fn release_all(self: &Arc<Shared>) {
+        let shared = Arc::clone(self);
+        self.queue.exec_async(move || drop(shared.take()));
     }
 
     /// The boot and state of the VM held now, if any.
