@@ -37,6 +37,15 @@ cargo clippy --all-targets --locked -- -D warnings
 step "cargo test (unit, CLI, supervisor, ssh/nix end to end, contract)"
 cargo test --locked
 
+step "the daemon links no AppKit: objc2-virtualization without its default features"
+apple_tree=$(cargo tree --locked --target aarch64-apple-darwin --edges normal --prefix none)
+grep -q '^objc2-virtualization ' <<<"$apple_tree"
+if grep -q '^objc2-app-kit ' <<<"$apple_tree"; then
+  cargo tree --locked -i objc2-app-kit --target aarch64-apple-darwin >&2
+  echo "objc2-app-kit is a dependency again: enable only the Virtualization classes used (Cargo.toml)" >&2
+  exit 1
+fi
+
 step "the macOS code type-checks for aarch64-apple-darwin (Virtualization bindings from Apple's SDK headers)"
 # Debian's rustc-web ships the standard library's source, so the Apple target's std
 # is built here; linking is impossible without Apple's SDK, so this is `check`.

@@ -99,7 +99,7 @@ fn force_off(client: &mut ControlClient, force: bool) -> Result<(), ClientError>
             exit: false,
             unless_in_use: !force,
         },
-        Duration::from_secs(90),
+        crate::supervisor::FORCED_STOP_REPLY_BOUND,
     )?;
     Ok(())
 }

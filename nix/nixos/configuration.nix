@@ -66,7 +66,9 @@ let
   # ("unhandled auxillary vector type 29", lima#3592, apple/container#1142).
   # One guest image serves every macOS the host supports (13 and later), so it
   # runs the newest longterm kernel older than 6.11 that this nixpkgs still
-  # has. nixpkgs removes longterm kernels ahead of their end of life (then the
+  # has — unless darwin-vz-nix.kernel.forNestedVirtualization asks for the one
+  # KVM under the host's nested virtualization needs (6.12 or later, kvm.nix).
+  # nixpkgs removes longterm kernels ahead of their end of life (then the
   # attribute throws, or is absent without aliases): tryEval tells.
   rosettaSafeKernels = [
     "linuxPackages_6_6"

@@ -405,10 +405,12 @@ fn stop(global: &GlobalArgs, args: &StopArgs) -> Outcome {
         exit: args.daemon,
         unless_in_use: false,
     };
-    // The supervisor waits at most this long for the guest, then up to a minute for
-    // the forced stop.
+    // The supervisor waits at most this long for the guest, then for the forced stop.
     let bound = timeout.min(crate::supervisor::MAX_STOP_TIMEOUT);
-    let reply = client.call(request, bound.saturating_add(Duration::from_secs(90)))?;
+    let reply = client.call(
+        request,
+        bound.saturating_add(crate::supervisor::FORCED_STOP_REPLY_BOUND),
+    )?;
     let Reply::Stopped { outcome } = reply else {
         return Err(CliError::Failure(format!("unexpected reply {reply:?}")));
     };
@@ -911,7 +913,9 @@ fn reset(global: &GlobalArgs, keys_only: bool, confirmed: bool) -> Outcome {
     let removed = match ControlClient::connect(&config.state_dir) {
         Ok(mut client) => match client.call(
             Request::Reset { keys_only },
-            config.stop_timeout() + Duration::from_secs(60),
+            config
+                .stop_timeout()
+                .saturating_add(crate::supervisor::FORCED_STOP_REPLY_BOUND),
         )? {
             Reply::Reset { removed } => removed,
             other => return Err(CliError::Failure(format!("unexpected reply {other:?}"))),

@@ -55,9 +55,14 @@ pub use guest::GuestFacts;
 pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// How long the backend's `start` and `force_stop` may take by default before the
-/// supervisor gives up on them. Above the VZ backend's own bound (30 s,
-/// `limits::VZ_CALLBACK_TIMEOUT`), whose message says more.
-pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// supervisor gives up on them. Above the VZ backend's own bounds, whose messages say
+/// more: 30 s per call (`limits::VZ_CALLBACK_TIMEOUT`), twice for a start that first
+/// stops the VM an earlier boot left behind.
+pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How long a client waits for the reply to a request that may force a stop: the
+/// supervisor's bound on it, and room for the reply.
+pub const FORCED_STOP_REPLY_BOUND: Duration = Duration::from_secs(120);
 
 /// How many notices `status` keeps (the most recent ones).
 const MAX_NOTICES: usize = 16;
