@@ -278,6 +278,8 @@ fn nested_virtualization_runs_a_build_that_requires_kvm() {
         );
         return;
     }
+    let plan = mac.run(&["start", "--dry-run", "--json"]);
+    assert!(plan.status.success());
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     assert_eq!(
         plan["nestedVirtualization"]["enabled"], true,
