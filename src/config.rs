@@ -29,6 +29,7 @@ pub mod defaults {
     pub const ROSETTA: bool = true;
     pub const IDLE_TIMEOUT_MINUTES: u64 = 180;
     pub const STOP_TIMEOUT_SECONDS: u64 = 15;
+    pub const PREVENT_SLEEP: bool = true;
 }
 
 /// Below this the NixOS guest does not reliably boot and build.
@@ -140,6 +141,8 @@ pub struct ConfigLayer {
     /// How Nix uses the builder: the line `darwin-vz-nix machines` prints for Nix.
     /// Config file only (the nix-darwin module sets it).
     pub builder: Option<crate::machines::BuilderSettings>,
+    /// Keep the Mac from idle sleep while a build connection is open.
+    pub prevent_sleep: Option<bool>,
 }
 
 /// Where a setting's value came from.
@@ -185,6 +188,11 @@ const FIELDS: &[FieldNames] = &[
     field("sshUser", "SSH_USER", "--ssh-user"),
     // Config file only: no variable or flag sets it, so these names are never shown.
     field("builder", "BUILDER", "--config"),
+    field(
+        "preventSleep",
+        "PREVENT_SLEEP",
+        "--prevent-sleep/--no-prevent-sleep",
+    ),
 ];
 
 const fn field(key: &'static str, env: &'static str, flag: &'static str) -> FieldNames {
@@ -274,6 +282,7 @@ pub struct Config {
     pub control_group: Option<String>,
     pub ssh_user: String,
     pub builder: crate::machines::BuilderSettings,
+    pub prevent_sleep: bool,
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -328,6 +337,7 @@ impl Config {
         let ssh_user =
             pick!(ssh_user, "sshUser").unwrap_or_else(|| crate::contract::GUEST_USER.to_string());
         let builder = pick!(builder, "builder").unwrap_or_default();
+        let prevent_sleep = pick!(prevent_sleep, "preventSleep").unwrap_or(defaults::PREVENT_SLEEP);
 
         let Some(state_dir) = state_dir else {
             return Err(ConfigErrors(vec![Problem {
@@ -383,6 +393,7 @@ impl Config {
             control_group,
             ssh_user,
             builder,
+            prevent_sleep,
             origins,
         };
         problems.extend(config.check_values());
@@ -674,11 +685,7 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
         "cores" => layer.cores = Some(number(&ranges::CORES, "virtual CPUs")?),
         "memory" => layer.memory = Some(number(&ranges::MEMORY_MIB, MIB_UNIT)?),
         "diskSize" => layer.disk_size = Some(text.parse().map_err(|e| format!("{e}"))?),
-        "rosetta" => {
-            layer.rosetta = Some(parse_bool(text).ok_or_else(|| {
-                format!("`{text}` is not a boolean; use 1/0, true/false or yes/no")
-            })?)
-        }
+        "rosetta" => layer.rosetta = Some(parse_bool_setting(text)?),
         "idleTimeout" => {
             layer.idle_timeout = Some(number(&ranges::IDLE_TIMEOUT_MINUTES, IDLE_UNIT)?)
         }
@@ -697,6 +704,7 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
         "logLevel" => layer.log_level = Some(text.parse()?),
         "controlGroup" => layer.control_group = Some(text.into()),
         "sshUser" => layer.ssh_user = Some(text.into()),
+        "preventSleep" => layer.prevent_sleep = Some(parse_bool_setting(text)?),
         _ => unreachable!("every key in FIELDS is handled: {key}"),
     }
     Ok(())
@@ -802,6 +810,12 @@ fn check_group_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A boolean setting's text, or the message that says how to write one.
+fn parse_bool_setting(text: &str) -> Result<bool, String> {
+    parse_bool(text)
+        .ok_or_else(|| format!("`{text}` is not a boolean; use 1/0, true/false or yes/no"))
+}
+
 fn parse_bool(text: &str) -> Option<bool> {
     match text.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Some(true),
@@ -873,6 +887,7 @@ mod tests {
         assert!(config.rosetta);
         assert_eq!(config.idle_timeout(), Some(Duration::from_secs(180 * 60)));
         assert_eq!(config.ssh_user, "builder");
+        assert!(config.prevent_sleep);
         assert_eq!(config.state_dir, PathBuf::from("/state"));
         assert_eq!(config.origin("cores"), Origin::Default);
     }

@@ -28,6 +28,7 @@ use crate::host::HostInfo;
 use crate::logfile::LogFile;
 use crate::mac::{MacAddress, MacOrigin};
 use crate::plan::{BootPlan, HOST_STORE, PlanInputs};
+use crate::power::PowerManager;
 use crate::state::{Access, StateDir, StateError, StateLock};
 use crate::supervisor::{
     MAX_STOP_TIMEOUT, PlannedBoot, StateKeeper, StopRequest, Supervisor, SupervisorOptions,
@@ -71,6 +72,8 @@ pub struct DaemonOptions {
     pub max_clients: Option<usize>,
     /// How often the control socket file is checked and, when deleted, made again.
     pub socket_check: Duration,
+    /// The host's power management (IOKit on macOS); tests pass a fake.
+    pub power: Arc<dyn PowerManager>,
 }
 
 impl DaemonOptions {
@@ -84,6 +87,7 @@ impl DaemonOptions {
             request_timeout: ServerOptions::DEFAULT_REQUEST_TIMEOUT,
             max_clients: None,
             socket_check: ServerOptions::DEFAULT_SOCKET_CHECK,
+            power: crate::power::platform_power(),
         }
     }
 }
@@ -244,6 +248,9 @@ pub async fn serve(
         boot_timeout: options.boot_timeout,
         ready_port: contract::SSH_VSOCK_PORT,
         console_log: state.console_log(),
+        prevent_sleep: config.prevent_sleep,
+        power: options.power.clone(),
+        clock_port: contract::CLOCK_VSOCK_PORT,
     };
     let keeper = DaemonKeeper {
         config,
@@ -264,6 +271,9 @@ pub async fn serve(
     });
     server.serve(context, shutdown).await;
 
+    // A supervisor on its way out keeps nothing awake, even while the guest takes
+    // its time to power off.
+    supervisor.release_sleep_assertion();
     tracing::info!("shutting down: powering the VM off");
     // Bounded whatever the configuration says: the graceful part is capped, and so
     // is the backend's forced stop.

@@ -23,6 +23,7 @@ fn contract_json_matches_the_rust_constants() {
     let expected: &[(&str, Value)] = &[
         ("/hostKeyAlias", contract::HOST_KEY_ALIAS.into()),
         ("/vsock/sshPort", contract::SSH_VSOCK_PORT.into()),
+        ("/vsock/clockPort", contract::CLOCK_VSOCK_PORT.into()),
         ("/tags/hostStore", contract::TAG_HOST_STORE.into()),
         ("/tags/keys", contract::TAG_KEYS.into()),
         ("/tags/rosetta", contract::TAG_ROSETTA.into()),

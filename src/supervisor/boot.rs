@@ -105,6 +105,8 @@ pub(super) async fn run(inner: Arc<Inner>, boot: BootId) {
     drop(life);
     tracing::info!("{boot}: guest ready after {:.2} s", ready.as_secs_f64());
     inner.notify();
+    // The guest's clock starts from whatever the VM gave it: set it now.
+    let _ = inner.clock_boots.send(boot);
 }
 
 fn still_starting(inner: &Inner, boot: BootId) -> bool {
