@@ -114,7 +114,13 @@ fn the_tags_the_plan_uses_are_valid_virtiofs_tags() {
 fn the_module_daemon_config_loads_with_the_rust_loader() {
     let cases = support::nix_eval_json(Path::new("tests/nix/daemon-config.nix"));
     let cases = cases.as_object().unwrap();
-    for name in ["defaults", "chosen", "no-rosetta-never-idle", "minimal"] {
+    for name in [
+        "defaults",
+        "chosen",
+        "no-rosetta-never-idle",
+        "minimal",
+        "no-prevent-sleep",
+    ] {
         assert!(
             cases.contains_key(name),
             "tests/nix/daemon-config.nix lacks {name}"
@@ -146,6 +152,8 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     assert_eq!(module.log_level, config::LogLevel::default());
     assert_eq!(module.state_dir, Path::new("/var/lib/darwin-vz"));
     assert_eq!(module.control_group.as_deref(), Some("_darwin-vz"));
+    assert_eq!(module.prevent_sleep, defaults::PREVENT_SLEEP);
+    assert_eq!(cases["defaults"]["preventSleep"], true);
     assert!(module.guest.dir.as_ref().unwrap().starts_with("/nix/store"));
 
     let custom = load("no-rosetta-never-idle");
@@ -155,6 +163,8 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     // Unset options reach the daemon as absent keys, so its defaults apply.
     let minimal = load("minimal");
     assert_eq!(minimal.cores, defaults::CORES);
+    assert!(minimal.prevent_sleep);
+    assert!(!load("no-prevent-sleep").prevent_sleep);
     assert_eq!(minimal.control_group, None);
 }
 

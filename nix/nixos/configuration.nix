@@ -90,6 +90,7 @@ in
     ./builder.nix
     ./rosetta.nix
     ./boot-speed.nix
+    ./clock.nix
   ];
 
   boot.kernelPackages = lib.mkDefault (

@@ -53,6 +53,9 @@ in
     }
   );
 
+  # Builds may let the Mac sleep.
+  no-prevent-sleep = dvnLib.daemonConfig (defaults // { preventSleep = false; });
+
   # Every optional setting at null: the daemon gets no key and applies its default.
   minimal = dvnLib.daemonConfig {
     inherit guest;
@@ -66,5 +69,6 @@ in
     kernelParams = null;
     logLevel = null;
     group = null;
+    preventSleep = null;
   };
 }
