@@ -116,3 +116,85 @@ fn cold_boot_figures() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("guest sshd ready"));
 }
+
+/// The opt-in variables, required: these tests are run on purpose (`--ignored`).
+fn mac_required() -> Mac {
+    mac().expect(
+        "set DARWIN_VZ_NIX_MAC_TESTS=1 and DARWIN_VZ_NIX_TEST_GUEST (see the top of this file)",
+    )
+}
+
+fn status_json(mac: &Mac) -> serde_json::Value {
+    let out = mac.run(&["status", "--json"]);
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_until(what: &str, within: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+#[test]
+#[ignore = "needs Apple Silicon: a real VM, IOKit's power assertions and pmset"]
+fn pmset_shows_the_assertion_while_an_ssh_session_is_open() {
+    use std::time::Duration;
+    let mac = mac_required();
+    assert!(mac.run(&["start"]).status.success());
+    let name = "darwin-vz-nix: 1 Linux build connection";
+    let listed = || {
+        let out = Command::new("pmset")
+            .args(["-g", "assertions"])
+            .output()
+            .expect("pmset runs");
+        String::from_utf8_lossy(&out.stdout).contains(name)
+    };
+    assert!(!listed(), "no session, no assertion");
+
+    let mut session = Command::new(env!("CARGO_BIN_EXE_darwin-vz-nix"))
+        .arg("--state-dir")
+        .arg(mac.state.path())
+        .args(["ssh", "--", "sleep", "15"])
+        .env("DARWIN_VZ_NIX_GUEST", &mac.guest)
+        .env("DARWIN_VZ_NIX_IDLE_TIMEOUT", "0")
+        .spawn()
+        .unwrap();
+    wait_until("pmset to list the assertion", Duration::from_secs(12), listed);
+    assert_eq!(
+        status_json(&mac)["sleep"]["assertion"]["reason"],
+        serde_json::Value::from(name)
+    );
+    assert!(session.wait().unwrap().success());
+    wait_until(
+        "the assertion to go with the session",
+        Duration::from_secs(20),
+        || !listed(),
+    );
+}
+
+#[test]
+#[ignore = "needs Apple Silicon: a real VM whose guest runs the clock setter"]
+fn the_guest_clock_is_set_from_the_host_at_boot() {
+    use std::time::{Duration, SystemTime};
+    let mac = mac_required();
+    assert!(mac.run(&["start"]).status.success());
+    wait_until("the boot's clock sync", Duration::from_secs(20), || {
+        !status_json(&mac)["clockSync"].is_null()
+    });
+    let sync = status_json(&mac)["clockSync"].clone();
+    assert_eq!(sync["reason"], "boot", "{sync}");
+    assert!(sync["error"].is_null(), "{sync}");
+    assert!(sync["offsetSecs"].is_f64(), "{sync}");
+    let guest: u64 = mac.ssh("date +%s").parse().unwrap();
+    let host = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(guest.abs_diff(host) <= 5, "guest {guest}, host {host}");
+}

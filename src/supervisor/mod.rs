@@ -35,7 +35,7 @@
 //!
 //! **Idle time counts only while the Mac is awake.** The idle deadline is an
 //! `Instant`, and Rust's `Instant` (like Tokio's timers, built on it) stands still
-//! while macOS sleeps (`mach_absolute_time`). That is the choice, not an accident: a
+//! while macOS sleeps: the standard library reads `CLOCK_UPTIME_RAW` on Darwin. That is the choice, not an accident: a
 //! VM idle for 2 h 59 min when the lid closes powers off a minute after the lid
 //! opens again, not at once — so a build started right after a wake (Nix retrying
 //! one that sleep interrupted) finds the VM still up — and a sleeping Mac has no use
