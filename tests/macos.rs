@@ -165,7 +165,11 @@ fn pmset_shows_the_assertion_while_an_ssh_session_is_open() {
         .env("DARWIN_VZ_NIX_IDLE_TIMEOUT", "0")
         .spawn()
         .unwrap();
-    wait_until("pmset to list the assertion", Duration::from_secs(12), listed);
+    wait_until(
+        "pmset to list the assertion",
+        Duration::from_secs(12),
+        listed,
+    );
     assert_eq!(
         status_json(&mac)["sleep"]["assertion"]["reason"],
         serde_json::Value::from(name)

@@ -3,8 +3,11 @@
 //! * **The assertion** is `IOPMAssertionCreateWithName` of type
 //!   `PreventUserIdleSystemSleep` (the Mac does not idle-sleep; the display still
 //!   may, and closing the lid or choosing Sleep still sleeps it), released with
-//!   `IOPMAssertionRelease`. A new name is a new assertion, taken before the old one
-//!   is released, so the Mac is never unprotected in between. If the process dies
+//!   `IOPMAssertionRelease`. A new count renames it in place
+//!   (`IOPMAssertionSetProperty` with `kIOPMAssertionNameKey`, which powerd applies to
+//!   a live assertion: `kAssertionModName` in `PMAssertions.c`); should that fail, a
+//!   new one is taken before the old one goes, so the Mac is never unprotected in
+//!   between. If the process dies
 //!   without releasing it, powerd releases it: powerd watches every process that
 //!   holds an assertion (`DISPATCH_PROC_EXIT`) and drops its assertions when it exits
 //!   (`HandleProcessExit` in `pmconfigd/PMAssertions.c` of Apple's PowerManagement
@@ -28,10 +31,10 @@ use dispatch2::{DispatchQueue, DispatchRetained};
 use objc2_core_foundation::CFString;
 use objc2_io_kit::{
     IOAllowPowerChange, IODeregisterForSystemPower, IONotificationPort, IONotificationPortRef,
-    IOPMAssertionCreateWithName, IOPMAssertionID, IOPMAssertionRelease, IORegisterForSystemPower,
-    IOReturn, IOServiceClose, io_connect_t, io_object_t, io_service_t, kIOMessageCanSystemSleep,
-    kIOMessageSystemHasPoweredOn, kIOMessageSystemWillSleep, kIOPMAssertionLevelOn,
-    kIOReturnSuccess,
+    IOPMAssertionCreateWithName, IOPMAssertionID, IOPMAssertionRelease, IOPMAssertionSetProperty,
+    IORegisterForSystemPower, IOReturn, IOServiceClose, io_connect_t, io_object_t, io_service_t,
+    kIOMessageCanSystemSleep, kIOMessageSystemHasPoweredOn, kIOMessageSystemWillSleep,
+    kIOPMAssertionLevelOn, kIOReturnSuccess,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -39,6 +42,8 @@ use super::{PowerError, PowerEvent, PowerManager};
 
 /// `kIOPMAssertionTypePreventUserIdleSystemSleep` (`IOPMLib.h`).
 const PREVENT_USER_IDLE_SYSTEM_SLEEP: &str = "PreventUserIdleSystemSleep";
+/// `kIOPMAssertionNameKey` (`IOPMLib.h`).
+const ASSERTION_NAME_KEY: &str = "AssertName";
 
 /// `IOPMAssertionCreateWithName` takes names of at most this many characters.
 const MAX_NAME_CHARS: usize = 128;
@@ -154,11 +159,20 @@ impl PowerManager for IoKitPower {
             )));
         }
         let mut held = self.held();
-        if held.as_ref().is_some_and(|h| h.reason == reason) {
-            return Ok(());
+        let name = CFString::from_str(reason);
+        if let Some(current) = held.as_mut() {
+            if current.reason == reason {
+                return Ok(());
+            }
+            let key = CFString::from_str(ASSERTION_NAME_KEY);
+            // SAFETY: a live assertion of this process; a CFString key and value.
+            let code = unsafe { IOPMAssertionSetProperty(current.id, Some(&key), Some(&name)) };
+            if code == kIOReturnSuccess {
+                current.reason = reason.to_string();
+                return Ok(());
+            }
         }
         let kind = CFString::from_str(PREVENT_USER_IDLE_SYSTEM_SLEEP);
-        let name = CFString::from_str(reason);
         let mut id: IOPMAssertionID = 0;
         // SAFETY: both strings are valid CFStrings, `id` a valid place for the result.
         let code = unsafe {

@@ -148,7 +148,7 @@ async fn sync_running_guest(inner: &Arc<Inner>, reason: SyncReason) {
 async fn exchange(backend: &dyn Backend, port: u32) -> Result<ClockStep, String> {
     let mut last = None;
     let mut stream = None;
-    for _ in 0..CONNECT_ATTEMPTS {
+    for attempt in 1..=CONNECT_ATTEMPTS {
         match backend.connect(port).await {
             Ok(connected) => {
                 stream = Some(connected);
@@ -156,7 +156,9 @@ async fn exchange(backend: &dyn Backend, port: u32) -> Result<ClockStep, String>
             }
             Err(e) => last = Some(e.to_string()),
         }
-        tokio::time::sleep(CONNECT_BACKOFF).await;
+        if attempt < CONNECT_ATTEMPTS {
+            tokio::time::sleep(CONNECT_BACKOFF).await;
+        }
     }
     let Some(stream) = stream else {
         return Err(format!(
