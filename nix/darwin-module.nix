@@ -377,6 +377,18 @@ in
         the service account only.
       '';
     };
+
+    preventSleep = mkOption {
+      type = types.bool;
+      default = defaults.preventSleep;
+      example = false;
+      description = ''
+        Keep the Mac from idle sleep while a build connection to the VM is open:
+        a power assertion that `pmset -g assertions` shows as
+        "darwin-vz-nix: 2 Linux build connections". The display may still sleep,
+        and closing the lid or choosing Sleep still sleeps the Mac.
+      '';
+    };
   };
 
   config = lib.mkIf cfg.enable (

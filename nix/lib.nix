@@ -189,6 +189,7 @@ in
     logLevel = "info";
     group = "_darwin-vz";
     nestedVirtualization = "auto";
+    preventSleep = true;
   };
 
   # Defaults of the options that shape the builder's machines line; the CLI has
@@ -271,6 +272,7 @@ in
           };
         in
         if settings == { } then null else settings;
+      preventSleep = optionalValue cfg "preventSleep";
     };
 
   # The line the module adds to /etc/nix/machines for the machines file at `file`

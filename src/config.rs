@@ -29,6 +29,7 @@ pub mod defaults {
     pub const ROSETTA: bool = true;
     pub const IDLE_TIMEOUT_MINUTES: u64 = 180;
     pub const STOP_TIMEOUT_SECONDS: u64 = 15;
+    pub const PREVENT_SLEEP: bool = true;
 }
 
 /// Below this the NixOS guest does not reliably boot and build.
@@ -142,6 +143,8 @@ pub struct ConfigLayer {
     pub builder: Option<crate::machines::BuilderSettings>,
     /// Boot the guest with nested virtualization (its `/dev/kvm`): auto, on, off.
     pub nested_virtualization: Option<crate::nested::NestedVirtualization>,
+    /// Keep the Mac from idle sleep while a build connection is open.
+    pub prevent_sleep: Option<bool>,
 }
 
 /// Where a setting's value came from.
@@ -191,6 +194,11 @@ const FIELDS: &[FieldNames] = &[
         "nestedVirtualization",
         "NESTED_VIRTUALIZATION",
         "--nested-virtualization",
+    ),
+    field(
+        "preventSleep",
+        "PREVENT_SLEEP",
+        "--prevent-sleep/--no-prevent-sleep",
     ),
 ];
 
@@ -282,6 +290,7 @@ pub struct Config {
     pub ssh_user: String,
     pub builder: crate::machines::BuilderSettings,
     pub nested_virtualization: crate::nested::NestedVirtualization,
+    pub prevent_sleep: bool,
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -338,6 +347,7 @@ impl Config {
         let builder = pick!(builder, "builder").unwrap_or_default();
         let nested_virtualization =
             pick!(nested_virtualization, "nestedVirtualization").unwrap_or_default();
+        let prevent_sleep = pick!(prevent_sleep, "preventSleep").unwrap_or(defaults::PREVENT_SLEEP);
 
         let Some(state_dir) = state_dir else {
             return Err(ConfigErrors(vec![Problem {
@@ -394,6 +404,7 @@ impl Config {
             ssh_user,
             builder,
             nested_virtualization,
+            prevent_sleep,
             origins,
         };
         problems.extend(config.check_values());
@@ -685,11 +696,7 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
         "cores" => layer.cores = Some(number(&ranges::CORES, "virtual CPUs")?),
         "memory" => layer.memory = Some(number(&ranges::MEMORY_MIB, MIB_UNIT)?),
         "diskSize" => layer.disk_size = Some(text.parse().map_err(|e| format!("{e}"))?),
-        "rosetta" => {
-            layer.rosetta = Some(parse_bool(text).ok_or_else(|| {
-                format!("`{text}` is not a boolean; use 1/0, true/false or yes/no")
-            })?)
-        }
+        "rosetta" => layer.rosetta = Some(parse_bool_setting(text)?),
         "idleTimeout" => {
             layer.idle_timeout = Some(number(&ranges::IDLE_TIMEOUT_MINUTES, IDLE_UNIT)?)
         }
@@ -709,6 +716,7 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
         "controlGroup" => layer.control_group = Some(text.into()),
         "sshUser" => layer.ssh_user = Some(text.into()),
         "nestedVirtualization" => layer.nested_virtualization = Some(text.parse()?),
+        "preventSleep" => layer.prevent_sleep = Some(parse_bool_setting(text)?),
         // It has a name in FIELDS only so that messages can name it.
         "builder" => {
             return Err(
@@ -820,6 +828,12 @@ fn check_group_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A boolean setting's text, or the message that says how to write one.
+fn parse_bool_setting(text: &str) -> Result<bool, String> {
+    parse_bool(text)
+        .ok_or_else(|| format!("`{text}` is not a boolean; use 1/0, true/false or yes/no"))
+}
+
 fn parse_bool(text: &str) -> Option<bool> {
     match text.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Some(true),
@@ -892,6 +906,7 @@ mod tests {
         assert!(config.rosetta);
         assert_eq!(config.idle_timeout(), Some(Duration::from_secs(180 * 60)));
         assert_eq!(config.ssh_user, "builder");
+        assert!(config.prevent_sleep);
         assert_eq!(config.state_dir, PathBuf::from("/state"));
         assert_eq!(config.origin("cores"), Origin::Default);
     }

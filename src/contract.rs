@@ -10,6 +10,9 @@ pub const HOST_KEY_ALIAS: &str = "darwin-vz-nix";
 
 /// Guest vsock port on which a systemd socket starts sshd.
 pub const SSH_VSOCK_PORT: u32 = 22;
+/// Guest vsock port on which a systemd socket starts the clock setter: the host
+/// sends its time at every boot and after every wake (`crate::clock`).
+pub const CLOCK_VSOCK_PORT: u32 = 1025;
 
 /// virtiofs tag of the host's `/nix/store` (read-only lower layer of the guest's store).
 pub const TAG_HOST_STORE: &str = "nix-store";

@@ -29,6 +29,7 @@ use crate::logfile::LogFile;
 use crate::mac::{MacAddress, MacOrigin};
 use crate::nested::{self, GuestReport};
 use crate::plan::{BootPlan, HOST_STORE, PlanInputs};
+use crate::power::PowerManager;
 use crate::state::{Access, StateDir, StateError, StateLock};
 use crate::supervisor::{
     MAX_STOP_TIMEOUT, PlannedBoot, StateKeeper, StopRequest, Supervisor, SupervisorOptions,
@@ -78,6 +79,8 @@ pub struct DaemonOptions {
     /// How long the backend's start and forced stop may take before the supervisor
     /// reports them as failed.
     pub backend_timeout: Duration,
+    /// The host's power management (IOKit on macOS); tests pass a fake.
+    pub power: Arc<dyn PowerManager>,
 }
 
 impl DaemonOptions {
@@ -93,6 +96,7 @@ impl DaemonOptions {
             socket_check: ServerOptions::DEFAULT_SOCKET_CHECK,
             guest_report_wait: DEFAULT_GUEST_REPORT_WAIT,
             backend_timeout: crate::supervisor::DEFAULT_BACKEND_TIMEOUT,
+            power: crate::power::platform_power(),
         }
     }
 }
@@ -267,6 +271,9 @@ pub async fn serve(
         console_log: state.console_log(),
         guest_report_wait: options.guest_report_wait,
         backend_timeout: options.backend_timeout,
+        prevent_sleep: config.prevent_sleep,
+        power: options.power.clone(),
+        clock_port: contract::CLOCK_VSOCK_PORT,
     };
     let keeper = DaemonKeeper {
         config,
@@ -287,6 +294,9 @@ pub async fn serve(
     });
     server.serve(context, shutdown).await;
 
+    // A supervisor on its way out keeps nothing awake, even while the guest takes
+    // its time to power off.
+    supervisor.release_sleep_assertion();
     tracing::info!("shutting down: powering the VM off");
     // Bounded whatever the configuration says: the graceful part is capped, and so
     // is the backend's forced stop.

@@ -291,6 +291,10 @@ fn each_bad_value_names_its_input_and_the_fix() {
         "invalid configuration: DARWIN_VZ_NIX_ROSETTA: `maybe` is not a boolean; use 1/0, true/false or yes/no",
     );
     assert_usage_error(
+        &dry_run(&fixture, &[], &[("DARWIN_VZ_NIX_PREVENT_SLEEP", "later")]),
+        "invalid configuration: DARWIN_VZ_NIX_PREVENT_SLEEP: `later` is not a boolean; use 1/0, true/false or yes/no",
+    );
+    assert_usage_error(
         &dry_run(&fixture, &[], &[("DARWIN_VZ_NIX_IDLE_TIMEOUT", "soon")]),
         "invalid configuration: DARWIN_VZ_NIX_IDLE_TIMEOUT: `soon` is not a whole number of minutes",
     );
@@ -811,6 +815,7 @@ fn a_variable_that_is_set_but_unusable_is_an_error_and_destroy_deletes_nothing()
         "CONTROL_GROUP",
         "SSH_USER",
         "NESTED_VIRTUALIZATION",
+        "PREVENT_SLEEP",
         "CONFIG",
     ] {
         let name = format!("DARWIN_VZ_NIX_{name}");

@@ -24,6 +24,7 @@ fn contract_json_matches_the_rust_constants() {
     let expected: &[(&str, Value)] = &[
         ("/hostKeyAlias", contract::HOST_KEY_ALIAS.into()),
         ("/vsock/sshPort", contract::SSH_VSOCK_PORT.into()),
+        ("/vsock/clockPort", contract::CLOCK_VSOCK_PORT.into()),
         ("/tags/hostStore", contract::TAG_HOST_STORE.into()),
         ("/tags/keys", contract::TAG_KEYS.into()),
         ("/tags/rosetta", contract::TAG_ROSETTA.into()),
@@ -115,7 +116,13 @@ fn the_tags_the_plan_uses_are_valid_virtiofs_tags() {
 fn the_module_daemon_config_loads_with_the_rust_loader() {
     let cases = support::nix_eval_json(Path::new("tests/nix/daemon-config.nix"));
     let cases = cases.as_object().unwrap();
-    for name in ["defaults", "chosen", "no-rosetta-never-idle", "minimal"] {
+    for name in [
+        "defaults",
+        "chosen",
+        "no-rosetta-never-idle",
+        "minimal",
+        "no-prevent-sleep",
+    ] {
         assert!(
             cases.contains_key(name),
             "tests/nix/daemon-config.nix lacks {name}"
@@ -147,6 +154,8 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     assert_eq!(module.log_level, config::LogLevel::default());
     assert_eq!(module.state_dir, Path::new("/var/lib/darwin-vz"));
     assert_eq!(module.control_group.as_deref(), Some("_darwin-vz"));
+    assert_eq!(module.prevent_sleep, defaults::PREVENT_SLEEP);
+    assert_eq!(cases["defaults"]["preventSleep"], true);
     assert!(module.guest.dir.as_ref().unwrap().starts_with("/nix/store"));
 
     assert_eq!(module.nested_virtualization, NestedVirtualization::Auto);
@@ -170,6 +179,8 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     // Unset options reach the daemon as absent keys, so its defaults apply.
     let minimal = load("minimal");
     assert_eq!(minimal.cores, defaults::CORES);
+    assert!(minimal.prevent_sleep);
+    assert!(!load("no-prevent-sleep").prevent_sleep);
     assert_eq!(minimal.control_group, None);
 }
 

@@ -304,3 +304,61 @@ fn nested_virtualization_runs_a_build_that_requires_kvm() {
         String::from_utf8_lossy(&line.stdout)
     );
 }
+
+/// Issue 16: while an ssh session is open the daemon holds its power assertion, which
+/// `pmset -g assertions` lists and `status` names; it goes with the session.
+#[test]
+#[ignore = "needs Apple Silicon: a real VM, IOKit's power assertions and pmset (DARWIN_VZ_NIX_TEST_GUEST)"]
+fn pmset_shows_the_assertion_while_an_ssh_session_is_open() {
+    let mac = mac();
+    assert!(mac.run(&["start"]).status.success());
+    let name = "darwin-vz-nix: 1 Linux build connection";
+    let listed = || {
+        let out = Command::new("pmset")
+            .args(["-g", "assertions"])
+            .output()
+            .expect("pmset runs");
+        String::from_utf8_lossy(&out.stdout).contains(name)
+    };
+    assert!(!listed(), "no session, no assertion");
+
+    let mut session: Child = mac.command(&["ssh", "--", "sleep", "15"]).spawn().unwrap();
+    mac.wait_for(
+        "pmset to list the assertion",
+        Duration::from_secs(12),
+        |_| listed(),
+    );
+    assert_eq!(
+        mac.status()["sleep"]["assertion"]["reason"],
+        serde_json::Value::from(name)
+    );
+    assert!(session.wait().unwrap().success());
+    mac.wait_for(
+        "the assertion to go with the session",
+        Duration::from_secs(20),
+        |_| !listed(),
+    );
+}
+
+/// Issue 16: when a boot is ready the guest's clock is set from the host's, and the
+/// two agree within a few seconds.
+#[test]
+#[ignore = "needs Apple Silicon: a real VM whose guest runs the clock setter (DARWIN_VZ_NIX_TEST_GUEST)"]
+fn the_guest_clock_is_set_from_the_host_at_boot() {
+    use std::time::SystemTime;
+    let mac = mac();
+    assert!(mac.run(&["start"]).status.success());
+    mac.wait_for("the boot's clock sync", Duration::from_secs(20), |mac| {
+        !mac.status()["clockSync"].is_null()
+    });
+    let sync = mac.status()["clockSync"].clone();
+    assert_eq!(sync["reason"], "boot", "{sync}");
+    assert!(sync["error"].is_null(), "{sync}");
+    assert!(sync["offsetSecs"].is_f64(), "{sync}");
+    let guest: u64 = mac.ssh("date +%s").parse().unwrap();
+    let host = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(guest.abs_diff(host) <= 5, "guest {guest}, host {host}");
+}

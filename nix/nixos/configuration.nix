@@ -97,6 +97,7 @@ in
     ./rosetta.nix
     ./boot-speed.nix
     ./kvm.nix
+    ./clock.nix
   ];
 
   boot.kernelPackages = lib.mkDefault (

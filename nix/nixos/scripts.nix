@@ -71,4 +71,5 @@ rec {
     pkgs.coreutils
     pkgs.util-linux
   ];
+  clock-set = app "clock-set" ./scripts/clock-set.sh [ pkgs.coreutils ];
 }

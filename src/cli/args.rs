@@ -218,6 +218,13 @@ pub struct VmArgs {
     /// kernel of 6.12+), on (refused where the Mac cannot), off [default: auto].
     #[arg(long, value_enum, value_name = "WHEN")]
     pub nested_virtualization: Option<NestedVirtualization>,
+    /// Keep the Mac from idle sleep while a build connection is open [default: on].
+    /// The display may still sleep; closing the lid still sleeps the Mac.
+    #[arg(long, overrides_with = "no_prevent_sleep")]
+    pub prevent_sleep: bool,
+    /// Let the Mac idle-sleep even in the middle of a build.
+    #[arg(long, overrides_with = "prevent_sleep")]
+    pub no_prevent_sleep: bool,
 }
 
 impl VmArgs {
@@ -247,6 +254,11 @@ impl VmArgs {
             // Config file only.
             builder: None,
             nested_virtualization: self.nested_virtualization,
+            prevent_sleep: if self.no_prevent_sleep {
+                Some(false)
+            } else {
+                self.prevent_sleep.then_some(true)
+            },
         }
     }
 
@@ -296,6 +308,11 @@ impl VmArgs {
             args.push("--rosetta".into());
         }
         args.extend(paths);
+        if self.no_prevent_sleep {
+            args.push("--no-prevent-sleep".into());
+        } else if self.prevent_sleep {
+            args.push("--prevent-sleep".into());
+        }
         args
     }
 }
@@ -514,4 +531,42 @@ pub struct DestroyArgs {
     /// Confirm that the disk image and keys may be deleted.
     #[arg(long)]
     pub yes: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn vm_args(args: &[&str]) -> VmArgs {
+        let mut argv = vec!["darwin-vz-nix", "daemon"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Daemon(daemon) => daemon.vm,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn prevent_sleep_flags_set_the_setting_and_reach_a_spawned_daemon() {
+        assert_eq!(vm_args(&[]).layer().prevent_sleep, None);
+        for (given, expected) in [
+            (&["--no-prevent-sleep"][..], Some(false)),
+            (&["--prevent-sleep"], Some(true)),
+            (&["--prevent-sleep", "--no-prevent-sleep"], Some(false)),
+            (&["--no-prevent-sleep", "--prevent-sleep"], Some(true)),
+        ] {
+            let args = vm_args(given);
+            assert_eq!(args.layer().prevent_sleep, expected, "{given:?}");
+            // What `start` hands to the daemon it spawns means the same.
+            let again: Vec<String> = args
+                .to_args()
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect();
+            let again: Vec<&str> = again.iter().map(String::as_str).collect();
+            assert_eq!(vm_args(&again).layer().prevent_sleep, expected, "{again:?}");
+        }
+    }
 }

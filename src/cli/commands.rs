@@ -14,7 +14,8 @@ use super::args::{
 use crate::bench::{self, Stats};
 use crate::config::{self, Config, ConfigLayer, Origin, Source};
 use crate::control::protocol::{
-    self, BootTiming, Reply, Request, StatusReport, StopOutcome, VmState,
+    self, BootTiming, ClockSyncReport, Reply, Request, SleepReport, StatusReport, StopOutcome,
+    VmState,
 };
 use crate::control::{ClientError, ControlClient};
 use crate::daemon::{self, DaemonOptions};
@@ -558,6 +559,18 @@ pub fn format_status(r: &StatusReport) -> String {
             c.console_log.display()
         ),
     );
+    if let Some(sleep) = &r.sleep {
+        line("sleep", describe_sleep(sleep));
+        if let Some(error) = &sleep.wake_error {
+            line(
+                "wake-ups",
+                format!("not heard ({error}); the guest's clock is set at boot only"),
+            );
+        }
+    }
+    if let Some(sync) = &r.clock_sync {
+        line("clock", describe_clock_sync(sync));
+    }
     if let Some(error) = &r.last_error {
         line("last error", error.clone());
     }
@@ -596,6 +609,39 @@ fn nested_status(r: &StatusReport) -> String {
                 .unwrap_or_default()
         ),
         (Some(kvm), None) => format!("{setting}: on for boot {boot}; /dev/kvm {}", kvm.as_str()),
+    }
+}
+
+/// The `sleep` line of `status`: whether builds keep the Mac awake, now.
+fn describe_sleep(sleep: &SleepReport) -> String {
+    match (&sleep.assertion, &sleep.last_error) {
+        _ if !sleep.enabled => "the Mac may idle-sleep during builds (preventSleep = false)".into(),
+        (Some(held), _) => format!(
+            "idle sleep prevented for {}: \"{}\"",
+            duration_text(held.held_secs),
+            held.reason
+        ),
+        (None, Some(error)) => format!("not prevented: {error}"),
+        (None, None) => "the Mac may idle-sleep (no build connection open)".into(),
+    }
+}
+
+/// The `clock` line of `status`: the guest's clock, last set from the host's.
+fn describe_clock_sync(sync: &ClockSyncReport) -> String {
+    let when = match sync.reason.as_str() {
+        "wake" => "after the Mac woke",
+        _ => "at boot",
+    };
+    let ago = duration_text(sync.age_secs);
+    match (sync.offset_secs, &sync.error) {
+        (Some(offset), _) => format!(
+            "set from the host's {ago} ago, {when}: {}",
+            crate::clock::describe_step(offset)
+        ),
+        (None, error) => format!(
+            "not set {ago} ago, {when}: {}",
+            error.as_deref().unwrap_or("unknown error")
+        ),
     }
 }
 

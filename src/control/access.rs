@@ -8,13 +8,15 @@
 //! | peer                              | may ask for                                        |
 //! |-----------------------------------|----------------------------------------------------|
 //! | the daemon's own user, root       | everything                                         |
-//! | anyone else (controlGroup member) | `status`, `wait-ready`, `connect`, `start`         |
+//! | anyone else (controlGroup member) | `status`, `wait-ready`, `start`, `connect` to sshd |
 //!
 //! So the group may look, boot and build; stopping the VM (`stop`), ending the
-//! supervisor (`stop --daemon`) and deleting state (`reset`: `destroy`,
-//! `rotate-keys`) are for the daemon's user and root.
+//! supervisor (`stop --daemon`), deleting state (`reset`: `destroy`, `rotate-keys`)
+//! and reaching guest ports other than sshd's (the clock setter runs as root in the
+//! guest) are for the daemon's user and root.
 
 use super::protocol::Request;
+use crate::contract::SSH_VSOCK_PORT;
 
 /// The credentials the kernel reports for a control connection's peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,13 +57,11 @@ impl Owner {
 /// True when `peer` may make `request`.
 pub fn allows(owner: &Owner, peer: Peer, request: &Request) -> bool {
     let full = peer.uid == owner.uid || peer.uid == 0;
-    full || matches!(
-        request,
-        Request::Status
-            | Request::Start { .. }
-            | Request::WaitReady { .. }
-            | Request::Connect { .. }
-    )
+    full || match request {
+        Request::Status | Request::Start { .. } | Request::WaitReady { .. } => true,
+        Request::Connect { port, .. } => *port == SSH_VSOCK_PORT,
+        Request::Stop { .. } | Request::Reset { .. } => false,
+    }
 }
 
 /// `Ok` when `peer` may make `request`; otherwise the refusal, naming the operation
@@ -71,7 +71,7 @@ pub fn authorize(owner: &Owner, peer: Peer, request: &Request) -> Result<(), Str
         return Ok(());
     }
     Err(format!(
-        "`{}` is refused for uid {}: only the daemon's user, {}, and root may stop the VM, end the supervisor or reset its state; other members of its control group may use status, start, wait-ready and connect (ssh)",
+        "`{}` is refused for uid {}: only the daemon's user, {}, and root may stop the VM, end the supervisor, reset its state or reach guest ports other than sshd's ({SSH_VSOCK_PORT}); other members of its control group may use status, start, wait-ready and connect (ssh)",
         request.name(),
         peer.uid,
         owner.describe()
@@ -104,6 +104,13 @@ mod tests {
                     timeout_ms: None,
                 },
                 true,
+            ),
+            (
+                Request::Connect {
+                    port: crate::contract::CLOCK_VSOCK_PORT,
+                    timeout_ms: None,
+                },
+                false,
             ),
             (
                 Request::Stop {
@@ -143,7 +150,7 @@ mod tests {
                 &Request::Reset { keys_only: false }
             )
             .unwrap_err(),
-            "`reset` is refused for uid 501: only the daemon's user, _darwin-vz (uid 455), and root may stop the VM, end the supervisor or reset its state; other members of its control group may use status, start, wait-ready and connect (ssh)"
+            "`reset` is refused for uid 501: only the daemon's user, _darwin-vz (uid 455), and root may stop the VM, end the supervisor, reset its state or reach guest ports other than sshd's (22); other members of its control group may use status, start, wait-ready and connect (ssh)"
         );
     }
 }

@@ -246,6 +246,15 @@ pub struct StatusReport {
     /// `/dev/kvm` (absent before the first boot, and from older supervisors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestSummary>,
+    /// The power assertion that keeps the Mac awake during builds.
+    #[serde(default)]
+    pub sleep: Option<SleepReport>,
+    /// The last time the guest's clock was set from the host's (or failed to be).
+    #[serde(default)]
+    pub clock_sync: Option<ClockSyncReport>,
+    /// Seconds since the Mac last woke from sleep, as far as the supervisor heard.
+    #[serde(default)]
+    pub host_woke_secs_ago: Option<f64>,
 }
 
 /// Nested virtualization and `/dev/kvm` in the guest of one boot.
@@ -264,6 +273,43 @@ pub struct GuestSummary {
     /// Set when nested virtualization is on but the guest has no `/dev/kvm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SleepReport {
+    /// `preventSleep`: whether builds keep the Mac from idle sleep.
+    pub enabled: bool,
+    /// The assertion held now, if any.
+    pub assertion: Option<AssertionReport>,
+    /// Why the last attempt to take or release it failed.
+    pub last_error: Option<String>,
+    /// Why the Mac's wake-ups are not heard (then the clock is set at boot only).
+    pub wake_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AssertionReport {
+    /// Its name, as `pmset -g assertions` shows it.
+    pub reason: String,
+    /// Held since, in seconds since 1970 (UTC).
+    pub since_unix_secs: f64,
+    /// Held for this many seconds.
+    pub held_secs: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClockSyncReport {
+    /// `boot` (a boot became ready) or `wake` (the Mac woke up).
+    pub reason: String,
+    /// Seconds since it happened.
+    pub age_secs: f64,
+    /// What the guest corrected: new time minus old, positive when it was behind.
+    pub offset_secs: Option<f64>,
+    /// Why the clock was not set.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

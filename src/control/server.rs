@@ -27,8 +27,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::access::{self, Owner, Peer};
 use super::protocol::{
-    self, BootTiming, ConfigSummary, ErrorCode, GuestSummary, MAX_LINE_BYTES, NoticeReport, Reply,
-    Request, StatusReport, StopOutcome, VmState,
+    self, AssertionReport, BootTiming, ClockSyncReport, ConfigSummary, ErrorCode, GuestSummary,
+    MAX_LINE_BYTES, NoticeReport, Reply, Request, SleepReport, StatusReport, StopOutcome, VmState,
 };
 use crate::state::Access;
 use crate::supervisor::{self, StopRequest, Supervisor, SupervisorError};
@@ -463,6 +463,34 @@ fn wait_bound(timeout_ms: Option<u64>) -> Duration {
 // ---- the supervisor's types on the wire ----------------------------------------
 
 fn status_report(snapshot: supervisor::Snapshot, summary: &ConfigSummary) -> StatusReport {
+    let now = std::time::SystemTime::now();
+    // Wall-clock ages: they include time the Mac slept.
+    let age = |at: std::time::SystemTime| {
+        now.duration_since(at)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64()
+    };
+    let unix = |at: std::time::SystemTime| {
+        at.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64()
+    };
+    let sleep = SleepReport {
+        enabled: snapshot.sleep.enabled,
+        assertion: snapshot.sleep.held.map(|held| AssertionReport {
+            reason: held.reason,
+            since_unix_secs: unix(held.since),
+            held_secs: age(held.since),
+        }),
+        last_error: snapshot.sleep.last_error,
+        wake_error: snapshot.sleep.wake_error,
+    };
+    let clock_sync = snapshot.clock.map(|sync| ClockSyncReport {
+        reason: sync.reason.as_str().to_string(),
+        age_secs: age(sync.at),
+        offset_secs: sync.result.as_ref().ok().map(|step| step.as_secs_f64()),
+        error: sync.result.err(),
+    });
     StatusReport {
         state: vm_state(snapshot.state),
         backend: snapshot.backend.to_string(),
@@ -490,6 +518,9 @@ fn status_report(snapshot: supervisor::Snapshot, summary: &ConfigSummary) -> Sta
             warning: guest.warning(),
             kernel: guest.kernel,
         }),
+        sleep: Some(sleep),
+        clock_sync,
+        host_woke_secs_ago: snapshot.host_woke.map(age),
     }
 }
 

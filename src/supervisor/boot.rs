@@ -126,6 +126,8 @@ pub(super) async fn run(inner: Arc<Inner>, boot: BootId) {
         boot,
         nested_virtualization,
     ));
+    // The guest's clock starts from whatever the VM gave it: set it now.
+    let _ = inner.clock_boots.send(boot);
 }
 
 fn still_starting(inner: &Inner, boot: BootId) -> bool {

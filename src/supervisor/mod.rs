@@ -28,27 +28,46 @@
 //! per supervisor powers it off after the idle timeout; the supervisor stays, ready to
 //! boot again on the next connection.
 //!
+//! **Sleep** (`sleep`): while a build connection is open, the Mac is kept from idle
+//! sleep; **clock** (`clock`): the guest's clock is set from the host's at every boot
+//! and after every wake of the Mac. Both go through a `PowerManager`
+//! (`crate::power`), IOKit on macOS.
+//!
+//! **Idle time counts only while the Mac is awake.** The idle deadline is an
+//! `Instant`, and Rust's `Instant` (like Tokio's timers, built on it) stands still
+//! while macOS sleeps: the standard library reads `CLOCK_UPTIME_RAW` on Darwin. That is the choice, not an accident: a
+//! VM idle for 2 h 59 min when the lid closes powers off a minute after the lid
+//! opens again, not at once — so a build started right after a wake (Nix retrying
+//! one that sleep interrupted) finds the VM still up — and a sleeping Mac has no use
+//! for the memory it would get back. Wall-clock time would also jump with every
+//! change of the host's clock.
+//!
 //! The supervisor speaks its own types ([`Snapshot`], [`BootTiming`], [`StopOutcome`],
 //! [`SupervisorError`]); the control layer translates them to the wire format.
 
 mod boot;
+mod clock;
 mod guest;
 mod idle;
 mod session;
+mod sleep;
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::backend::{Backend, BootId, StopCall};
 use crate::nested::GuestReport;
 use crate::plan::BootPlan;
+use crate::power::PowerManager;
 
+pub use clock::{ClockSync, SyncReason};
 pub use guest::GuestFacts;
+pub use sleep::HeldAssertion;
 
 /// A graceful poweroff never waits longer than this, whatever it is given (a huge
 /// `stopTimeout` must not hang a shutdown): then the VM is forced off.
@@ -87,6 +106,12 @@ pub struct SupervisorOptions {
     /// How long the backend's `start` and `force_stop` may take before they are
     /// reported as failed ([`DEFAULT_BACKEND_TIMEOUT`]).
     pub backend_timeout: Duration,
+    /// Keep the host from idle sleep while a session is open (`preventSleep`).
+    pub prevent_sleep: bool,
+    /// The host's power management: the assertion, and wake-ups.
+    pub power: Arc<dyn PowerManager>,
+    /// The guest port whose clock setter takes the host's time.
+    pub clock_port: u32,
 }
 
 /// A boot plan and the warnings found while making it (e.g. "the client key was
@@ -175,6 +200,22 @@ pub struct Snapshot {
     pub notices: Vec<Notice>,
     /// What the guest of the current (or last) boot said about `/dev/kvm`.
     pub guest: Option<GuestFacts>,
+    pub sleep: SleepSnapshot,
+    /// The last time the guest's clock was set (or failed to be).
+    pub clock: Option<ClockSync>,
+    /// When the host last woke from sleep, as far as this supervisor heard.
+    pub host_woke: Option<SystemTime>,
+}
+
+/// The power assertion as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SleepSnapshot {
+    /// `preventSleep`.
+    pub enabled: bool,
+    pub held: Option<HeldAssertion>,
+    pub last_error: Option<String>,
+    /// Why the host's wake-ups are not heard, if they are not.
+    pub wake_error: Option<String>,
 }
 
 /// How a stop ended.
@@ -254,6 +295,8 @@ struct Life {
     last_error: Option<String>,
     notices: VecDeque<(Instant, String)>,
     guest: Option<GuestFacts>,
+    clock: Option<ClockSync>,
+    host_woke: Option<SystemTime>,
 }
 
 impl Life {
@@ -299,12 +342,24 @@ struct Inner {
     /// before a connection, resetting): two writers of the same key file at once
     /// would trip over each other's temporary files.
     state_files: tokio::sync::Mutex<()>,
+    /// The power assertion; see `sleep`.
+    sleep: Mutex<sleep::SleepGuard>,
+    /// Boots that became ready, for the clock task.
+    clock_boots: mpsc::UnboundedSender<BootId>,
+    /// Why wake-ups are not heard, if they are not.
+    wake_error: Option<String>,
 }
 
 impl Inner {
     fn life(&self) -> MutexGuard<'_, Life> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.life
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn sleep_guard(&self) -> MutexGuard<'_, sleep::SleepGuard> {
+        self.sleep
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -350,14 +405,27 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Must be called inside a Tokio runtime: it starts the supervisor's one idle
-    /// timer, which ends when the last clone is dropped.
+    /// Must be called inside a Tokio runtime: it starts the supervisor's tasks (the
+    /// idle timer, the sleep assertion's bookkeeping, the clock syncs), which end
+    /// when the last clone is dropped.
     pub fn new(
         backend: Arc<dyn Backend>,
         keeper: Box<dyn StateKeeper>,
         options: SupervisorOptions,
     ) -> Supervisor {
         let (changed, _) = watch::channel(0);
+        let (clock_boots, boots) = mpsc::unbounded_channel();
+        let (power_events, power) = mpsc::unbounded_channel();
+        let wake_error = match options.power.watch(power_events) {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::info!(
+                    "the host's wake-ups are not heard ({e}); the guest's clock is set at boot only"
+                );
+                Some(e.to_string())
+            }
+        };
+        let sleep = sleep::SleepGuard::new(options.power.clone(), options.prevent_sleep);
         let inner = Arc::new(Inner {
             backend,
             keeper,
@@ -374,12 +442,22 @@ impl Supervisor {
                 last_error: None,
                 notices: VecDeque::new(),
                 guest: None,
+                clock: None,
+                host_woke: None,
             }),
             changed,
             lifecycle: tokio::sync::Mutex::new(()),
             state_files: tokio::sync::Mutex::new(()),
+            sleep: Mutex::new(sleep),
+            clock_boots,
+            wake_error,
         });
         tokio::spawn(idle::run(Arc::downgrade(&inner), inner.changed.subscribe()));
+        tokio::spawn(sleep::run(
+            Arc::downgrade(&inner),
+            inner.changed.subscribe(),
+        ));
+        tokio::spawn(clock::run(Arc::downgrade(&inner), boots, power));
         Supervisor { inner }
     }
 
@@ -392,6 +470,15 @@ impl Supervisor {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let sleep = {
+            let guard = self.inner.sleep_guard();
+            SleepSnapshot {
+                enabled: guard.enabled(),
+                held: guard.held().cloned(),
+                last_error: guard.last_error().map(str::to_string),
+                wake_error: self.inner.wake_error.clone(),
+            }
+        };
         let life = self.inner.life();
         let now = Instant::now();
         Snapshot {
@@ -415,7 +502,16 @@ impl Supervisor {
                 })
                 .collect(),
             guest: life.guest.clone(),
+            sleep,
+            clock: life.clock.clone(),
+            host_woke: life.host_woke,
         }
+    }
+
+    /// Lets the host sleep again for good, whatever is still open: the supervisor
+    /// is shutting down.
+    pub fn release_sleep_assertion(&self) {
+        self.inner.sleep_guard().close();
     }
 
     /// Boots the VM unless it runs, and waits until the guest's sshd answers.

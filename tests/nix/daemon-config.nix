@@ -54,6 +54,9 @@ in
     }
   );
 
+  # Builds may let the Mac sleep.
+  no-prevent-sleep = dvnLib.daemonConfig (defaults // { preventSleep = false; });
+
   # Every optional setting at null: the daemon gets no key and applies its default.
   minimal = dvnLib.daemonConfig {
     inherit guest;
@@ -68,5 +71,6 @@ in
     logLevel = null;
     group = null;
     nestedVirtualization = null;
+    preventSleep = null;
   };
 }

@@ -21,6 +21,7 @@ use darwin_vz_nix::config::{Config, ConfigLayer, Origin, Source};
 use darwin_vz_nix::daemon::{self, DaemonOptions};
 use darwin_vz_nix::host::HostInfo;
 use darwin_vz_nix::plan::BootPlan;
+use darwin_vz_nix::power::{PowerError, PowerEvent, PowerManager};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// Guest port whose "service" echoes bytes back (for throughput measurements).
@@ -52,6 +53,9 @@ pub struct FakeVmBehaviour {
     pub start_hangs: bool,
     /// `force_stop` of the current VM never finishes.
     pub force_stop_hangs: bool,
+    /// What the guest's clock setter (vsock port 1025) answers; `None`: nothing
+    /// listens there, as in a guest without one.
+    pub clock_reply: Option<String>,
 }
 
 impl Default for FakeVmBehaviour {
@@ -66,6 +70,7 @@ impl Default for FakeVmBehaviour {
             guest_kvm: Some(false),
             start_hangs: false,
             force_stop_hangs: false,
+            clock_reply: Some("OK +0.000000000\n".into()),
         }
     }
 }
@@ -130,6 +135,8 @@ pub struct FakeVm {
     guest_ends: Arc<Mutex<GuestEnds>>,
     state_dir: PathBuf,
     sshd_log: PathBuf,
+    /// Every line the guest's clock setter received, in order.
+    clock_requests: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeVm {
@@ -140,7 +147,13 @@ impl FakeVm {
             guest_ends: Arc::new(Mutex::new(GuestEnds::default())),
             state_dir: state_dir.to_path_buf(),
             sshd_log: state_dir.join("logs/fake-sshd.log"),
+            clock_requests: Arc::new(Mutex::new(Vec::new())),
         })
+    }
+
+    /// The lines the guest's clock setter (port 1025) received so far.
+    pub fn clock_requests(&self) -> Vec<String> {
+        self.clock_requests.lock().unwrap().clone()
     }
 
     pub fn boots(&self) -> u32 {
@@ -286,6 +299,39 @@ impl FakeVm {
 }
 
 impl FakeVm {
+    /// The guest's clock setter: reads one line (at most 64 bytes, within 5 s),
+    /// records it, answers as told, and closes.
+    fn spawn_clock(&self, reply: String) -> Result<GuestStream, BackendError> {
+        let port = darwin_vz_nix::contract::CLOCK_VSOCK_PORT;
+        let (ours, theirs) = UnixStream::pair().map_err(|e| connect_error(port, e))?;
+        let key = self.remember_end(GuestEnd::Socket(
+            theirs.try_clone().map_err(|e| connect_error(port, e))?,
+        ));
+        let ends = self.guest_ends.clone();
+        let requests = self.clock_requests.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut stream = theirs;
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while line.len() < 64 && !line.ends_with(b"\n") {
+                match stream.read(&mut byte) {
+                    Ok(1) => line.push(byte[0]),
+                    _ => break,
+                }
+            }
+            requests
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&line).into_owned());
+            let _ = stream.write_all(reply.as_bytes());
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            ends.lock().unwrap().ends.retain(|(k, _)| *k != key);
+        });
+        Ok(GuestStream::new(ours.into(), None))
+    }
+
     fn spawn_relayed_echo(&self) -> Result<GuestStream, BackendError> {
         let (ours, relay_in) =
             UnixStream::pair().map_err(|e| connect_error(ECHO_RELAYED_PORT, e))?;
@@ -447,6 +493,13 @@ impl Backend for FakeVm {
             }
             match port {
                 22 => self.spawn_sshd(),
+                darwin_vz_nix::contract::CLOCK_VSOCK_PORT => match behaviour.clock_reply {
+                    Some(reply) => self.spawn_clock(reply),
+                    None => Err(BackendError::Connect {
+                        port,
+                        reason: "Connection reset by peer".into(),
+                    }),
+                },
                 ECHO_PORT => self.spawn_echo(port),
                 ECHO_RELAYED_PORT => self.spawn_relayed_echo(),
                 _ => Err(BackendError::Connect {
@@ -455,6 +508,74 @@ impl Backend for FakeVm {
                 }),
             }
         })
+    }
+}
+
+/// A call the supervisor made to the host's power management.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PowerCall {
+    Hold(String),
+    Release,
+}
+
+#[derive(Default)]
+struct FakePowerState {
+    held: Option<String>,
+    calls: Vec<PowerCall>,
+    events: Option<UnboundedSender<PowerEvent>>,
+}
+
+/// The host's power management, played by the test: it records every call and
+/// sends the power events the test asks for.
+#[derive(Default)]
+pub struct FakePower {
+    state: Mutex<FakePowerState>,
+}
+
+impl FakePower {
+    /// The assertion held now, by name.
+    pub fn held(&self) -> Option<String> {
+        self.state.lock().unwrap().held.clone()
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<PowerCall> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// The host wakes from sleep.
+    pub fn wake(&self) {
+        let state = self.state.lock().unwrap();
+        let events = state
+            .events
+            .as_ref()
+            .expect("the supervisor watches power events");
+        events.send(PowerEvent::Woke).unwrap();
+    }
+}
+
+impl PowerManager for FakePower {
+    fn name(&self) -> &'static str {
+        "fake (tests)"
+    }
+
+    fn hold(&self, reason: &str) -> Result<(), PowerError> {
+        let mut state = self.state.lock().unwrap();
+        state.calls.push(PowerCall::Hold(reason.to_string()));
+        state.held = Some(reason.to_string());
+        Ok(())
+    }
+
+    fn release(&self) -> Result<(), PowerError> {
+        let mut state = self.state.lock().unwrap();
+        state.calls.push(PowerCall::Release);
+        state.held = None;
+        Ok(())
+    }
+
+    fn watch(&self, events: UnboundedSender<PowerEvent>) -> Result<(), PowerError> {
+        self.state.lock().unwrap().events = Some(events);
+        Ok(())
     }
 }
 
@@ -521,6 +642,7 @@ impl Fixture {
             socket_check: Duration::from_secs(2),
             guest_report_wait: Duration::from_secs(10),
             backend_timeout: Duration::from_secs(20),
+            power: Arc::new(FakePower::default()),
         }
     }
 
@@ -552,6 +674,8 @@ pub fn current_user() -> String {
 /// The real supervisor with a fake VM, served from a thread of this process.
 pub struct Harness {
     pub vm: Arc<FakeVm>,
+    /// The host's power management the supervisor was given.
+    pub power: Arc<FakePower>,
     /// The supervisor's runtime, e.g. to count its live tasks.
     pub runtime: tokio::runtime::Handle,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -578,15 +702,17 @@ impl Harness {
     }
 
     /// Like `start_with`, on a host described by `host` (e.g. a Mac that has nested
-    /// virtualization).
+    /// virtualization). `options.power` is replaced by the harness's fake.
     pub fn start_on(
         fixture: &Fixture,
         config: Config,
         behaviour: FakeVmBehaviour,
-        options: DaemonOptions,
+        mut options: DaemonOptions,
         host: HostInfo,
     ) -> Harness {
         prepare_sshd_privsep_dir();
+        let power = Arc::new(FakePower::default());
+        options.power = power.clone();
         let vm = FakeVm::new(&fixture.state_dir, behaviour);
         let prepared = daemon::prepare(&config).expect("prepare the state directory");
         let backend: Arc<dyn Backend> = vm.clone();
@@ -604,6 +730,7 @@ impl Harness {
         });
         let harness = Harness {
             vm,
+            power,
             runtime: handle_rx.recv().unwrap(),
             thread: Some(thread),
             state_dir: fixture.state_dir.clone(),
@@ -615,8 +742,14 @@ impl Harness {
     }
 }
 
-impl Drop for Harness {
-    fn drop(&mut self) {
+impl Harness {
+    /// Ends the supervisor (`stop --daemon`, forced) and waits until its thread has
+    /// returned from `daemon::serve`.
+    pub fn shut_down(&mut self) {
+        self.stop_supervisor();
+    }
+
+    fn stop_supervisor(&mut self) {
         use darwin_vz_nix::control::protocol::Request;
         if let Ok(mut client) = darwin_vz_nix::control::ControlClient::connect(&self.state_dir) {
             let _ = client.call(
@@ -632,6 +765,12 @@ impl Drop for Harness {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop_supervisor();
     }
 }
 
