@@ -305,8 +305,9 @@ fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
 
 fn describe_boot(boot: &BootTiming) -> String {
     format!(
-        "ready in {:.1} s (VM started after {:.2} s, guest sshd answered {:.2} s later)",
+        "ready in {:.1} s (plan built after {:.2} s, VM started after {:.2} s, guest sshd answered {:.2} s later)",
         boot.ready_secs,
+        boot.planned_secs,
         boot.vm_started_secs,
         boot.ready_secs - boot.vm_started_secs
     )
