@@ -796,8 +796,14 @@ fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
         (true, false) => state.console_log(),
         (true, true) => state.previous_console_log(),
     };
-    match crate::files::open_state_file(&path) {
-        Ok(file) => print!("{}", tail(file, args.lines)),
+    // Following goes on from where the tail ended, not from the file's size a
+    // moment later: a line appended in between would be shown by neither.
+    let mut offset = match crate::files::open_state_file(&path) {
+        Ok(file) => {
+            let (text, end) = tail_and_end(file, args.lines);
+            print!("{text}");
+            end
+        }
         Err(e) if e.is_not_found() => {
             return Err(CliError::Failure(format!(
                 "{} does not exist yet (nothing has run)",
@@ -805,12 +811,11 @@ fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
             )));
         }
         Err(e) => return Err(CliError::Failure(e.to_string())),
-    }
+    };
     if !args.follow {
         return Ok(0);
     }
     let size = |path: &Path| std::fs::symlink_metadata(path).map_or(0, |m| m.len());
-    let mut offset = size(&path);
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let len = size(&path);
@@ -833,18 +838,25 @@ fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
 }
 
 /// The last `lines` lines of a file (reads at most its last 1 MiB).
-fn tail(mut file: std::fs::File, lines: usize) -> String {
+fn tail(file: std::fs::File, lines: usize) -> String {
+    tail_and_end(file, lines).0
+}
+
+/// `tail`, and the offset up to which the file was read.
+fn tail_and_end(mut file: std::fs::File, lines: usize) -> (String, u64) {
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(1 << 20)));
+    let start = len.saturating_sub(1 << 20);
+    let _ = file.seek(SeekFrom::Start(start));
     let mut bytes = Vec::new();
-    let _ = file.take(1 << 20).read_to_end(&mut bytes);
+    let _ = file.take(len.saturating_sub(start)).read_to_end(&mut bytes);
+    let end = start.saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
     let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     let mut out = all[all.len().saturating_sub(lines)..].join("\n");
     if !out.is_empty() {
         out.push('\n');
     }
-    out
+    (out, end)
 }
 
 /// The last lines of the daemon's log, for an error message (empty when unreadable).
