@@ -470,7 +470,11 @@ fn a_state_dir_too_long_for_a_socket_is_refused() {
 #[test]
 fn start_and_daemon_say_where_vms_can_run_and_lose_nothing() {
     if darwin_vz_nix::vm_backend_available() {
-        return; // On a Mac, start really boots; see tests/macos.rs.
+        skipped(
+            "start_and_daemon_say_where_vms_can_run_and_lose_nothing",
+            "on a Mac, start really boots (tests/macos.rs)",
+        );
+        return;
     }
     let fixture = Fixture::new();
     let out = run(

@@ -131,7 +131,11 @@ fn rosetta_precedence_is_file_then_environment_then_flag() {
         }
         rosetta_param(&json(&run(&args, &vars)))
     };
-    assert_eq!(plan(&["--config", &off], None), "0", "the file over the default");
+    assert_eq!(
+        plan(&["--config", &off], None),
+        "0",
+        "the file over the default"
+    );
     assert_eq!(
         plan(&["--config", &off], Some("yes")),
         "1",
@@ -202,7 +206,10 @@ fn other_settings_follow_the_same_precedence() {
     );
     assert!(params(&from_env).contains(&"from-env".to_string()));
     assert!(!params(&from_env).contains(&"from-file".to_string()));
-    assert_eq!(from_env["kernel"], other_guest.join("kernel").to_str().unwrap());
+    assert_eq!(
+        from_env["kernel"],
+        other_guest.join("kernel").to_str().unwrap()
+    );
 
     let from_flags = plan(
         &[
@@ -268,7 +275,10 @@ fn the_default_state_dir_follows_xdg_state_home_or_falls_back_to_local_state() {
         assert_eq!(state_dir(None), expected.display().to_string());
         return;
     }
-    let fallback = home.join(".local/state/darwin-vz-nix").display().to_string();
+    let fallback = home
+        .join(".local/state/darwin-vz-nix")
+        .display()
+        .to_string();
     assert_eq!(state_dir(None), fallback, "XDG_STATE_HOME unset");
     assert_eq!(
         state_dir(Some(xdg.to_str().unwrap())),
@@ -376,7 +386,13 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, u32, i64, i64)> {
                 pending.push(entry.unwrap().path());
             }
         }
-        entries.push((path, meta.len(), meta.mode(), meta.mtime(), meta.mtime_nsec()));
+        entries.push((
+            path,
+            meta.len(),
+            meta.mode(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        ));
     }
     entries.sort();
     entries

@@ -164,7 +164,10 @@ fn a_real_ssh_session_through_the_copying_proxy_carries_data_both_ways_byte_for_
     let nothing = exchange(&mut upload, data.clone(), 0, SESSION_LIMIT);
     assert!(nothing.is_empty());
     assert!(wait_within(&mut upload, SESSION_LIMIT).success());
-    assert!(std::fs::read(&file).unwrap() == data, "the upload arrived changed");
+    assert!(
+        std::fs::read(&file).unwrap() == data,
+        "the upload arrived changed"
+    );
 
     let mut download = ssh_through_the_copying_proxy(&fixture, &block, &[&download_command])
         .stdin(Stdio::piped())

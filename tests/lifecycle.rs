@@ -92,7 +92,11 @@ fn start_no_wait_returns_while_the_vm_boots_and_json_says_which_state() {
     assert_eq!(stdout(&out), "already running\n");
     let out = fixture.cli(&["start", "--no-wait", "--json"]);
     assert_eq!(json(&out), serde_json::json!({ "state": "running" }));
-    assert_eq!(harness.vm.boots(), 1, "the second --no-wait joined the boot");
+    assert_eq!(
+        harness.vm.boots(),
+        1,
+        "the second --no-wait joined the boot"
+    );
 }
 
 #[test]
@@ -110,7 +114,10 @@ fn start_and_status_report_when_the_plan_was_built_and_json_carries_the_timing()
         boot["vmStartedSecs"].as_f64().unwrap(),
         boot["readySecs"].as_f64().unwrap(),
     );
-    assert!(0.0 < planned && planned <= started && started <= ready, "{boot}");
+    assert!(
+        0.0 < planned && planned <= started && started <= ready,
+        "{boot}"
+    );
 
     let out = fixture.cli(&["start", "--json"]);
     let again = json(&out);
@@ -253,9 +260,8 @@ fn the_idle_timeout_is_in_minutes_and_status_counts_it_down() {
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
 
     // Running with no session: the clock runs, from 2 minutes down.
-    let remaining = |fixture: &Fixture| {
-        json(&fixture.cli(&["status", "--json"]))["idleRemainingSecs"].as_f64()
-    };
+    let remaining =
+        |fixture: &Fixture| json(&fixture.cli(&["status", "--json"]))["idleRemainingSecs"].as_f64();
     let left = remaining(&fixture).expect("the idle clock runs");
     assert!((100.0..=120.0).contains(&left), "{left} s left");
     let text = stdout(&fixture.cli(&["status"]));
@@ -284,7 +290,10 @@ fn the_idle_timeout_is_in_minutes_and_status_counts_it_down() {
         remaining(&fixture).is_some()
     });
     let left = remaining(&fixture).unwrap();
-    assert!((110.0..=120.0).contains(&left), "{left} s left after restart");
+    assert!(
+        (110.0..=120.0).contains(&left),
+        "{left} s left after restart"
+    );
     assert_eq!(status(&fixture).state, VmState::Running);
 }
 
@@ -388,7 +397,10 @@ fn bench_prints_min_median_max_over_the_runs_asked_for() {
     );
     for (line, label) in lines[1..].iter().zip(["VM started", "guest sshd ready"]) {
         assert!(line.starts_with(label), "{text}");
-        assert!(line.contains(" min ") && line.contains("  median "), "{line}");
+        assert!(
+            line.contains(" min ") && line.contains("  median "),
+            "{line}"
+        );
         assert!(line.ends_with("  (3 runs)"), "{line}");
     }
     assert_eq!(lines.len(), 3, "{text}");

@@ -49,7 +49,9 @@ fn ssh_runs_a_command_with_strict_host_key_checking() {
     assert!(stdout(&out).is_empty(), "the command did not run");
     let err = stderr(&out);
     assert!(
-        err.contains("No ED25519 host key is known for darwin-vz-nix and you have requested strict checking."),
+        err.contains(
+            "No ED25519 host key is known for darwin-vz-nix and you have requested strict checking."
+        ),
         "{err}"
     );
     assert!(err.contains("Host key verification failed."), "{err}");

@@ -180,7 +180,10 @@ fn rotate_keys_replaces_both_keys_and_the_pin_and_keeps_disk_and_mac() {
         .filter(|l| !l.trim_start().starts_with("IdentityFile "))
         .map(|l| format!("{l}\n"))
         .collect();
-    assert_eq!(without_identity.lines().count() + 1, generated.lines().count());
+    assert_eq!(
+        without_identity.lines().count() + 1,
+        generated.lines().count()
+    );
     std::fs::write(&block, without_identity).unwrap();
     let out = Command::new("ssh")
         .arg("-F")
@@ -236,7 +239,11 @@ fn logs_show_the_last_n_lines_of_the_log_or_either_console() {
         stdout(&out)
     };
     assert_eq!(logs_of(&["-n", "3"]), expected_tail("daemon", 118, 120));
-    assert_eq!(logs_of(&[]), expected_tail("daemon", 71, 120), "50 by default");
+    assert_eq!(
+        logs_of(&[]),
+        expected_tail("daemon", 71, 120),
+        "50 by default"
+    );
     assert_eq!(logs_of(&["-n", "0"]), "");
     assert_eq!(logs_of(&["-n", "500"]), expected_tail("daemon", 1, 120));
     assert_eq!(
@@ -330,8 +337,16 @@ fn control_group_opens_the_socket_and_state_directory_to_that_group_only() {
         (0o660, gid),
         "the socket: owner and {group}, read-write"
     );
-    assert_eq!(mode_and_group(state.clone()), (0o750, gid), "{group} may enter");
-    assert_eq!(mode_and_group(state.join("logs")), (0o750, gid), "and read logs");
+    assert_eq!(
+        mode_and_group(state.clone()),
+        (0o750, gid),
+        "{group} may enter"
+    );
+    assert_eq!(
+        mode_and_group(state.join("logs")),
+        (0o750, gid),
+        "and read logs"
+    );
     assert_eq!(
         mode_and_group(state.join("keys")).0,
         0o700,
