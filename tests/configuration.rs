@@ -458,3 +458,28 @@ fn a_dry_run_on_an_existing_state_dir_changes_nothing_in_it() {
     assert_eq!(network["mac"], "02:11:22:33:44:55");
     assert_eq!(snapshot(&fixture.state_dir), before);
 }
+
+#[test]
+fn relative_paths_in_the_config_file_are_relative_to_the_file() {
+    let fixture = Fixture::new();
+    // The file sits next to the guest and names it relatively; the command runs
+    // from `/`, so a path taken relative to the working directory would miss it.
+    let config = write_config(
+        &fixture,
+        "config.json",
+        serde_json::json!({ "guest": "guest", "stateDir": "state", "cores": 1, "memory": 1024 }),
+    );
+    let out = bare(&["start", "--dry-run", "--json", "--config", &config], &[])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let plan = json(&out);
+    assert_eq!(
+        plan["kernel"],
+        fixture.guest_dir.join("kernel").to_str().unwrap()
+    );
+    assert_eq!(
+        plan["devices"][0]["path"],
+        fixture.dir.path().join("state/disk.img").to_str().unwrap()
+    );
+}

@@ -248,6 +248,11 @@ fn the_idle_timeout_is_in_minutes_and_status_counts_it_down() {
     let mut options = DaemonOptions::from_config(&config);
     assert_eq!(options.idle_timeout, Some(Duration::from_secs(120)));
     assert_eq!(options.stop_timeout, Duration::from_secs(7));
+    assert_eq!(
+        options.boot_timeout,
+        Duration::from_secs(120),
+        "the README's boot deadline"
+    );
     let never = fixture.config(ConfigLayer {
         idle_timeout: Some(0),
         ..Default::default()
@@ -442,4 +447,62 @@ fn ssh_l_logs_in_as_the_user_given() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Inodes of the sockets `pid` holds open.
+#[cfg(target_os = "linux")]
+fn socket_inodes(pid: u32) -> std::collections::BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?.to_string();
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Inodes of every TCP, UDP and raw IP socket in this network namespace.
+#[cfg(target_os = "linux")]
+fn ip_socket_inodes() -> std::collections::BTreeSet<u64> {
+    ["tcp", "tcp6", "udp", "udp6", "raw", "raw6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/self/net/{table}")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| line.split_whitespace().nth(9)?.parse().ok())
+                .collect::<Vec<u64>>()
+        })
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn neither_the_supervisor_nor_the_proxy_opens_a_tcp_or_udp_socket() {
+    let fixture = Fixture::new();
+    // The supervisor runs in this test process; the proxy in its own.
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    let mut proxy = spawn_proxy(&fixture);
+    assert!(first_line(&mut proxy).starts_with("SSH-2.0-"));
+    assert_eq!(status(&fixture).connections, 1);
+
+    let ours = socket_inodes(std::process::id());
+    let the_proxys = socket_inodes(proxy.id());
+    assert!(
+        !ours.is_empty() && !the_proxys.is_empty(),
+        "both hold sockets (the control socket, the guest stream)"
+    );
+    let ip = ip_socket_inodes();
+    assert!(
+        ours.is_disjoint(&ip),
+        "the supervisor's process holds an IP socket"
+    );
+    assert!(the_proxys.is_disjoint(&ip), "the proxy holds an IP socket");
+    drop(proxy.stdin.take());
+    assert!(proxy.wait().unwrap().success());
 }
