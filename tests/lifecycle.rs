@@ -506,3 +506,20 @@ fn neither_the_supervisor_nor_the_proxy_opens_a_tcp_or_udp_socket() {
     drop(proxy.stdin.take());
     assert!(proxy.wait().unwrap().success());
 }
+
+#[test]
+fn control_clients_served_at_once_are_a_quarter_of_the_descriptor_limit_from_16_to_1024() {
+    use darwin_vz_nix::control::server::ServerOptions;
+    use darwin_vz_nix::state::Access;
+    let served = |open_files: u64| ServerOptions::for_limit(Access::OwnerOnly, open_files);
+    assert_eq!(served(256).max_clients, 64, "a macOS shell's 256");
+    assert_eq!(served(10_240).max_clients, 1024, "at most 1024");
+    assert_eq!(served(4_000).max_clients, 1000);
+    assert_eq!(served(40).max_clients, 16, "at least 16");
+    assert_eq!(served(u64::MAX).max_clients, 1024);
+    assert_eq!(
+        served(256).request_timeout,
+        Duration::from_secs(5),
+        "the README's 5 s for a request line"
+    );
+}
