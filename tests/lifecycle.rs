@@ -68,9 +68,9 @@ fn spawn_proxy(fixture: &Fixture) -> Child {
 #[test]
 fn start_no_wait_returns_while_the_vm_boots_and_json_says_which_state() {
     let fixture = Fixture::new();
-    // The guest's sshd answers 3 s after its VM starts: `--no-wait` must not wait.
+    // The guest's sshd answers 5 s after its VM starts: `--no-wait` must not wait.
     let behaviour = FakeVmBehaviour {
-        listen_delay: Duration::from_secs(3),
+        listen_delay: Duration::from_secs(5),
         ..Default::default()
     };
     let harness = Harness::start(&fixture, behaviour, None);
@@ -316,9 +316,10 @@ fn an_idle_poweroff_is_forced_after_the_stop_timeout_when_the_guest_ignores_it()
 
     let mut proxy = spawn_proxy(&fixture);
     assert!(first_line(&mut proxy).starts_with("SSH-2.0-"));
+    // The session ends after this instant, so the idle clock starts after it too.
+    let closed = Instant::now();
     drop(proxy.stdin.take());
     assert!(proxy.wait().unwrap().success());
-    let closed = Instant::now();
     wait_for(Duration::from_secs(15), "the idle poweroff", || {
         status(&fixture).state == VmState::Stopped
     });
