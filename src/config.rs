@@ -600,6 +600,20 @@ const TEST_SUITE_VARS: [&str; 2] = ["DARWIN_VZ_NIX_TEST_GUEST", "DARWIN_VZ_NIX_T
 pub fn read_env(
     vars: impl IntoIterator<Item = (OsString, OsString)>,
 ) -> Result<EnvSettings, ConfigErrors> {
+    let (settings, problems) = read_env_all(vars);
+    if problems.is_empty() {
+        Ok(settings)
+    } else {
+        Err(ConfigErrors(problems))
+    }
+}
+
+/// `read_env` that goes on past problems: the settings of every usable variable,
+/// and a problem for each other one, so that a caller can report them together
+/// with the problems of the other layers.
+pub fn read_env_all(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> (EnvSettings, Vec<Problem>) {
     use std::os::unix::ffi::OsStrExt;
 
     let mut settings = EnvSettings::default();
@@ -651,11 +665,7 @@ pub fn read_env(
             problems.push(problem(message));
         }
     }
-    if problems.is_empty() {
-        Ok(settings)
-    } else {
-        Err(ConfigErrors(problems))
-    }
+    (settings, problems)
 }
 
 /// `, did you mean X?` for a misspelt variable name (same letters but the

@@ -104,16 +104,47 @@ fn help_teaches_and_every_subcommand_has_help() {
 }
 
 #[test]
-fn version_and_completions() {
+fn version_is_one_line_and_completions_offer_every_subcommand() {
     let fixture = Fixture::new();
     let out = run(&fixture, &["--version"], &[]);
-    assert_eq!(
-        stdout(&out),
-        format!("darwin-vz-nix {}\n", env!("CARGO_PKG_VERSION"))
-    );
-    let out = run(&fixture, &["completions", "zsh"], &[]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(stdout(&out).contains("#compdef darwin-vz-nix"));
+    let version = stdout(&out);
+    let number = version
+        .strip_prefix("darwin-vz-nix ")
+        .and_then(|v| v.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("{version:?}"));
+    let parts: Vec<&str> = number.split('.').collect();
+    assert!(
+        parts.len() == 3 && parts.iter().all(|p| p.parse::<u32>().is_ok()),
+        "a semantic version: {version:?}"
+    );
+    for (shell, header) in [
+        ("zsh", "#compdef darwin-vz-nix"),
+        ("bash", "complete -F _darwin__vz__nix"),
+        ("fish", "complete -c darwin-vz-nix"),
+    ] {
+        let out = run(&fixture, &["completions", shell], &[]);
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let script = stdout(&out);
+        assert!(script.contains(header), "{shell}: {header}");
+        for sub in [
+            "start",
+            "stop",
+            "status",
+            "ssh-config",
+            "proxy",
+            "machines",
+            "daemon",
+            "doctor",
+            "logs",
+            "bench",
+            "destroy",
+            "rotate-keys",
+        ] {
+            assert!(script.contains(sub), "{shell} completions lack {sub}");
+        }
+    }
+    assert!(!fixture.state_dir.exists(), "neither creates state");
 }
 
 #[test]
@@ -443,7 +474,11 @@ fn a_state_dir_too_long_for_a_socket_is_refused() {
 #[test]
 fn start_and_daemon_say_where_vms_can_run_and_lose_nothing() {
     if darwin_vz_nix::vm_backend_available() {
-        return; // On a Mac, start really boots; see tests/macos.rs.
+        skipped(
+            "start_and_daemon_say_where_vms_can_run_and_lose_nothing",
+            "on a Mac, start really boots (tests/macos.rs)",
+        );
+        return;
     }
     let fixture = Fixture::new();
     let out = run(

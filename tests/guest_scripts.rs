@@ -221,7 +221,13 @@ macro_rules! or_skip {
         match $result {
             Ok(value) => value,
             Err(reason) => {
-                eprintln!("skipped: {reason}");
+                // Straight to stderr: the harness hides a passing test's eprintln!.
+                // Its threads carry the test's name.
+                let test = std::thread::current().name().unwrap_or("?").to_string();
+                let _ = std::io::Write::write_fmt(
+                    &mut std::io::stderr().lock(),
+                    format_args!("skipped: {test}: {reason}\n"),
+                );
                 return;
             }
         }

@@ -97,12 +97,18 @@ fn machines_prints_max_jobs_as_the_cores_fitted_to_this_host_when_none_are_confi
 #[test]
 fn machines_on_a_host_with_one_cpu_prints_max_jobs_1() {
     let Some(cpu) = first_allowed_cpu() else {
-        println!("skipped: needs Linux's /proc/self/status (Cpus_allowed_list) to pin a CPU");
+        skipped(
+            "machines_on_a_host_with_one_cpu_prints_max_jobs_1",
+            "needs Linux's /proc/self/status (Cpus_allowed_list) to pin a CPU",
+        );
         return;
     };
     let mut command = Command::new("taskset");
     if Command::new("taskset").arg("-V").output().is_err() {
-        println!("skipped: needs taskset (util-linux) to run the binary on one CPU");
+        skipped(
+            "machines_on_a_host_with_one_cpu_prints_max_jobs_1",
+            "needs taskset (util-linux) to run the binary on one CPU",
+        );
         return;
     }
     let fixture = fixture_without_spaces();
@@ -321,7 +327,10 @@ fn machines_write_refuses_a_directory_its_group_or_everyone_may_write() {
 #[test]
 fn machines_write_refuses_a_directory_another_user_owns() {
     if !nix::unistd::geteuid().is_root() {
-        println!("skipped: needs root to give a directory to another user");
+        skipped(
+            "machines_write_refuses_a_directory_another_user_owns",
+            "needs root to give a directory to another user",
+        );
         return;
     }
     let fixture = fixture_without_spaces();

@@ -22,7 +22,7 @@ fn running_as_root(test: &str, why: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    println!("skipped {test}: it needs root ({why})");
+    skipped(test, &format!("it needs root ({why})"));
     false
 }
 
@@ -415,9 +415,12 @@ impl TinyFilesystem {
             .output()
             .ok()?;
         if !out.status.success() {
-            println!(
-                "skipped the full-disk part: cannot mount a tmpfs here ({})",
-                stderr(&out).trim()
+            skipped(
+                "a_full_disk_during_key_generation_leaves_no_half_pair",
+                &format!(
+                    "the full-disk part: cannot mount a tmpfs here ({})",
+                    stderr(&out).trim()
+                ),
             );
             return None;
         }

@@ -39,6 +39,27 @@ fn ssh_runs_a_command_with_strict_host_key_checking() {
     // The remote command's exit status comes back.
     let out = fixture.cli(&["ssh", "--", "sh", "-c", "'exit 7'"]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+
+    // Strict: with the pin gone from known_hosts (the file still there, so nothing
+    // restores it), the guest's host key is refused, not learned.
+    let known_hosts = fixture.state_dir.join("keys/known_hosts");
+    std::fs::write(&known_hosts, "").unwrap();
+    let out = fixture.cli(&["ssh", "--", "echo", "ok"]);
+    assert_eq!(out.status.code(), Some(255), "{}", stdout(&out));
+    assert!(stdout(&out).is_empty(), "the command did not run");
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "No ED25519 host key is known for darwin-vz-nix and you have requested strict checking."
+        ),
+        "{err}"
+    );
+    assert!(err.contains("Host key verification failed."), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&known_hosts).unwrap(),
+        "",
+        "nothing was added on first use"
+    );
 }
 
 #[test]

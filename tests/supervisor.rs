@@ -1570,8 +1570,9 @@ fn each_cell_of_the_authorization_table_holds_through_the_real_binary() {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::process::CommandExt;
     if !nix::unistd::getuid().is_root() {
-        eprintln!(
-            "skipped: needs root, to create throwaway accounts (useradd) and run the binary as them"
+        skipped(
+            "each_cell_of_the_authorization_table_holds_through_the_real_binary",
+            "needs root, to create throwaway accounts (useradd) and run the binary as them",
         );
         return;
     }

@@ -83,7 +83,8 @@ pub struct GlobalArgs {
     pub config: Option<PathBuf>,
     /// State directory: disk image, keys, control socket, logs
     /// [default: ~/Library/Application Support/darwin-vz-nix on macOS,
-    /// $XDG_STATE_HOME/darwin-vz-nix elsewhere; env: DARWIN_VZ_NIX_STATE_DIR].
+    /// $XDG_STATE_HOME/darwin-vz-nix elsewhere (~/.local/state/darwin-vz-nix when
+    /// XDG_STATE_HOME is unset or relative); env: DARWIN_VZ_NIX_STATE_DIR].
     #[arg(long, global = true, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 }

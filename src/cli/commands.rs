@@ -12,7 +12,7 @@ use super::args::{
     self, BenchKind, Cli, Command, GlobalArgs, StartArgs, StopArgs, VmArgs, absolute,
 };
 use crate::bench::{self, Stats};
-use crate::config::{self, Config, ConfigLayer, Origin, Source};
+use crate::config::{self, Config, ConfigErrors, ConfigLayer, Origin, Problem, Source};
 use crate::control::protocol::{
     self, BootTiming, ClockSyncReport, Reply, Request, SleepReport, StatusReport, StopOutcome,
     VmState,
@@ -62,22 +62,63 @@ pub fn run(cli: Cli) -> Outcome {
 }
 
 /// Layers defaults, `--config`, the environment and `flags`, then fits unset
-/// defaults to this host (a 4-CPU default on a 2-CPU machine becomes 2).
+/// defaults to this host (a 4-CPU default on a 2-CPU machine becomes 2). Every
+/// problem is reported together: the environment's, the config file's, and those of
+/// the values the layers resolve to — one bad layer does not hide another.
 fn resolve_config(
     global: &GlobalArgs,
     flags: ConfigLayer,
     host: &HostInfo,
 ) -> Result<Config, CliError> {
-    let env = config::read_env(std::env::vars_os())?;
+    let layers = read_layers(global, flags);
+    resolve_layers(&layers, host).map_err(|problems| ConfigErrors(problems).into())
+}
+
+/// `resolve_config` for `start`: when the settings have problems, the guest's
+/// problems (a missing guest directory, a compressed kernel) are reported with them,
+/// so that fixing a flag does not reveal a second round of errors. (With valid
+/// settings, `daemon::check_boot` reports the guest's together with the host's.)
+fn resolve_config_for_boot(
+    global: &GlobalArgs,
+    flags: ConfigLayer,
+    host: &HostInfo,
+) -> Result<Config, CliError> {
+    let layers = read_layers(global, flags);
+    resolve_layers(&layers, host).map_err(|mut problems| {
+        // A layer that could not be read may be the one that names the guest:
+        // judging the guest without it would report one that is not missing.
+        if !problems.iter().any(could_name_the_guest) {
+            for problem in guest_problems(&layers.sources) {
+                if !problems.contains(&problem) {
+                    problems.push(problem);
+                }
+            }
+        }
+        ConfigErrors(problems).into()
+    })
+}
+
+/// Every layer that could be read, and a problem for each input that could not.
+struct Layers {
+    sources: Vec<Source>,
+    problems: Vec<Problem>,
+}
+
+fn read_layers(global: &GlobalArgs, flags: ConfigLayer) -> Layers {
+    let (env, mut problems) = config::read_env_all(std::env::vars_os());
     let mut sources = Vec::new();
     if let Some(path) = global.config.clone().or(env.config_file) {
         let path = absolute(&path);
-        let mut layer = config::load_file(&path)?;
-        anchor_paths(&mut layer, path.parent().unwrap_or(Path::new("/")));
-        sources.push(Source {
-            origin: Origin::File(path),
-            layer,
-        });
+        match config::load_file(&path) {
+            Ok(mut layer) => {
+                anchor_paths(&mut layer, path.parent().unwrap_or(Path::new("/")));
+                sources.push(Source {
+                    origin: Origin::File(path),
+                    layer,
+                });
+            }
+            Err(ConfigErrors(mut more)) => problems.append(&mut more),
+        }
     }
     sources.push(Source {
         origin: Origin::Env,
@@ -89,10 +130,61 @@ fn resolve_config(
         origin: Origin::Flag,
         layer: flags,
     });
+    Layers { sources, problems }
+}
+
+fn resolve_layers(layers: &Layers, host: &HostInfo) -> Result<Config, Vec<Problem>> {
+    let mut problems = layers.problems.clone();
     let lookup = |key: &str| std::env::var(key).ok();
-    let mut config = Config::resolve(&sources, config::default_state_dir(lookup))?;
-    config.fit_defaults_to(host);
-    Ok(config)
+    match Config::resolve(&layers.sources, config::default_state_dir(lookup)) {
+        Ok(mut config) if problems.is_empty() => {
+            config.fit_defaults_to(host);
+            Ok(config)
+        }
+        Ok(_) => Err(problems),
+        Err(ConfigErrors(mut more)) => {
+            problems.append(&mut more);
+            Err(problems)
+        }
+    }
+}
+
+/// The settings that say where the guest is.
+const GUEST_KEYS: [&str; 5] = ["guest", "kernel", "initrd", "system", "registration"];
+
+/// Whether `problem` is about an input that may set the guest: the config file, the
+/// variable naming it, or a guest variable.
+fn could_name_the_guest(problem: &Problem) -> bool {
+    problem.input.starts_with("config file ")
+        || problem.input == config::CONFIG_FILE_VAR
+        || GUEST_KEYS
+            .iter()
+            .any(|key| problem.input == config::env_var(key))
+}
+
+/// What is wrong with the guest the layers name, judged on the guest settings
+/// alone (the others may be what is wrong).
+fn guest_problems(sources: &[Source]) -> Vec<Problem> {
+    let guest_only: Vec<Source> = sources
+        .iter()
+        .map(|source| Source {
+            origin: source.origin.clone(),
+            layer: ConfigLayer {
+                guest: source.layer.guest.clone(),
+                kernel: source.layer.kernel.clone(),
+                initrd: source.layer.initrd.clone(),
+                system: source.layer.system.clone(),
+                registration: source.layer.registration.clone(),
+                ..ConfigLayer::default()
+            },
+        })
+        .collect();
+    // The state directory does not matter to the guest; its own problems (a path
+    // that is not UTF-8) are among those already found.
+    match Config::resolve(&guest_only, Some(PathBuf::from("/"))) {
+        Ok(config) => crate::artifacts::resolve(&config).err().unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Root acts as the owner of the configured state directory from here on (see
@@ -122,7 +214,7 @@ fn anchor_paths(layer: &mut ConfigLayer, base: &Path) {
 
 fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
     let host = HostInfo::detect();
-    let config = resolve_config(global, args.vm.layer(), &host)?;
+    let config = resolve_config_for_boot(global, args.vm.layer(), &host)?;
     // Before anything reads the state, and before a daemon is spawned (it inherits
     // the owner's identity, and so do the files it makes).
     act_as_owner(&config)?;
@@ -214,8 +306,9 @@ fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
 
 fn describe_boot(boot: &BootTiming) -> String {
     format!(
-        "ready in {:.1} s (VM started after {:.2} s, guest sshd answered {:.2} s later)",
+        "ready in {:.1} s (plan built after {:.2} s, VM started after {:.2} s, guest sshd answered {:.2} s later)",
         boot.ready_secs,
+        boot.planned_secs,
         boot.vm_started_secs,
         boot.ready_secs - boot.vm_started_secs
     )
@@ -797,8 +890,14 @@ fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
         (true, false) => state.console_log(),
         (true, true) => state.previous_console_log(),
     };
-    match crate::files::open_state_file(&path) {
-        Ok(file) => print!("{}", tail(file, args.lines)),
+    // Following goes on from where the tail ended, not from the file's size a
+    // moment later: a line appended in between would be shown by neither.
+    let mut offset = match crate::files::open_state_file(&path) {
+        Ok(file) => {
+            let (text, end) = tail_and_end(file, args.lines);
+            print!("{text}");
+            end
+        }
         Err(e) if e.is_not_found() => {
             return Err(CliError::Failure(format!(
                 "{} does not exist yet (nothing has run)",
@@ -806,12 +905,11 @@ fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
             )));
         }
         Err(e) => return Err(CliError::Failure(e.to_string())),
-    }
+    };
     if !args.follow {
         return Ok(0);
     }
     let size = |path: &Path| std::fs::symlink_metadata(path).map_or(0, |m| m.len());
-    let mut offset = size(&path);
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let len = size(&path);
@@ -834,18 +932,25 @@ fn logs(global: &GlobalArgs, args: &args::LogsArgs) -> Outcome {
 }
 
 /// The last `lines` lines of a file (reads at most its last 1 MiB).
-fn tail(mut file: std::fs::File, lines: usize) -> String {
+fn tail(file: std::fs::File, lines: usize) -> String {
+    tail_and_end(file, lines).0
+}
+
+/// `tail`, and the offset up to which the file was read.
+fn tail_and_end(mut file: std::fs::File, lines: usize) -> (String, u64) {
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(1 << 20)));
+    let start = len.saturating_sub(1 << 20);
+    let _ = file.seek(SeekFrom::Start(start));
     let mut bytes = Vec::new();
-    let _ = file.take(1 << 20).read_to_end(&mut bytes);
+    let _ = file.take(len.saturating_sub(start)).read_to_end(&mut bytes);
+    let end = start.saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
     let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     let mut out = all[all.len().saturating_sub(lines)..].join("\n");
     if !out.is_empty() {
         out.push('\n');
     }
-    out
+    (out, end)
 }
 
 /// The last lines of the daemon's log, for an error message (empty when unreadable).

@@ -781,6 +781,14 @@ pub fn prepare_sshd_privsep_dir() {
     }
 }
 
+/// Says that a test skipped (part of) what it checks, and why, where `cargo test`
+/// shows it: the harness captures `print!` and `eprint!` of passing tests and shows
+/// nothing of them, so this writes to the process's stderr itself.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "skipped: {test}: {why}");
+}
+
 /// Polls `condition` until it holds, or panics naming `what`.
 pub fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
