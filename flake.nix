@@ -84,6 +84,11 @@
           generated = {
             plist = config.environment.launchDaemons."${daemon.serviceConfig.Label}.plist".text;
             daemonConfig = (import ./nix/lib.nix).daemonConfig config.services.darwin-vz;
+            # What building the daemon config would build: nothing (the guest is
+            # named by its .drv, realised by the daemon later).
+            configOutputDependencies = (import ./nix/lib.nix).outputDependencies (
+              (import ./nix/lib.nix).daemonConfig config.services.darwin-vz
+            );
             machines = config.environment.etc."nix/machines".text;
             activation = config.system.activationScripts.extraActivation.text;
             etcFiles = builtins.attrNames config.environment.etc;
@@ -130,8 +135,8 @@
           darwin-vz-nix = (pkgsFor hostSystem).callPackage ./nix/package.nix { };
           default = self.packages.${hostSystem}.darwin-vz-nix;
         };
-        # Built (and pushed to the binary cache) by the aarch64-linux CI job, so a
-        # Mac gets its first guest without any Linux builder.
+        # The guest. A Mac gets it without a Linux builder of its own: the daemon
+        # realises it when it starts (README, "Bootstrap").
         ${guestSystem} = {
           guest = mkGuest { };
           default = self.packages.${guestSystem}.guest;
@@ -139,19 +144,26 @@
       };
 
       # `nix run github:…/darwin-vz-nix -- start` boots the default guest with no
-      # flags: the CLI reads its guest directory from DARWIN_VZ_NIX_GUEST, and an
-      # explicit --guest or an already exported variable still wins.
+      # flags. The wrapper names the guest by its derivation and output path (as the
+      # nix-darwin module does), so running it builds nothing for aarch64-linux: the
+      # daemon realises the guest when it starts. A guest directory in
+      # DARWIN_VZ_NIX_GUEST, or --guest, still wins.
       apps.${hostSystem}.default =
         let
+          guestDrv = builtins.unsafeDiscardOutputDependency defaultGuest.drvPath;
+          guestOut = builtins.unsafeDiscardStringContext defaultGuest.outPath;
           wrapper = (pkgsFor hostSystem).writeShellScriptBin "darwin-vz-nix" ''
-            export DARWIN_VZ_NIX_GUEST="''${DARWIN_VZ_NIX_GUEST:-${defaultGuest}}"
+            if [ -z "''${DARWIN_VZ_NIX_GUEST:-}" ]; then
+              export DARWIN_VZ_NIX_GUEST_DRV="''${DARWIN_VZ_NIX_GUEST_DRV:-${guestDrv}}"
+              export DARWIN_VZ_NIX_GUEST_OUT="''${DARWIN_VZ_NIX_GUEST_OUT:-${guestOut}}"
+            fi
             exec ${lib.getExe cli} "$@"
           '';
         in
         {
           type = "app";
           program = lib.getExe wrapper;
-          meta.description = "darwin-vz-nix with the flake's default guest";
+          meta.description = "darwin-vz-nix with the flake's default guest (built on first start)";
         };
 
       darwinModules.default =
@@ -226,6 +238,15 @@
               {
                 what = "the daemon gets rosetta = true";
                 holds = g: g.daemonConfig.rosetta;
+              }
+              {
+                what = "the daemon config names the guest's .drv and output path and needs no output built";
+                holds =
+                  g:
+                  g.daemonConfig ? guestDrv
+                  && g.daemonConfig ? guestOut
+                  && !(g.daemonConfig ? guest)
+                  && g.configOutputDependencies == [ ];
               }
             ];
           };

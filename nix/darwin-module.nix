@@ -16,13 +16,18 @@
 # writes nothing Nix reads: whoever writes a machines line chooses where root's
 # nix-daemon connects, with which key, for which systems.
 #
+# The guest is not built here either: the switch carries only its derivation (.drv)
+# and the output path it builds (nix/lib.nix guestSettings), so it needs no
+# aarch64-linux builder. The daemon realises the derivation through the nix-daemon
+# when it starts, and boots the result (src/guest).
+#
 # The VM is not booted here: the daemon starts idle, boots the guest when the first
 # build connects through `darwin-vz-nix proxy`, and powers it off after
 # idleTimeout minutes without a connection.
 #
 # The flake's darwinModules.default imports this file and sets `package` and
-# `guestNixpkgs` to the flake's own, so the default guest is the one its CI built
-# and cached. Imported on its own, it builds both from the system's nixpkgs.
+# `guestNixpkgs` to the flake's own pinned nixpkgs, whose stock packages are on
+# cache.nixos.org. Imported on its own, it takes both from the system's nixpkgs.
 {
   config,
   options,
@@ -42,9 +47,8 @@ let
 
   configFile = pkgs.writeText "darwin-vz-nix.json" (builtins.toJSON (dvnLib.daemonConfig cfg));
 
-  # The guest is the default one unless extraNixOSConfig was set. With the default
-  # guest, the evaluation is exactly the flake's packages.aarch64-linux.guest, so it
-  # is substituted from the binary cache and no Linux builder is needed yet.
+  # The guest is the default one unless extraNixOSConfig was set: with the default
+  # guest, the evaluation is exactly the flake's packages.aarch64-linux.guest.
   optionDefaultPriority = (lib.mkOptionDefault { }).priority;
   customGuest = options.services.darwin-vz.extraNixOSConfig.highestPrio < optionDefaultPriority;
   guestModules = lib.optional customGuest cfg.extraNixOSConfig;
@@ -174,8 +178,9 @@ in
       '';
       description = ''
         A NixOS module merged into the guest's configuration. Setting it makes the
-        guest a new aarch64-linux build: build it while the default guest is running
-        as the builder (see the README, "Customising the guest").
+        guest a new aarch64-linux build: the switch does not build it; the daemon
+        does, on the guest that runs now, which keeps serving until the new one is
+        ready (see the README, "Customising the guest").
       '';
     };
 
@@ -187,8 +192,10 @@ in
       '';
       example = lib.literalExpression "inputs.nixpkgs";
       description = ''
-        The Nixpkgs source the guest is evaluated from. Keep the flake's own to use
-        the guest its CI caches; another one means building the guest yourself.
+        The Nixpkgs source the guest is evaluated from. The flake's own is a
+        nixpkgs-unstable revision whose stock packages are on cache.nixos.org, so
+        only the guest's own configuration is built; another revision may mean
+        building much more.
       '';
     };
 
@@ -205,8 +212,11 @@ in
         inputs.darwin-vz-nix.lib.mkGuest { modules = [ ./builder.nix ]; }
       '';
       description = ''
-        The guest: a directory with `kernel`, `initrd`, `system` and `registration`,
-        as built by the flake's `lib.mkGuest`.
+        The guest: a derivation building a directory with `kernel`, `initrd`,
+        `system` and `registration`, as the flake's `lib.mkGuest` makes. The switch
+        does not build it: the daemon gets its .drv and output path, builds it when
+        it starts, and boots it once it is ready. A store path (a guest built
+        elsewhere) is booted as it is.
       '';
     };
 

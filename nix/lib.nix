@@ -78,6 +78,26 @@ let
   optionalValue = cfg: name: if cfg ? ${name} then cfg.${name} else null;
   stringOrNull = value: if value == null then null else toString value;
 
+  # The daemon settings for the guest. A derivation (the default guest, or one
+  # made with extraNixOSConfig) is named by its .drv and its output path, so that
+  # the system that carries the config builds nothing for aarch64-linux: the .drv
+  # keeps only the context of the .drv file itself
+  # (unsafeDiscardOutputDependency), which makes the .drv and the .drv files it
+  # refers to part of the closure without building any output, and the output path
+  # keeps no context at all. The daemon realises the derivation when it first needs
+  # the guest (src/guest). A path (a guest built elsewhere) stays `guest`.
+  guestSettings =
+    guest:
+    if guest == null then
+      { }
+    else if builtins.isAttrs guest && guest ? drvPath then
+      {
+        guestDrv = builtins.unsafeDiscardOutputDependency guest.drvPath;
+        guestOut = builtins.unsafeDiscardStringContext guest.outPath;
+      }
+    else
+      { guest = toString guest; };
+
   # "/private/var/lib/./x//" -> "/var/lib/x", lower case. Lexical only (no symlinks
   # are read at evaluation), with macOS's own symlinks /var, /etc and /tmp (to
   # /private/...) folded, and lower case because macOS volumes are case-insensitive
@@ -202,16 +222,14 @@ in
   # settings left at null, so the daemon applies its own default for them.
   daemonConfig =
     cfg:
-    withoutNulls {
+    guestSettings (optionalValue cfg "guest")
+    // withoutNulls {
       cores = optionalValue cfg "cores";
       memory = optionalValue cfg "memory";
       diskSize = optionalValue cfg "diskSize";
       rosetta = optionalValue cfg "rosetta";
       idleTimeout = optionalValue cfg "idleTimeout";
       stopTimeout = optionalValue cfg "stopTimeout";
-      # A derivation becomes its store path here (toString keeps the string
-      # context, so the guest is part of the system closure that refers to it).
-      guest = stringOrNull (optionalValue cfg "guest");
       kernelParams = optionalValue cfg "kernelParams";
       stateDir = stringOrNull (optionalValue cfg "workingDirectory");
       logLevel = optionalValue cfg "logLevel";
@@ -230,6 +248,18 @@ in
         in
         if settings == { } then null else settings;
     };
+
+  # The derivations whose outputs a value's strings need built: what a system that
+  # carries the value (e.g. the daemon config in the launchd plist) would have to
+  # build. For the daemon config it must be empty (tests/nix/lazy-guest.nix).
+  outputDependencies =
+    value:
+    let
+      context = builtins.getContext (builtins.toJSON value);
+    in
+    builtins.filter (path: context.${path} ? outputs || context.${path} ? allOutputs) (
+      builtins.attrNames context
+    );
 
   # The line the module adds to /etc/nix/machines for the machines file at `file`
   # (the module's is machinesFile). Nix reads that file in its place (an `@` entry is

@@ -140,6 +140,12 @@ pub struct ConfigLayer {
     /// How Nix uses the builder: the line `darwin-vz-nix machines` prints for Nix.
     /// Config file only (the nix-darwin module sets it).
     pub builder: Option<crate::machines::BuilderSettings>,
+    /// The guest's derivation (`/nix/store/…-darwin-vz-nix-guest.drv`), which the
+    /// daemon realises when it is first needed (see `guest`). A `guest` directory,
+    /// when set, wins.
+    pub guest_drv: Option<PathBuf>,
+    /// The output path `guestDrv` builds; set together with it.
+    pub guest_out: Option<PathBuf>,
 }
 
 /// Where a setting's value came from.
@@ -185,6 +191,8 @@ const FIELDS: &[FieldNames] = &[
     field("sshUser", "SSH_USER", "--ssh-user"),
     // Config file only: no variable or flag sets it, so these names are never shown.
     field("builder", "BUILDER", "--config"),
+    field("guestDrv", "GUEST_DRV", "--guest-drv"),
+    field("guestOut", "GUEST_OUT", "--guest-out"),
 ];
 
 const fn field(key: &'static str, env: &'static str, flag: &'static str) -> FieldNames {
@@ -274,6 +282,9 @@ pub struct Config {
     pub control_group: Option<String>,
     pub ssh_user: String,
     pub builder: crate::machines::BuilderSettings,
+    /// The guest's derivation and the output it builds (`guestDrv`, `guestOut`).
+    pub guest_drv: Option<PathBuf>,
+    pub guest_out: Option<PathBuf>,
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -328,6 +339,8 @@ impl Config {
         let ssh_user =
             pick!(ssh_user, "sshUser").unwrap_or_else(|| crate::contract::GUEST_USER.to_string());
         let builder = pick!(builder, "builder").unwrap_or_default();
+        let guest_drv = pick!(guest_drv, "guestDrv");
+        let guest_out = pick!(guest_out, "guestOut");
 
         let Some(state_dir) = state_dir else {
             return Err(ConfigErrors(vec![Problem {
@@ -383,6 +396,8 @@ impl Config {
             control_group,
             ssh_user,
             builder,
+            guest_drv,
+            guest_out,
             origins,
         };
         problems.extend(config.check_values());
@@ -474,7 +489,66 @@ impl Config {
         {
             problems.push(self.problem("controlGroup", message));
         }
+        problems.extend(self.check_guest_derivation());
         problems
+    }
+
+    /// `guestDrv` and `guestOut`: absolute UTF-8 paths, a `.drv` and its output,
+    /// always given together.
+    fn check_guest_derivation(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for (key, path) in [("guestDrv", &self.guest_drv), ("guestOut", &self.guest_out)] {
+            let Some(path) = path else { continue };
+            if let Some(message) = path_problem(path) {
+                problems.push(self.problem(key, message));
+            } else if !path.is_absolute() {
+                problems.push(self.problem(
+                    key,
+                    format!(
+                        "{} is relative; give an absolute store path",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(drv) = &self.guest_drv
+            && drv.extension().is_none_or(|ext| ext != "drv")
+        {
+            problems.push(self.problem(
+                "guestDrv",
+                format!(
+                    "{} is not a derivation (no `.drv`); give the guest's derivation, e.g. `nix eval --raw .#packages.aarch64-linux.guest.drvPath`",
+                    drv.display()
+                ),
+            ));
+        }
+        match (&self.guest_drv, &self.guest_out) {
+            (Some(_), None) => problems.push(self.problem(
+                "guestDrv",
+                "is set without guestOut; give both (the nix-darwin module and `nix run` do)",
+            )),
+            (None, Some(_)) => problems.push(self.problem(
+                "guestOut",
+                "is set without guestDrv; give both (the nix-darwin module and `nix run` do)",
+            )),
+            _ => {}
+        }
+        problems
+    }
+
+    /// The guest the daemon realises itself, when no `guest` directory is set: its
+    /// derivation and the output path it builds.
+    pub fn lazy_guest(&self) -> Option<crate::guest::GuestSpec> {
+        if self.guest.dir.is_some() {
+            return None;
+        }
+        match (&self.guest_drv, &self.guest_out) {
+            (Some(drv), Some(out)) => Some(crate::guest::GuestSpec {
+                drv: drv.clone(),
+                out: out.clone(),
+            }),
+            _ => None,
+        }
     }
 
     /// Checks against this host and the filesystem, done before anything boots.
@@ -697,6 +771,8 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
         "logLevel" => layer.log_level = Some(text.parse()?),
         "controlGroup" => layer.control_group = Some(text.into()),
         "sshUser" => layer.ssh_user = Some(text.into()),
+        "guestDrv" => layer.guest_drv = Some(text.into()),
+        "guestOut" => layer.guest_out = Some(text.into()),
         _ => unreachable!("every key in FIELDS is handled: {key}"),
     }
     Ok(())
@@ -1116,6 +1192,79 @@ mod tests {
                 "--ssh-user: \"a\\nProxyCommand x\" is not a user name; use letters, digits, `_`, `-` or `.` (at most 32 characters, not starting with `-`)",
                 "--control-group: \"staff wheel\" is not a group name; use letters, digits, `_`, `-` or `.` (at most 64 characters)",
             ]
+        );
+    }
+
+    #[test]
+    fn a_guest_derivation_comes_with_its_output_and_a_guest_directory_wins() {
+        let lazy = |drv: Option<&str>, out: Option<&str>, dir: Option<&str>| {
+            resolve(vec![Source {
+                origin: Origin::Flag,
+                layer: ConfigLayer {
+                    guest_drv: drv.map(PathBuf::from),
+                    guest_out: out.map(PathBuf::from),
+                    guest: dir.map(PathBuf::from),
+                    ..Default::default()
+                },
+            }])
+        };
+        let config = lazy(
+            Some("/nix/store/a-guest.drv"),
+            Some("/nix/store/b-guest"),
+            None,
+        )
+        .unwrap();
+        let spec = config.lazy_guest().unwrap();
+        assert_eq!(spec.drv, PathBuf::from("/nix/store/a-guest.drv"));
+        assert_eq!(spec.out, PathBuf::from("/nix/store/b-guest"));
+        let dir = lazy(
+            Some("/nix/store/a-guest.drv"),
+            Some("/nix/store/b-guest"),
+            Some("/guest"),
+        )
+        .unwrap();
+        assert_eq!(dir.lazy_guest(), None, "a built guest directory wins");
+
+        let text = |result: Result<Config, ConfigErrors>| -> Vec<String> {
+            result
+                .unwrap_err()
+                .0
+                .iter()
+                .map(|p| p.to_string())
+                .collect()
+        };
+        assert_eq!(
+            text(lazy(Some("/nix/store/a-guest.drv"), None, None)),
+            [
+                "--guest-drv: is set without guestOut; give both (the nix-darwin module and `nix run` do)"
+            ]
+        );
+        assert_eq!(
+            text(lazy(None, Some("/nix/store/b-guest"), None)),
+            [
+                "--guest-out: is set without guestDrv; give both (the nix-darwin module and `nix run` do)"
+            ]
+        );
+        assert_eq!(
+            text(lazy(Some("/nix/store/a-guest"), Some("b-guest"), None)),
+            [
+                "--guest-out: b-guest is relative; give an absolute store path",
+                "--guest-drv: /nix/store/a-guest is not a derivation (no `.drv`); give the guest's derivation, e.g. `nix eval --raw .#packages.aarch64-linux.guest.drvPath`",
+            ]
+        );
+        let from_env = read_env(vars(&[
+            ("DARWIN_VZ_NIX_GUEST_DRV", "/nix/store/a-guest.drv"),
+            ("DARWIN_VZ_NIX_GUEST_OUT", "/nix/store/b-guest"),
+        ]))
+        .unwrap()
+        .layer;
+        assert_eq!(
+            from_env.guest_drv,
+            Some(PathBuf::from("/nix/store/a-guest.drv"))
+        );
+        assert_eq!(
+            from_env.guest_out,
+            Some(PathBuf::from("/nix/store/b-guest"))
         );
     }
 

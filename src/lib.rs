@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod disk;
 pub mod doctor;
 pub mod files;
+pub mod guest;
 pub mod guest_timing;
 pub mod host;
 pub mod keys;

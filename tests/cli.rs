@@ -359,7 +359,7 @@ fn broken_guests_are_caught_before_boot() {
         .unwrap();
     assert_usage_error(
         &out,
-        "invalid configuration: `guest` (built-in default): no guest configured; pass --guest DIR (a guest built by `nix build .#guest`), set DARWIN_VZ_NIX_GUEST, or set `guest` in the config file — `nix run` and the nix-darwin module set it for you",
+        "invalid configuration: `guest` (built-in default): no guest configured; pass --guest DIR (a guest built by `nix build .#guest`) or --guest-drv DRV --guest-out PATH (its derivation, which the daemon builds), set DARWIN_VZ_NIX_GUEST, or set `guest` in the config file — `nix run` and the nix-darwin module set one for you",
     );
 }
 
@@ -810,6 +810,8 @@ fn a_variable_that_is_set_but_unusable_is_an_error_and_destroy_deletes_nothing()
         "LOG_LEVEL",
         "CONTROL_GROUP",
         "SSH_USER",
+        "GUEST_DRV",
+        "GUEST_OUT",
         "CONFIG",
     ] {
         let name = format!("DARWIN_VZ_NIX_{name}");

@@ -113,7 +113,13 @@ fn the_tags_the_plan_uses_are_valid_virtiofs_tags() {
 fn the_module_daemon_config_loads_with_the_rust_loader() {
     let cases = support::nix_eval_json(Path::new("tests/nix/daemon-config.nix"));
     let cases = cases.as_object().unwrap();
-    for name in ["defaults", "chosen", "no-rosetta-never-idle", "minimal"] {
+    for name in [
+        "defaults",
+        "chosen",
+        "no-rosetta-never-idle",
+        "minimal",
+        "lazy",
+    ] {
         assert!(
             cases.contains_key(name),
             "tests/nix/daemon-config.nix lacks {name}"
@@ -155,6 +161,60 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     let minimal = load("minimal");
     assert_eq!(minimal.cores, defaults::CORES);
     assert_eq!(minimal.control_group, None);
+
+    // A guest given as a derivation reaches the daemon as the guest it realises.
+    let lazy = load("lazy").lazy_guest().expect("a lazy guest");
+    assert!(
+        lazy.drv
+            .to_str()
+            .unwrap()
+            .ends_with("-darwin-vz-nix-guest.drv")
+    );
+    assert!(lazy.out.to_str().unwrap().ends_with("-darwin-vz-nix-guest"));
+    assert!(module.lazy_guest().is_none(), "a guest directory stays one");
+}
+
+/// The switch builds nothing for aarch64-linux: the daemon config's strings depend
+/// on the guest's `.drv` file only (context `path`), never on an output
+/// (`outputs`, `allOutputs`), and they name the derivation and its output path.
+#[test]
+fn the_daemon_config_names_the_guest_derivation_without_depending_on_its_outputs() {
+    let eval = support::nix_eval_json(Path::new("tests/nix/lazy-guest.nix"));
+    let config = &eval["config"];
+    assert_eq!(config["guestDrv"], eval["guestDrv"]);
+    assert_eq!(config["guestOut"], eval["guestOut"]);
+    assert!(config.get("guest").is_none(), "{config}");
+    assert_eq!(eval["outputDependencies"], serde_json::json!([]));
+    let context = eval["context"].as_object().unwrap();
+    assert_eq!(
+        context.keys().collect::<Vec<_>>(),
+        [eval["guestDrv"].as_str().unwrap()],
+        "only the .drv is in the context"
+    );
+    assert_eq!(
+        context[eval["guestDrv"].as_str().unwrap()],
+        serde_json::json!({ "path": true }),
+        "as a plain path: nothing is built"
+    );
+    // The check itself catches a guest named by its output.
+    assert_eq!(eval["withOutputs"], serde_json::json!([eval["guestDrv"]]));
+    // A guest directory (a store path) stays `guest`.
+    assert!(eval["directory"]["guest"].is_string());
+    assert!(eval["directory"].get("guestDrv").is_none());
+
+    // The Rust side reads it as a lazy guest.
+    let layer = config::parse_layer(&config.to_string()).unwrap();
+    let resolved = Config::resolve(
+        &[Source {
+            origin: Origin::File("lazy".into()),
+            layer,
+        }],
+        None,
+    )
+    .unwrap();
+    let spec = resolved.lazy_guest().unwrap();
+    assert_eq!(spec.drv.to_str(), eval["guestDrv"].as_str());
+    assert_eq!(spec.out.to_str(), eval["guestOut"].as_str());
 }
 
 /// The module leaves cores and memory unset (null), so the daemon fits them to the

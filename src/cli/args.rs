@@ -97,6 +97,18 @@ pub enum Command {
         after_help = "Examples:\n  darwin-vz-nix start --cores 8 --memory 8192\n  darwin-vz-nix start --dry-run --json\n  darwin-vz-nix start --guest ./result --no-wait"
     )]
     Start(StartArgs),
+    /// From nothing to a booted builder: print every step with its exact command,
+    /// then run them.
+    ///
+    /// With a guest given as a derivation (`guestDrv`, what `nix run` and the
+    /// nix-darwin module set), the supervisor builds it through the nix-daemon as its
+    /// own account, reporting progress, then boots it. --dry-run prints the steps
+    /// (running only the read-only `nix-store --realise --dry-run`) and changes
+    /// nothing. Also the way to retry a failed build at once.
+    #[command(
+        after_help = "Examples:\n  darwin-vz-nix bootstrap --dry-run\n  sudo darwin-vz-nix bootstrap --state-dir /var/lib/darwin-vz"
+    )]
+    Bootstrap(BootstrapArgs),
     /// Power the VM off: ACPI power button first, forced after --timeout.
     ///
     /// The supervisor keeps running (and boots again on the next connection) unless
@@ -210,6 +222,14 @@ pub struct VmArgs {
     /// User to log in as on the guest [default: builder].
     #[arg(long, value_name = "USER")]
     pub ssh_user: Option<String>,
+    /// The guest's derivation (a `.drv` in the store): the daemon builds it when it
+    /// is first needed and boots its output; a --guest directory wins
+    /// [env: DARWIN_VZ_NIX_GUEST_DRV]. `nix run` and the nix-darwin module set it.
+    #[arg(long, value_name = "DRV")]
+    pub guest_drv: Option<PathBuf>,
+    /// The output path --guest-drv builds [env: DARWIN_VZ_NIX_GUEST_OUT].
+    #[arg(long, value_name = "PATH")]
+    pub guest_out: Option<PathBuf>,
 }
 
 impl VmArgs {
@@ -238,6 +258,8 @@ impl VmArgs {
             ssh_user: self.ssh_user.clone(),
             // Config file only.
             builder: None,
+            guest_drv: self.guest_drv.clone(),
+            guest_out: self.guest_out.clone(),
         }
     }
 
@@ -271,6 +293,8 @@ impl VmArgs {
             ("--initrd", &self.initrd),
             ("--system", &self.system),
             ("--registration", &self.registration),
+            ("--guest-drv", &self.guest_drv),
+            ("--guest-out", &self.guest_out),
         ] {
             if let Some(path) = path {
                 paths.push(flag.into());
@@ -305,8 +329,22 @@ pub struct StartArgs {
     /// Return once the boot has begun instead of waiting for SSH.
     #[arg(long)]
     pub no_wait: bool,
-    /// Seconds to wait for the guest's SSH [default: 180; 1 to 86400].
-    #[arg(long, value_name = "SECONDS", default_value = "180", value_parser = boot_wait_seconds)]
+    /// Seconds to wait for the guest's SSH, including building a guest that is not
+    /// in the store yet (minutes, the first time) [default: 3600; 1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = boot_wait_seconds)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BootstrapArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Print the steps and their commands; build, start and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds to wait for the guest to be built and to answer SSH
+    /// [default: 3600; 1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = boot_wait_seconds)]
     pub timeout: u64,
 }
 
@@ -358,8 +396,9 @@ pub struct ProxyArgs {
     /// Guest vsock port.
     #[arg(long, default_value_t = crate::contract::SSH_VSOCK_PORT)]
     pub port: u32,
-    /// Seconds to wait for an on-demand boot [1 to 86400].
-    #[arg(long, value_name = "SECONDS", default_value = "180", value_parser = boot_wait_seconds)]
+    /// Seconds to wait for an on-demand boot, including building a guest that is not
+    /// in the store yet [1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = boot_wait_seconds)]
     pub timeout: u64,
     /// Hand the stream's descriptor to ssh (needs `ProxyUseFdpass yes`) instead of
     /// copying bytes; falls back to copying when stdout is not a socket.

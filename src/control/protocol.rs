@@ -242,6 +242,30 @@ pub struct StatusReport {
     #[serde(default)]
     pub notices: Vec<NoticeReport>,
     pub config: ConfigSummary,
+    /// The lazy guest (`guestDrv`), when the daemon builds the guest itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestReport>,
+}
+
+/// The lazy guest's lifecycle (see `crate::guest`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestReport {
+    /// `missing`, `building`, `ready` or `failed`.
+    pub phase: String,
+    pub drv: PathBuf,
+    pub out: PathBuf,
+    /// The guest directory the next boot uses: `out` once ready, else the guest
+    /// booted before, if any.
+    pub next_boot: Option<PathBuf>,
+    /// While building: `3 of 41 derivations built, 120 of 800 paths fetched`.
+    pub progress: Option<String>,
+    /// After a failure: what failed, the log and the fix, on one line.
+    pub error: Option<String>,
+    /// Nix's output of the last realisation.
+    pub log: PathBuf,
+    /// Seconds it has been building, or since it failed.
+    pub for_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -27,8 +27,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::access::{self, Owner, Peer};
 use super::protocol::{
-    self, BootTiming, ConfigSummary, ErrorCode, MAX_LINE_BYTES, NoticeReport, Reply, Request,
-    StatusReport, StopOutcome, VmState,
+    self, BootTiming, ConfigSummary, ErrorCode, GuestReport, MAX_LINE_BYTES, NoticeReport, Reply,
+    Request, StatusReport, StopOutcome, VmState,
 };
 use crate::state::Access;
 use crate::supervisor::{self, StopRequest, Supervisor, SupervisorError};
@@ -483,6 +483,20 @@ fn status_report(snapshot: supervisor::Snapshot, summary: &ConfigSummary) -> Sta
             })
             .collect(),
         config: summary.clone(),
+        guest: snapshot.guest.map(guest_report),
+    }
+}
+
+fn guest_report(status: crate::guest::GuestStatus) -> GuestReport {
+    GuestReport {
+        phase: status.phase.as_str().to_string(),
+        drv: status.drv,
+        out: status.out,
+        next_boot: status.next_boot,
+        progress: status.progress,
+        error: status.error,
+        log: status.log,
+        for_secs: status.for_how_long.map(|d| d.as_secs_f64()),
     }
 }
 
@@ -515,7 +529,9 @@ fn stop_outcome(outcome: supervisor::StopOutcome) -> StopOutcome {
 fn error_reply(error: SupervisorError) -> Reply {
     let code = match &error {
         SupervisorError::BootFailed(_) => ErrorCode::BootFailed,
-        SupervisorError::Timeout { .. } => ErrorCode::Timeout,
+        SupervisorError::Timeout { .. } | SupervisorError::GuestNotReady { .. } => {
+            ErrorCode::Timeout
+        }
         SupervisorError::ConnectFailed(_) => ErrorCode::ConnectFailed,
         SupervisorError::InUse { .. } => ErrorCode::Busy,
         SupervisorError::StopFailed(_) | SupervisorError::Internal(_) => ErrorCode::Internal,

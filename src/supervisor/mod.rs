@@ -28,6 +28,11 @@
 //! per supervisor powers it off after the idle timeout; the supervisor stays, ready to
 //! boot again on the next connection.
 //!
+//! **The guest may not exist yet** (`crate::guest`): with a lazy guest, a boot first
+//! waits until a guest can boot — the one realised for this configuration, or the
+//! one booted before while a newer one is realised — and a client that times out
+//! meanwhile is told how far the realisation got.
+//!
 //! The supervisor speaks its own types ([`Snapshot`], [`BootTiming`], [`StopOutcome`],
 //! [`SupervisorError`]); the control layer translates them to the wire format.
 
@@ -151,6 +156,8 @@ pub struct Snapshot {
     pub last_error: Option<String>,
     /// Most recent last.
     pub notices: Vec<Notice>,
+    /// The lazy guest's lifecycle, when the daemon realises the guest itself.
+    pub guest: Option<crate::guest::GuestStatus>,
 }
 
 /// How a stop ended.
@@ -193,6 +200,12 @@ pub enum SupervisorError {
     InUse { sessions: usize },
     #[error("{0}")]
     Internal(String),
+    /// A boot waited for the guest to be realised, and the client's wait ran out.
+    #[error(
+        "timed out after {} waiting for the guest to be built ({progress}); `darwin-vz-nix status` shows how far it got",
+        seconds(*after)
+    )]
+    GuestNotReady { after: Duration, progress: String },
 }
 
 /// `1.5 s`, `250 ms`: a duration for messages.
@@ -274,6 +287,8 @@ struct Inner {
     /// before a connection, resetting): two writers of the same key file at once
     /// would trip over each other's temporary files.
     state_files: tokio::sync::Mutex<()>,
+    /// The lazy guest, when the daemon realises the guest itself.
+    guests: Option<crate::guest::Guests>,
 }
 
 impl Inner {
@@ -331,6 +346,17 @@ impl Supervisor {
         keeper: Box<dyn StateKeeper>,
         options: SupervisorOptions,
     ) -> Supervisor {
+        Self::with_guests(backend, keeper, options, None)
+    }
+
+    /// Like `new`, with the lazy guest's lifecycle: boots wait for a guest that can
+    /// boot (see `crate::guest`).
+    pub fn with_guests(
+        backend: Arc<dyn Backend>,
+        keeper: Box<dyn StateKeeper>,
+        options: SupervisorOptions,
+        guests: Option<crate::guest::Guests>,
+    ) -> Supervisor {
         let (changed, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             backend,
@@ -351,6 +377,7 @@ impl Supervisor {
             changed,
             lifecycle: tokio::sync::Mutex::new(()),
             state_files: tokio::sync::Mutex::new(()),
+            guests,
         });
         tokio::spawn(idle::run(Arc::downgrade(&inner), inner.changed.subscribe()));
         Supervisor { inner }
@@ -387,15 +414,25 @@ impl Supervisor {
                     age: now.saturating_duration_since(*at),
                 })
                 .collect(),
+            guest: self.inner.guests.as_ref().map(|g| g.status()),
         }
     }
 
+    /// The lazy guest, when the daemon realises the guest itself.
+    pub fn guests(&self) -> Option<&crate::guest::Guests> {
+        self.inner.guests.as_ref()
+    }
+
     /// Boots the VM unless it runs, and waits until the guest's sshd answers.
-    /// Concurrent callers share one boot.
+    /// Concurrent callers share one boot. Someone asked for it: a lazy guest whose
+    /// realisation failed is retried at once.
     pub async fn ensure_running(
         &self,
         timeout: Duration,
     ) -> Result<Option<BootTiming>, SupervisorError> {
+        if let Some(guests) = &self.inner.guests {
+            guests.kick(true);
+        }
         self.ensure_boot(timeout).await.map(|(_, timing)| timing)
     }
 
@@ -439,6 +476,14 @@ impl Supervisor {
                 .await
                 .is_err()
             {
+                if let Some(guests) = &self.inner.guests
+                    && guests.bootable().is_none()
+                {
+                    return Err(SupervisorError::GuestNotReady {
+                        after: timeout,
+                        progress: guests.waiting_for(),
+                    });
+                }
                 return Err(SupervisorError::Timeout {
                     what: "the guest's sshd to answer",
                     after: timeout,
