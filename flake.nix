@@ -83,12 +83,10 @@
           failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
           generated = {
             plist = config.environment.launchDaemons."${daemon.serviceConfig.Label}.plist".text;
-            daemonConfig = (import ./nix/lib.nix).daemonConfig config.services.darwin-vz;
-            # What building the daemon config would build: nothing (the guest is
-            # named by its .drv, realised by the daemon later).
-            configOutputDependencies = (import ./nix/lib.nix).outputDependencies (
-              (import ./nix/lib.nix).daemonConfig config.services.darwin-vz
-            );
+            daemonConfig = config.services.darwin-vz.daemonSettings;
+            # What building the daemon config would build: nothing (the guest and
+            # the bootstrap builder are named by their .drv, realised by the daemon).
+            configOutputDependencies = (import ./nix/lib.nix).outputDependencies config.services.darwin-vz.daemonSettings;
             machines = config.environment.etc."nix/machines".text;
             activation = config.system.activationScripts.extraActivation.text;
             etcFiles = builtins.attrNames config.environment.etc;
@@ -134,6 +132,13 @@
         ${hostSystem} = {
           darwin-vz-nix = (pkgsFor hostSystem).callPackage ./nix/package.nix { };
           default = self.packages.${hostSystem}.darwin-vz-nix;
+          # The bootstrap builder's VM runner (nix/bootstrap.nix), with its host
+          # key as `hostKey`: for the Mac test (tests/macos.rs) and for looking.
+          bootstrap-builder =
+            let
+              bootstrap = import ./nix/bootstrap.nix { pkgs = pkgsFor hostSystem; };
+            in
+            bootstrap.vm // { inherit (bootstrap) hostKey; };
         };
         # The guest. A Mac gets it without a Linux builder of its own: the daemon
         # realises it when it starts (README, "Bootstrap").
@@ -150,12 +155,18 @@
       # DARWIN_VZ_NIX_GUEST, or --guest, still wins.
       apps.${hostSystem}.default =
         let
-          guestDrv = builtins.unsafeDiscardOutputDependency defaultGuest.drvPath;
-          guestOut = builtins.unsafeDiscardStringContext defaultGuest.outPath;
+          dvnLib = import ./nix/lib.nix;
+          guest = {
+            guestDrv = builtins.unsafeDiscardOutputDependency defaultGuest.drvPath;
+            guestOut = builtins.unsafeDiscardStringContext defaultGuest.outPath;
+          };
+          bootstrap = dvnLib.bootstrapSettings (import ./nix/bootstrap.nix { pkgs = pkgsFor hostSystem; });
           wrapper = (pkgsFor hostSystem).writeShellScriptBin "darwin-vz-nix" ''
             if [ -z "''${DARWIN_VZ_NIX_GUEST:-}" ]; then
-              export DARWIN_VZ_NIX_GUEST_DRV="''${DARWIN_VZ_NIX_GUEST_DRV:-${guestDrv}}"
-              export DARWIN_VZ_NIX_GUEST_OUT="''${DARWIN_VZ_NIX_GUEST_OUT:-${guestOut}}"
+              export DARWIN_VZ_NIX_GUEST_DRV="''${DARWIN_VZ_NIX_GUEST_DRV:-${guest.guestDrv}}"
+              export DARWIN_VZ_NIX_GUEST_OUT="''${DARWIN_VZ_NIX_GUEST_OUT:-${guest.guestOut}}"
+              export DARWIN_VZ_NIX_BOOTSTRAP_DRV="''${DARWIN_VZ_NIX_BOOTSTRAP_DRV:-${bootstrap.bootstrapDrv}}"
+              export DARWIN_VZ_NIX_BOOTSTRAP_HOST_KEY="''${DARWIN_VZ_NIX_BOOTSTRAP_HOST_KEY:-${lib.strings.trim bootstrap.bootstrapHostKey}}"
             fi
             exec ${lib.getExe cli} "$@"
           '';
@@ -240,12 +251,14 @@
                 holds = g: g.daemonConfig.rosetta;
               }
               {
-                what = "the daemon config names the guest's .drv and output path and needs no output built";
+                what = "the daemon config names the guest's .drv and output path, and the bootstrap builder's .drv, and needs no output built";
                 holds =
                   g:
                   g.daemonConfig ? guestDrv
                   && g.daemonConfig ? guestOut
                   && !(g.daemonConfig ? guest)
+                  && lib.hasSuffix "-nixos-vm.drv" g.daemonConfig.bootstrapDrv
+                  && lib.hasPrefix "ssh-ed25519 " g.daemonConfig.bootstrapHostKey
                   && g.configOutputDependencies == [ ];
               }
             ];

@@ -45,7 +45,14 @@ let
 
   exe = lib.getExe' cfg.package "darwin-vz-nix";
 
-  configFile = pkgs.writeText "darwin-vz-nix.json" (builtins.toJSON (dvnLib.daemonConfig cfg));
+  configFile = pkgs.writeText "darwin-vz-nix.json" (builtins.toJSON cfg.daemonSettings);
+
+  # The bootstrap builder, for a guest the daemon realises itself: nixpkgs'
+  # darwin.linux-builder from the guest's nixpkgs, which has it on cache.nixos.org.
+  bootstrapBuilder = import ./bootstrap.nix {
+    pkgs = import cfg.guestNixpkgs { inherit (pkgs.stdenv.hostPlatform) system; };
+  };
+  useBootstrap = cfg.bootstrap.enable && cfg.guest ? drvPath;
 
   # The guest is the default one unless extraNixOSConfig was set: with the default
   # guest, the evaluation is exactly the flake's packages.aarch64-linux.guest.
@@ -217,6 +224,28 @@ in
         does not build it: the daemon gets its .drv and output path, builds it when
         it starts, and boots it once it is ready. A store path (a guest built
         elsewhere) is booted as it is.
+      '';
+    };
+
+    bootstrap.enable = mkOption {
+      type = types.bool;
+      default = true;
+      example = false;
+      description = ''
+        While no guest exists yet and building the guest needs an aarch64-linux
+        build, bring up nixpkgs' `darwin.linux-builder` (QEMU, from
+        cache.nixos.org, run by the daemon's account, SSH on 127.0.0.1 only) for
+        those builds, and remove it once the guest is built. Turn it off if this Mac
+        has another aarch64-linux builder, or to build the first guest yourself.
+      '';
+    };
+
+    daemonSettings = mkOption {
+      type = types.attrs;
+      internal = true;
+      readOnly = true;
+      description = ''
+        The daemon's JSON config as the module writes it (for checks and debugging).
       '';
     };
 
@@ -419,6 +448,10 @@ in
         # Only the hidden account and group created here are managed (the
         # assertions above refuse existing ones); existing users join the group
         # through groupMembers, and their own accounts are left alone.
+        services.darwin-vz.daemonSettings =
+          dvnLib.daemonConfig cfg
+          // lib.optionalAttrs useBootstrap (dvnLib.bootstrapSettings bootstrapBuilder);
+
         users.users.${cfg.user} = {
           inherit (cfg) uid gid;
           description = "darwin-vz-nix builder VM";

@@ -20,6 +20,7 @@ let
     {
       clientKey = "${dir}/keys/client_ed25519";
       knownHosts = "${dir}/keys/known_hosts";
+      bootstrapKnownHosts = "${dir}/keys/bootstrap_known_hosts";
     };
 
   withoutTrailingSlash =
@@ -165,6 +166,11 @@ let
     "_nixbld"
     "nixbld"
   ];
+
+  # The second name of the builder's Host block, for every system but
+  # aarch64-linux: only the guest answers it (src/ssh.rs X86_ALIAS, compared by
+  # tests/contract.rs).
+  x86Alias = "darwin-vz-nix-x86";
 in
 {
   inherit
@@ -172,6 +178,7 @@ in
     statePaths
     sshConfigForbidden
     normalisePath
+    x86Alias
     ;
 
   # The file root writes the builder's machines-file line to, at every activation
@@ -249,6 +256,16 @@ in
         if settings == { } then null else settings;
     };
 
+  # The daemon settings for the bootstrap builder (src/bootstrap): its VM runner
+  # named by its .drv only, like the guest, so the switch builds neither; and the
+  # host key its sshd presents.
+  bootstrapSettings =
+    { vm, hostKey }:
+    {
+      bootstrapDrv = builtins.unsafeDiscardOutputDependency vm.drvPath;
+      bootstrapHostKey = builtins.unsafeDiscardStringContext hostKey;
+    };
+
   # The derivations whose outputs a value's strings need built: what a system that
   # carries the value (e.g. the daemon config in the launchd plist) would have to
   # build. For the daemon config it must be empty (tests/nix/lazy-guest.nix).
@@ -320,7 +337,10 @@ in
 
   # The Host block that lets root's nix-daemon (and `sudo ssh darwin-vz-nix`) reach
   # the guest with no prompt. `darwin-vz-nix ssh-config` prints the same text; a
-  # Rust test compares the two byte for byte.
+  # Rust test compares the two byte for byte. ssh passes the name it was asked for
+  # (%n) to the proxy: while the first guest is built, the bootstrap builder may
+  # answer the aarch64-linux alias (src/bootstrap); the known_hosts file for it
+  # exists only then.
   sshConfig =
     {
       bin,
@@ -333,12 +353,12 @@ in
       quotedStateDir = quotePath "state directory" stateDir;
     in
     ''
-      Host ${contract.hostKeyAlias}
+      Host ${contract.hostKeyAlias} ${x86Alias}
         User ${user}
         HostKeyAlias ${contract.hostKeyAlias}
-        ProxyCommand ${proxyBin} proxy --fdpass --state-dir ${quotedStateDir}
+        ProxyCommand ${proxyBin} proxy --fdpass --state-dir ${quotedStateDir} --alias %n
         ProxyUseFdpass yes
-        UserKnownHostsFile ${quotePath "known_hosts file" paths.knownHosts}
+        UserKnownHostsFile ${quotePath "known_hosts file" paths.knownHosts} ${quotePath "known_hosts file" paths.bootstrapKnownHosts}
         IdentityFile ${quotePath "client key" paths.clientKey}
         IdentitiesOnly yes
         StrictHostKeyChecking yes

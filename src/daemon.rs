@@ -75,6 +75,8 @@ pub struct DaemonOptions {
     pub nix_store: crate::guest::nix::NixStore,
     /// Bounds of the lazy guest's realisation.
     pub guest: crate::guest::GuestOptions,
+    /// Bounds of the bootstrap builder.
+    pub bootstrap: crate::bootstrap::BootstrapOptions,
 }
 
 impl DaemonOptions {
@@ -90,6 +92,7 @@ impl DaemonOptions {
             socket_check: ServerOptions::DEFAULT_SOCKET_CHECK,
             nix_store: crate::guest::nix::NixStore::find(std::env::var_os("PATH").as_deref()),
             guest: crate::guest::GuestOptions::default(),
+            bootstrap: crate::bootstrap::BootstrapOptions::default(),
         }
     }
 }
@@ -284,11 +287,20 @@ pub async fn serve(
     // A lazy guest is realised from the start: by the time a build connects, it
     // may be ready.
     let guests = config.lazy_guest().map(|spec| {
+        let bootstrap = config.bootstrap().map(|bootstrap| {
+            crate::bootstrap::Bootstrap::new(
+                bootstrap,
+                state.clone(),
+                options.nix_store.clone(),
+                options.bootstrap.clone(),
+            )
+        });
         let guests = crate::guest::Guests::new(
             spec,
             state.clone(),
             options.nix_store.clone(),
             options.guest.clone(),
+            bootstrap,
         );
         guests.kick(false);
         guests

@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod backend;
 pub mod bench;
+pub mod bootstrap;
 pub mod cacerts;
 pub mod cli;
 pub mod config;

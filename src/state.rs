@@ -18,6 +18,8 @@
 //!   gcroots/                   0700; indirect GC roots (Nix follows them)
 //!     guest                    the guest being booted, replaced only when another boots
 //!     guest-pending            a newer guest, realised but not booted yet
+//!     bootstrap                the bootstrap builder's VM runner, while it is used
+//!   bootstrap/                 the bootstrap builder (QEMU) while it runs: disk, tmp, keys
 //! ```
 //!
 //! Ownership of the directory is an exclusive flock(2) on the directory itself, not on
@@ -310,6 +312,28 @@ impl StateDir {
     /// The root of a newer guest, realised and waiting for the next boot.
     pub fn pending_guest_root(&self) -> PathBuf {
         self.gcroots_dir().join("guest-pending")
+    }
+
+    /// The bootstrap builder's VM runner, kept while the bootstrap builder is used.
+    pub fn bootstrap_root(&self) -> PathBuf {
+        self.gcroots_dir().join("bootstrap")
+    }
+    /// The bootstrap builder's working directory (its disk image, temporary files
+    /// and the public key it accepts), deleted with it.
+    pub fn bootstrap_dir(&self) -> PathBuf {
+        self.root.join("bootstrap")
+    }
+    /// The bootstrap builder's host key under the alias, for ssh, while it runs.
+    pub fn bootstrap_known_hosts(&self) -> PathBuf {
+        self.keys_dir().join("bootstrap_known_hosts")
+    }
+    /// What the bootstrap builder (QEMU and its guest) printed.
+    pub fn bootstrap_console_log(&self) -> PathBuf {
+        self.logs_dir().join("bootstrap-console.log")
+    }
+    /// What Nix printed while fetching the bootstrap builder.
+    pub fn bootstrap_build_log(&self) -> PathBuf {
+        self.logs_dir().join("bootstrap-build.log")
     }
 
     /// Makes sure `gcroots/` exists, private (the state directory must exist).

@@ -812,6 +812,8 @@ fn a_variable_that_is_set_but_unusable_is_an_error_and_destroy_deletes_nothing()
         "SSH_USER",
         "GUEST_DRV",
         "GUEST_OUT",
+        "BOOTSTRAP_DRV",
+        "BOOTSTRAP_HOST_KEY",
         "CONFIG",
     ] {
         let name = format!("DARWIN_VZ_NIX_{name}");
@@ -1086,7 +1088,7 @@ fn ssh_never_sees_a_user_that_would_inject_an_option() {
     assert_eq!(proxy.len(), 1, "{resolved}");
     assert!(
         proxy[0].ends_with(&format!(
-            "proxy --fdpass --state-dir \"{}\"",
+            "proxy --fdpass --state-dir \"{}\" --alias %n",
             fixture.state_dir.display()
         )),
         "{}",

@@ -184,18 +184,26 @@ fn the_daemon_config_names_the_guest_derivation_without_depending_on_its_outputs
     assert_eq!(config["guestDrv"], eval["guestDrv"]);
     assert_eq!(config["guestOut"], eval["guestOut"]);
     assert!(config.get("guest").is_none(), "{config}");
+    assert_eq!(config["bootstrapDrv"], eval["bootstrapDrv"]);
     assert_eq!(eval["outputDependencies"], serde_json::json!([]));
     let context = eval["context"].as_object().unwrap();
+    let mut drvs = vec![
+        eval["guestDrv"].as_str().unwrap(),
+        eval["bootstrapDrv"].as_str().unwrap(),
+    ];
+    drvs.sort();
     assert_eq!(
-        context.keys().collect::<Vec<_>>(),
-        [eval["guestDrv"].as_str().unwrap()],
-        "only the .drv is in the context"
+        context.keys().map(String::as_str).collect::<Vec<_>>(),
+        drvs,
+        "only the two .drv files are in the context"
     );
-    assert_eq!(
-        context[eval["guestDrv"].as_str().unwrap()],
-        serde_json::json!({ "path": true }),
-        "as a plain path: nothing is built"
-    );
+    for drv in drvs {
+        assert_eq!(
+            context[drv],
+            serde_json::json!({ "path": true }),
+            "{drv} as a plain path: nothing is built"
+        );
+    }
     // The check itself catches a guest named by its output.
     assert_eq!(eval["withOutputs"], serde_json::json!([eval["guestDrv"]]));
     // A guest directory (a store path) stays `guest`.
@@ -215,6 +223,9 @@ fn the_daemon_config_names_the_guest_derivation_without_depending_on_its_outputs
     let spec = resolved.lazy_guest().unwrap();
     assert_eq!(spec.drv.to_str(), eval["guestDrv"].as_str());
     assert_eq!(spec.out.to_str(), eval["guestOut"].as_str());
+    let bootstrap = resolved.bootstrap().unwrap();
+    assert_eq!(bootstrap.drv.to_str(), eval["bootstrapDrv"].as_str());
+    assert!(bootstrap.host_key.starts_with("ssh-ed25519 AAAA"));
 }
 
 /// The module leaves cores and memory unset (null), so the daemon fits them to the
@@ -372,5 +383,10 @@ fn the_module_checks_give_the_expected_answers() {
     assert!(
         builder["maxJobs"].is_null(),
         "maxJobs follows the cores the daemon uses"
+    );
+    assert_eq!(
+        checks["x86Alias"],
+        darwin_vz_nix::ssh::X86_ALIAS,
+        "the Host block's second name is the machines entry's"
     );
 }

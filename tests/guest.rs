@@ -435,7 +435,7 @@ fn bootstrap_dry_run_prints_every_step_with_its_command_and_changes_nothing() {
         format!("the guest   {} (in the store: no)", guest.out.display()),
         format!("built from  {}", guest.drv.display()),
         format!("     $ nix-store --realise --dry-run {drv}"),
-        "     → 2 derivations to build, 2 paths to fetch; 1 of the builds are aarch64-linux, for a Linux builder".to_string(),
+        "     → 2 derivations to build, 2 paths to fetch; 1 of the builds for aarch64-linux, which need a Linux builder".to_string(),
         format!(
             "     $ NIX_REMOTE=daemon nix-store --realise {drv} --add-root {} --indirect --log-format internal-json",
             quoted(&format!("{state}/gcroots/guest-pending"))

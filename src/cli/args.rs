@@ -140,7 +140,10 @@ pub enum Command {
     /// the same configuration (--config, the environment, --state-dir and the flags
     /// below, resolved as `daemon` resolves them): maxJobs is the cores it gives the
     /// VM, fitted to this Mac unless configured; the systems follow Rosetta; the key is
-    /// the state directory's client key. Reads and writes nothing in the state directory.
+    /// the state directory's client key. While the first guest is still to be built by
+    /// the bootstrap builder (bootstrapDrv set, no `gcroots/guest` in the state
+    /// directory: the one thing it reads there), x86_64-linux gets an entry of its own
+    /// (darwin-vz-nix-x86), which only the guest answers. Writes nothing there.
     #[command(after_help = machines_after_help())]
     Machines(MachinesArgs),
     /// Run the supervisor in the foreground (what launchd runs).
@@ -230,6 +233,15 @@ pub struct VmArgs {
     /// The output path --guest-drv builds [env: DARWIN_VZ_NIX_GUEST_OUT].
     #[arg(long, value_name = "PATH")]
     pub guest_out: Option<PathBuf>,
+    /// nixpkgs' darwin.linux-builder VM runner (a `.drv`), brought up from
+    /// cache.nixos.org while the guest needs an aarch64-linux build and no guest
+    /// exists yet [env: DARWIN_VZ_NIX_BOOTSTRAP_DRV]. The nix-darwin module sets it.
+    #[arg(long, value_name = "DRV")]
+    pub bootstrap_drv: Option<PathBuf>,
+    /// That builder's public host key, `ssh-ed25519 AAAA…`
+    /// [env: DARWIN_VZ_NIX_BOOTSTRAP_HOST_KEY].
+    #[arg(long, value_name = "KEY")]
+    pub bootstrap_host_key: Option<String>,
 }
 
 impl VmArgs {
@@ -260,6 +272,8 @@ impl VmArgs {
             builder: None,
             guest_drv: self.guest_drv.clone(),
             guest_out: self.guest_out.clone(),
+            bootstrap_drv: self.bootstrap_drv.clone(),
+            bootstrap_host_key: self.bootstrap_host_key.clone(),
         }
     }
 
@@ -283,6 +297,7 @@ impl VmArgs {
         );
         push("--control-group", self.control_group.clone());
         push("--ssh-user", self.ssh_user.clone());
+        push("--bootstrap-host-key", self.bootstrap_host_key.clone());
         for param in &self.kernel_params {
             push("--kernel-param", Some(param.clone()));
         }
@@ -295,6 +310,7 @@ impl VmArgs {
             ("--registration", &self.registration),
             ("--guest-drv", &self.guest_drv),
             ("--guest-out", &self.guest_out),
+            ("--bootstrap-drv", &self.bootstrap_drv),
         ] {
             if let Some(path) = path {
                 paths.push(flag.into());
@@ -404,6 +420,11 @@ pub struct ProxyArgs {
     /// copying bytes; falls back to copying when stdout is not a socket.
     #[arg(long)]
     pub fdpass: bool,
+    /// The host name ssh was asked for (ssh_config passes `%n`): `darwin-vz-nix`,
+    /// Nix's aarch64-linux alias, may be answered by the bootstrap builder while the
+    /// first guest is built; any other name waits for the guest.
+    #[arg(long, value_name = "NAME")]
+    pub alias: Option<String>,
 }
 
 fn machines_after_help() -> String {

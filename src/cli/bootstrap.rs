@@ -6,6 +6,7 @@
 //! read-only dry run (`nix-store --realise --dry-run`) runs in this process; the
 //! build runs in the supervisor, as its account, and this command follows it.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use super::args::{BootstrapArgs, GlobalArgs};
 use super::commands::{
     GuestProgress, Outcome, act_as_owner, describe_boot, ensure_supervisor, resolve_config,
 };
+use crate::bootstrap::BootstrapSpec;
 use crate::config::Config;
 use crate::control::ControlClient;
 use crate::control::protocol::{self, Reply, Request};
@@ -108,21 +110,43 @@ fn print_plan(config: &Config, state: &StateDir, spec: &GuestSpec) {
     println!("\n2. What is missing (read-only, as you):");
     let dry_args = nix::dry_run_args(&spec.drv);
     println!("     $ {}", shell_line("nix-store", &dry_args));
+    // aarch64-linux builds to do; unknown when the dry run could not tell.
+    let mut linux_builds = None;
     if built {
         println!("     → nothing: the guest is in the store");
+        linux_builds = Some(0);
     } else {
         let home = std::env::var_os("HOME").map_or_else(|| state.root().to_path_buf(), Into::into);
         let dry = crate::guest::run_dry(&nix_store, &spec.drv, &home);
         match dry {
-            Ok(dry) => println!("     → {}", describe_dry_run(&dry)),
+            Ok(dry) => {
+                println!("     → {}", describe_dry_run(&dry));
+                linux_builds = Some(count_linux_builds(&dry));
+            }
             Err(message) => println!("     → could not tell: {message}"),
         }
     }
 
+    let mut step = 3;
+    let guest_before = crate::machines::guest_has_booted(state);
+    if let Some(bootstrap) = config.bootstrap()
+        && !guest_before
+        && linux_builds != Some(0)
+    {
+        print_bootstrap_steps(step, &bootstrap, state);
+        step += 1;
+    } else if guest_before && linux_builds != Some(0) {
+        println!(
+            "\n{step}. The guest booted before builds those aarch64-linux derivations (Nix reaches it as ssh-ng://…@darwin-vz-nix; it boots on demand)."
+        );
+        step += 1;
+    }
+
     println!(
-        "\n3. The supervisor builds the guest through the nix-daemon, as {account}; progress in `darwin-vz-nix status`, Nix's output in {}:",
+        "\n{step}. The supervisor builds the guest through the nix-daemon, as {account}; progress in `darwin-vz-nix status`, Nix's output in {}:",
         state.guest_build_log().display()
     );
+    step += 1;
     let realise = nix::realise_args(&spec.drv, &state.pending_guest_root());
     println!(
         "     $ NIX_REMOTE=daemon {}",
@@ -133,7 +157,7 @@ fn print_plan(config: &Config, state: &StateDir, spec: &GuestSpec) {
     );
 
     println!(
-        "\n4. It boots the guest, and keeps it with a GC root while it is the guest being booted:"
+        "\n{step}. It boots the guest, and keeps it with a GC root while it is the guest being booted:"
     );
     let root = nix::root_args(&spec.out, &state.guest_root());
     println!(
@@ -146,17 +170,71 @@ fn print_plan(config: &Config, state: &StateDir, spec: &GuestSpec) {
     );
 }
 
+/// The bootstrap builder's steps, with the commands the supervisor runs.
+fn print_bootstrap_steps(step: u32, bootstrap: &BootstrapSpec, state: &StateDir) {
+    println!(
+        "\n{step}. No guest exists to run aarch64-linux builds: the supervisor brings up the bootstrap builder, nixpkgs' darwin.linux-builder (QEMU), for them:"
+    );
+    let daemon =
+        |args: &[OsString]| println!("     $ NIX_REMOTE=daemon {}", shell_line("nix-store", args));
+    daemon(&nix::dry_run_args(&bootstrap.drv));
+    println!(
+        "       (it must need no aarch64-linux build itself: then it all comes from cache.nixos.org)"
+    );
+    daemon(&nix::realise_args(&bootstrap.drv, &state.bootstrap_root()));
+    let keys = state.bootstrap_dir().join("keys");
+    println!(
+        "     $ KEYS=$(NIX_REMOTE=daemon nix-store --add {})      # holds {}_ed25519.pub: this builder's client key, the only one it accepts",
+        shell_quote(&keys.display().to_string()),
+        crate::bootstrap::BUILDER_USER
+    );
+    let env: Vec<String> = crate::bootstrap::runner_env(Path::new("$KEYS"), 0, bootstrap, state)
+        .into_iter()
+        .map(|(name, value)| {
+            let value = value.to_string_lossy().replace(":0-:22", ":$PORT-:22");
+            // `$KEYS` and `$PORT` are the shell's to expand.
+            let value = if value.starts_with('$') {
+                value
+            } else if value.contains("$PORT") {
+                format!("\"{value}\"")
+            } else {
+                shell_quote(&value)
+            };
+            format!("{name}={value}")
+        })
+        .collect();
+    println!(
+        "     $ cd {} && {} \"$(readlink {})\"/bin/run-*-vm",
+        shell_quote(&state.bootstrap_dir().display().to_string()),
+        env.join(" "),
+        shell_quote(&state.bootstrap_root().display().to_string())
+    );
+    println!(
+        "       (PORT: a free loopback port; SSH is forwarded from 127.0.0.1 only; its disk and temporary files stay in {})",
+        state.bootstrap_dir().display()
+    );
+    println!(
+        "   Nix's aarch64-linux builds (ssh-ng://builder@darwin-vz-nix) reach it through the supervisor; x86_64-linux ones (…@{}) wait for the guest. ssh pins its host key in {} while it runs. When the guest's build is over and its last connection closed, it is stopped and all of it deleted.",
+        crate::ssh::X86_ALIAS,
+        state.bootstrap_known_hosts().display()
+    );
+}
+
+/// How many of a dry run's builds are for aarch64-linux.
+fn count_linux_builds(dry: &DryRun) -> usize {
+    dry.to_build
+        .iter()
+        .filter(|drv| nix::derivation_system(drv).is_ok_and(|s| s == "aarch64-linux"))
+        .count()
+}
+
 /// `5 derivations to build (3 for aarch64-linux), 812 paths to fetch`.
 fn describe_dry_run(dry: &DryRun) -> String {
     let mut text = describe_plan(dry);
-    let linux = dry
-        .to_build
-        .iter()
-        .filter(|drv| nix::derivation_system(drv).is_ok_and(|s| s == "aarch64-linux"))
-        .count();
+    let linux = count_linux_builds(dry);
     if linux > 0 {
         text.push_str(&format!(
-            "; {linux} of the builds are aarch64-linux, for a Linux builder"
+            "; {linux} of the builds for aarch64-linux, which need a Linux builder"
         ));
     }
     if !dry.unknown.is_empty() {

@@ -41,6 +41,7 @@ pub fn run(cli: Cli) -> Outcome {
             args.port,
             Duration::from_secs(args.timeout),
             args.fdpass,
+            args.alias.as_deref(),
         ),
         Command::Machines(args) => machines(&global, &args),
         Command::Daemon(args) => run_daemon(&global, &args.vm),
@@ -694,7 +695,33 @@ pub fn guest_lines(guest: &protocol::GuestReport) -> Vec<(&'static str, String)>
         }
         None => {}
     }
+    if let Some(bootstrap) = &guest.bootstrap {
+        lines.push(("bootstrap", bootstrap_line(bootstrap)));
+    }
     lines
+}
+
+/// The bootstrap builder in `status`.
+fn bootstrap_line(b: &protocol::BootstrapReport) -> String {
+    let console = b.console_log.display();
+    match b.phase.as_str() {
+        "fetching" => format!(
+            "fetching nixpkgs' darwin.linux-builder from cache.nixos.org: {}",
+            b.progress.as_deref().unwrap_or("starting")
+        ),
+        "booting" => format!("booting nixpkgs' darwin.linux-builder; console {console}"),
+        "running" => format!(
+            "running on {} (nixpkgs' darwin.linux-builder), {} session{}; console {console}",
+            b.endpoint.as_deref().unwrap_or("127.0.0.1"),
+            b.sessions,
+            if b.sessions == 1 { "" } else { "s" }
+        ),
+        "failed" => format!(
+            "failed: {}",
+            b.error.as_deref().unwrap_or("see its console")
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// Where `ssh` and `ssh-config` go. A user given on their command line is checked
@@ -750,14 +777,20 @@ fn ssh_config(global: &GlobalArgs, proxy_bin: Option<PathBuf>, user: Option<Stri
     Ok(0)
 }
 
-fn proxy(global: &GlobalArgs, port: u32, timeout: Duration, fdpass: bool) -> Outcome {
+fn proxy(
+    global: &GlobalArgs,
+    port: u32,
+    timeout: Duration,
+    fdpass: bool,
+    alias: Option<&str>,
+) -> Outcome {
     // The proxy needs only the state directory; a broken config file must not stop
     // ssh from reaching a running builder.
     let state_dir = match &global.state_dir {
         Some(dir) => absolute(dir),
         None => resolve_config(global, ConfigLayer::default(), &HostInfo::detect())?.state_dir,
     };
-    crate::proxy::run(&state_dir, port, timeout, fdpass)?;
+    crate::proxy::run(&state_dir, port, timeout, fdpass, alias)?;
     Ok(0)
 }
 
@@ -765,17 +798,21 @@ fn proxy(global: &GlobalArgs, port: u32, timeout: Duration, fdpass: bool) -> Out
 /// resolves and fits the configuration as `daemon` does, so the line describes the
 /// VM that daemon runs; it reads and writes nothing in the state directory.
 fn machines(global: &GlobalArgs, args: &args::MachinesArgs) -> Outcome {
-    use crate::machines::{self, MachineLine, VmFacts};
+    use crate::machines::{self, VmFacts};
     let host = HostInfo::detect();
     let config = resolve_config(global, args.layer(), &host)?;
     let state = StateDir::new(&config.state_dir);
-    let line = MachineLine::new(&config, &state, &VmFacts::default());
+    let facts = VmFacts {
+        bootstrap_pending: config.bootstrap().is_some() && !machines::guest_has_booted(&state),
+        ..VmFacts::default()
+    };
+    let entries = machines::entries(&config, &state, &facts);
     let Some(path) = &args.write else {
-        print!("{}", line.render());
+        print!("{}", machines::render_entries(&entries));
         return Ok(0);
     };
     let path = absolute(path);
-    machines::write(&path, &line).map_err(|e| {
+    machines::write_entries(&path, &entries).map_err(|e| {
         let message = format!("cannot write the machines file: {e}");
         if e.is_bad_path() {
             CliError::Usage(message)
@@ -783,7 +820,10 @@ fn machines(global: &GlobalArgs, args: &args::MachinesArgs) -> Outcome {
             CliError::Failure(message)
         }
     })?;
-    println!("wrote {}:\n{line}", path.display());
+    println!("wrote {}:", path.display());
+    for entry in &entries {
+        println!("{entry}");
+    }
     Ok(0)
 }
 

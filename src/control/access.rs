@@ -102,6 +102,15 @@ mod tests {
                 Request::Connect {
                     port: 22,
                     timeout_ms: None,
+                    allow_bootstrap: false,
+                },
+                true,
+            ),
+            (
+                Request::Connect {
+                    port: 22,
+                    timeout_ms: None,
+                    allow_bootstrap: true,
                 },
                 true,
             ),

@@ -77,7 +77,14 @@ pub enum Request {
         unless_in_use: bool,
     },
     /// A stream to a guest vsock port; boots the VM on demand and waits until ready.
-    Connect { port: u32, timeout_ms: Option<u64> },
+    /// With `allowBootstrap` (the aarch64-linux alias), while no guest exists and
+    /// the bootstrap builder runs for the first guest's build, a stream to it.
+    Connect {
+        port: u32,
+        timeout_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        allow_bootstrap: bool,
+    },
     /// Stops the VM and deletes state: everything (`keysOnly: false`: disk, keys, MAC)
     /// or just the keys, which are made afresh.
     Reset {
@@ -247,6 +254,20 @@ pub struct StatusReport {
     pub guest: Option<GuestReport>,
 }
 
+/// The bootstrap builder (see `crate::bootstrap`), while it is not off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapReport {
+    /// `fetching`, `booting`, `running`, `stopping` or `failed`.
+    pub phase: String,
+    pub progress: Option<String>,
+    /// `127.0.0.1:PORT` while it runs.
+    pub endpoint: Option<String>,
+    pub sessions: usize,
+    pub console_log: PathBuf,
+    pub error: Option<String>,
+}
+
 /// The lazy guest's lifecycle (see `crate::guest`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -266,6 +287,9 @@ pub struct GuestReport {
     pub log: PathBuf,
     /// Seconds it has been building, or since it failed.
     pub for_secs: Option<f64>,
+    /// The bootstrap builder, while it is not off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -480,6 +504,7 @@ mod tests {
         let line = request_line(Request::Connect {
             port: 22,
             timeout_ms: Some(5000),
+            allow_bootstrap: false,
         });
         assert_eq!(
             line,
@@ -489,8 +514,18 @@ mod tests {
             parse_request(&line[..line.len() - 1]).unwrap(),
             Request::Connect {
                 port: 22,
-                timeout_ms: Some(5000)
+                timeout_ms: Some(5000),
+                allow_bootstrap: false,
             }
+        );
+        let line = request_line(Request::Connect {
+            port: 22,
+            timeout_ms: None,
+            allow_bootstrap: true,
+        });
+        assert_eq!(
+            line,
+            b"{\"v\":1,\"op\":\"connect\",\"port\":22,\"timeoutMs\":null,\"allowBootstrap\":true}\n"
         );
         assert_eq!(
             parse_request(br#"{"v":1,"op":"stop"}"#).unwrap(),

@@ -27,8 +27,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::access::{self, Owner, Peer};
 use super::protocol::{
-    self, BootTiming, ConfigSummary, ErrorCode, GuestReport, MAX_LINE_BYTES, NoticeReport, Reply,
-    Request, StatusReport, StopOutcome, VmState,
+    self, BootTiming, BootstrapReport, ConfigSummary, ErrorCode, GuestReport, MAX_LINE_BYTES,
+    NoticeReport, Reply, Request, StatusReport, StopOutcome, VmState,
 };
 use crate::state::Access;
 use crate::supervisor::{self, StopRequest, Supervisor, SupervisorError};
@@ -328,8 +328,14 @@ async fn serve_client(
             }
             continue;
         }
-        if let Request::Connect { port, timeout_ms } = request {
-            hand_out_stream(&stream, &context.supervisor, port, wait_bound(timeout_ms)).await;
+        if let Request::Connect {
+            port,
+            timeout_ms,
+            allow_bootstrap,
+        } = request
+        {
+            let wait = wait_bound(timeout_ms);
+            hand_out_stream(&stream, &context.supervisor, port, wait, allow_bootstrap).await;
             // The stream is the session now; this control connection is done.
             return;
         }
@@ -352,8 +358,12 @@ async fn hand_out_stream(
     supervisor: &Supervisor,
     port: u32,
     timeout: Duration,
+    allow_bootstrap: bool,
 ) {
-    match supervisor.connect(port, timeout).await {
+    match supervisor
+        .connect_for_build(port, timeout, allow_bootstrap)
+        .await
+    {
         Ok(fd) => {
             let reply = protocol::reply_line(Reply::Connected { port });
             if let Err(e) = send(stream, &reply, Some(&fd)).await {
@@ -497,6 +507,14 @@ fn guest_report(status: crate::guest::GuestStatus) -> GuestReport {
         error: status.error,
         log: status.log,
         for_secs: status.for_how_long.map(|d| d.as_secs_f64()),
+        bootstrap: status.bootstrap.map(|b| BootstrapReport {
+            phase: b.phase.as_str().to_string(),
+            progress: b.progress,
+            endpoint: b.endpoint,
+            sessions: b.sessions,
+            console_log: b.console_log,
+            error: b.error,
+        }),
     }
 }
 

@@ -26,7 +26,7 @@
 
 pub mod nix;
 pub mod progress;
-mod run;
+pub(crate) mod run;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::bootstrap::{Bootstrap, BootstrapStatus};
 use crate::state::StateDir;
 use nix::{DryRun, NixStore};
 use progress::{Cause, Progress};
@@ -104,6 +105,8 @@ pub struct GuestStatus {
     pub log: PathBuf,
     /// How long it has been realising, or since it failed.
     pub for_how_long: Option<Duration>,
+    /// The bootstrap builder, when one is configured and not off.
+    pub bootstrap: Option<BootstrapStatus>,
 }
 
 /// What a realisation is doing.
@@ -111,6 +114,8 @@ pub struct GuestStatus {
 enum Step {
     /// `nix-store --realise --dry-run`: what will be built and fetched.
     Planning,
+    /// Bringing up the bootstrap builder for the guest's aarch64-linux builds.
+    Bootstrapping { plan: String },
     /// `nix-store --realise`: building and fetching.
     Building { plan: Option<String> },
 }
@@ -145,6 +150,8 @@ struct Inner {
     options: GuestOptions,
     life: Mutex<Life>,
     changed: watch::Sender<u64>,
+    /// Brought up for the guest's aarch64-linux builds while no guest can boot.
+    bootstrap: Option<Bootstrap>,
 }
 
 impl Inner {
@@ -181,8 +188,15 @@ fn root_target(root: &Path) -> Option<PathBuf> {
 impl Guests {
     /// Reads where things stand: the wanted guest is ready when the guest root
     /// already points at it; an earlier guest the root keeps can boot meanwhile.
-    /// Starts nothing (see [`Guests::kick`]).
-    pub fn new(spec: GuestSpec, state: StateDir, nix: NixStore, options: GuestOptions) -> Guests {
+    /// Starts nothing (see [`Guests::kick`]). `bootstrap`: the builder brought up
+    /// when the guest needs an aarch64-linux build and no guest can boot.
+    pub fn new(
+        spec: GuestSpec,
+        state: StateDir,
+        nix: NixStore,
+        options: GuestOptions,
+        bootstrap: Option<Bootstrap>,
+    ) -> Guests {
         let booted = root_target(&state.guest_root()).filter(|dir| dir.is_dir());
         let phase = if booted.as_deref() == Some(spec.out.as_path()) {
             LifePhase::Ready
@@ -199,8 +213,26 @@ impl Guests {
                 options,
                 life: Mutex::new(Life { phase, previous }),
                 changed,
+                bootstrap,
             }),
         }
+    }
+
+    /// The bootstrap builder, when one is configured.
+    pub fn bootstrap(&self) -> Option<&Bootstrap> {
+        self.inner.bootstrap.as_ref()
+    }
+
+    /// True while the realisation still decides whether it needs the bootstrap
+    /// builder, or brings it up.
+    pub fn deciding_on_bootstrap(&self) -> bool {
+        matches!(
+            self.inner.life().phase,
+            LifePhase::Realising {
+                step: Step::Planning | Step::Bootstrapping { .. },
+                ..
+            }
+        )
     }
 
     pub fn spec(&self) -> &GuestSpec {
@@ -285,6 +317,9 @@ impl Guests {
             } => {
                 let text = match step {
                     Step::Planning => "planning (nix-store --realise --dry-run)".to_string(),
+                    Step::Bootstrapping { plan } => {
+                        format!("{plan}; bringing up the bootstrap builder for them first")
+                    }
                     Step::Building { plan } => match plan {
                         Some(plan)
                             if progress.builds_expected == 0 && progress.fetches_expected == 0 =>
@@ -317,6 +352,12 @@ impl Guests {
             error,
             log: self.inner.state.guest_build_log(),
             for_how_long: since,
+            bootstrap: self
+                .inner
+                .bootstrap
+                .as_ref()
+                .map(Bootstrap::status)
+                .filter(|b| b.phase != crate::bootstrap::Phase::Off),
         }
     }
 
@@ -401,12 +442,55 @@ async fn realise_steps(inner: &Arc<Inner>) -> Result<(), String> {
             .await
             .map_err(|e| format!("planning the guest's build failed: {e}"))?
     };
-    let (plan_text, preamble) = match plan {
-        Ok((dry, said)) => (Some(describe_plan(&dry)), said),
+    let (plan_text, preamble, linux_builds) = match plan {
+        Ok((dry, said)) => {
+            let linux = dry
+                .to_build
+                .iter()
+                .filter(|drv| nix::derivation_system(drv).is_ok_and(|s| s == "aarch64-linux"))
+                .count();
+            (Some(describe_plan(&dry)), said, linux)
+        }
         // Realising says the same, in more words; the dry run only informs.
-        Err(message) => (None, message),
+        Err(message) => (None, message, 0),
     };
+
+    // aarch64-linux builds and no guest to run them: the bootstrap builder.
+    let no_guest = inner.life().previous.is_none();
+    let bootstrap = inner
+        .bootstrap
+        .as_ref()
+        .filter(|_| no_guest && linux_builds > 0);
+    if let Some(bootstrap) = bootstrap {
+        set_step(
+            inner,
+            Step::Bootstrapping {
+                plan: format!("{linux_builds} aarch64-linux build(s) and no guest to run them"),
+            },
+        );
+        let claim = bootstrap.up().await.map_err(|why| {
+            format!(
+                "the guest {} could not be built: it needs {linux_builds} aarch64-linux build(s), and {why}",
+                spec.out.display()
+            )
+        })?;
+        set_step(inner, Step::Building { plan: plan_text });
+        let result = realise_guest(inner, &preamble).await;
+        // Removed once the last build connection to it closed.
+        tokio::spawn({
+            let bootstrap = bootstrap.clone();
+            async move { bootstrap.retire(claim).await }
+        });
+        return result;
+    }
     set_step(inner, Step::Building { plan: plan_text });
+    realise_guest(inner, &preamble).await
+}
+
+/// `nix-store --realise` of the guest, to its end.
+async fn realise_guest(inner: &Arc<Inner>, preamble: &str) -> Result<(), String> {
+    let spec = &inner.spec;
+    let state = &inner.state;
 
     let args = nix::realise_args(&spec.drv, &state.pending_guest_root());
     let log = state.guest_build_log();
@@ -415,7 +499,7 @@ async fn realise_steps(inner: &Arc<Inner>) -> Result<(), String> {
         &inner.nix,
         &args,
         state.root(),
-        (&log, &preamble),
+        (&log, preamble),
         inner.options.realise_timeout,
         move |progress| {
             let mut life = updates.life();
@@ -481,12 +565,16 @@ pub fn run_dry(nix: &NixStore, drv: &Path, home: &Path) -> Result<DryRun, String
 
 /// `5 derivations to build, 812 paths to fetch`.
 pub fn describe_plan(dry: &DryRun) -> String {
+    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     let mut parts = Vec::new();
     if !dry.to_build.is_empty() {
-        parts.push(format!("{} derivations to build", dry.to_build.len()));
+        parts.push(format!(
+            "{} to build",
+            count(dry.to_build.len(), "derivation")
+        ));
     }
     if !dry.to_fetch.is_empty() {
-        parts.push(format!("{} paths to fetch", dry.to_fetch.len()));
+        parts.push(format!("{} to fetch", count(dry.to_fetch.len(), "path")));
     }
     if parts.is_empty() {
         "nothing to build or fetch".into()

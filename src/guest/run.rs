@@ -175,9 +175,10 @@ impl Log {
     }
 }
 
-/// What a short command printed on stderr (where Nix says what it does).
+/// What a short command printed: paths on stdout (`--add`), Nix's words on stderr.
 #[derive(Debug, Clone, Default)]
 pub struct Output {
+    pub stdout: String,
     pub stderr: String,
 }
 
@@ -224,12 +225,10 @@ pub fn blocking(
             Err(e) => return Err(format!("`{line}`: {e}")),
         }
     };
-    // Read to the end, so the child never blocks on a full pipe; what it says is
-    // on stderr.
-    let _ = out.join();
+    let stdout = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
     match status {
-        Some(status) if status.success() => Ok(Output { stderr }),
+        Some(status) if status.success() => Ok(Output { stdout, stderr }),
         Some(status) => {
             let last = stderr
                 .lines()

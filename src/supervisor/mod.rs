@@ -690,6 +690,68 @@ impl Supervisor {
         ))
     }
 
+    /// A stream for a build connection: `connect`, except that while no guest can
+    /// boot and the bootstrap builder runs (or comes up) for the first guest's
+    /// build, a connection that may use it (`allow_bootstrap`: the aarch64-linux
+    /// alias) gets the bootstrap builder instead of waiting for the guest — which
+    /// is waiting for that very build.
+    pub async fn connect_for_build(
+        &self,
+        port: u32,
+        timeout: Duration,
+        allow_bootstrap: bool,
+    ) -> Result<OwnedFd, SupervisorError> {
+        if allow_bootstrap
+            && port == self.inner.options.ready_port
+            && let Some(guests) = &self.inner.guests
+            && let Some(bootstrap) = guests.bootstrap()
+            && self.bootstrap_answers(guests, bootstrap, timeout).await
+        {
+            return bootstrap
+                .connect()
+                .await
+                .map_err(SupervisorError::ConnectFailed);
+        }
+        self.connect(port, timeout).await
+    }
+
+    /// Waits (at most `timeout`) until it is clear who answers a build connection:
+    /// `true` for the bootstrap builder (running, no guest can boot), `false` for
+    /// the guest (one can boot, or no bootstrap builder is coming).
+    async fn bootstrap_answers(
+        &self,
+        guests: &crate::guest::Guests,
+        bootstrap: &crate::bootstrap::Bootstrap,
+        timeout: Duration,
+    ) -> bool {
+        use crate::bootstrap::Phase;
+        let deadline = deadline_after(timeout);
+        let mut guest_changes = guests.subscribe();
+        let mut bootstrap_changes = bootstrap.subscribe();
+        loop {
+            guest_changes.borrow_and_update();
+            bootstrap_changes.borrow_and_update();
+            guests.kick(false);
+            if guests.bootable().is_some() {
+                return false;
+            }
+            match bootstrap.phase() {
+                Phase::Running => return true,
+                Phase::Fetching | Phase::Booting => {}
+                _ if guests.deciding_on_bootstrap() => {}
+                _ => return false,
+            }
+            let changed = tokio::select! {
+                changed = guest_changes.changed() => changed.is_ok(),
+                changed = bootstrap_changes.changed() => changed.is_ok(),
+                () = tokio::time::sleep_until(deadline) => false,
+            };
+            if !changed {
+                return false;
+            }
+        }
+    }
+
     /// Stops the VM (gracefully) and deletes state while nothing can boot.
     pub async fn reset(&self, keys_only: bool) -> Result<Vec<PathBuf>, SupervisorError> {
         // No boot plans (writes keys) while state is deleted.

@@ -26,6 +26,23 @@ let
     ];
   };
 
+  # The bootstrap builder's VM runner (a darwin-side derivation whose output
+  # links the aarch64-linux builder system): named the same way, built by nothing.
+  builderSystem = derivation {
+    name = "nixos-system-nixos";
+    system = "aarch64-linux";
+    builder = "/bin/sh";
+  };
+  bootstrapVm = derivation {
+    name = "nixos-vm";
+    system = "aarch64-darwin";
+    builder = "/bin/sh";
+    args = [
+      "-c"
+      "ln -s ${builderSystem} $out"
+    ];
+  };
+
   options =
     dvnLib.optionDefaults
     // dvnLib.builderDefaults
@@ -34,7 +51,13 @@ let
       inherit guest;
       systems = dvnLib.defaultSystems true;
     };
-  config = dvnLib.daemonConfig options;
+  # What the module writes: the daemon config and the bootstrap builder.
+  config =
+    dvnLib.daemonConfig options
+    // dvnLib.bootstrapSettings {
+      vm = bootstrapVm;
+      hostKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeBootstrapHostKeyForTheTests000000000 root@nixos\n";
+    };
   context = builtins.getContext (builtins.toJSON config);
 in
 {
@@ -45,6 +68,7 @@ in
   # What the config must name, for comparison (context dropped: plain strings).
   guestDrv = builtins.unsafeDiscardStringContext guest.drvPath;
   guestOut = builtins.unsafeDiscardStringContext guest.outPath;
+  bootstrapDrv = builtins.unsafeDiscardStringContext bootstrapVm.drvPath;
   # The same guest named the old way, with its outputs: what the check must catch.
   withOutputs = dvnLib.outputDependencies { guest = "${guest}"; };
   # A built guest given as a path stays a guest directory.

@@ -100,5 +100,5 @@ in
     noRosetta = dvnLib.defaultSystems false;
   };
 
-  inherit (dvnLib) builderDefaults;
+  inherit (dvnLib) builderDefaults x86Alias;
 }

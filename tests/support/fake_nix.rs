@@ -225,6 +225,176 @@ impl FakeGuest {
     }
 }
 
+/// A stand-in for nixpkgs' `run-nixos-vm` of `darwin.linux-builder`: it records
+/// its environment (and the public key it was given to accept) in
+/// `fake-nix/bootstrap-vm.json`, makes the files QEMU would (the disk image, a
+/// temporary file), then listens where `QEMU_NET_OPTS` forwards SSH to — refusing
+/// anything but 127.0.0.1 — greeting each connection with `SSH-2.0-fake-bootstrap`
+/// and echoing what it gets. SIGTERM ends it, recorded as `"stopped": true`.
+/// With `fake-nix/bootstrap-vm.crash` present it exits at once instead.
+const FAKE_VM: &str = r#"#!/usr/bin/env python3
+import json, os, re, signal, socket, sys, threading
+
+here = os.path.realpath(__file__)
+while os.path.basename(here) != "fake-nix":
+    here = os.path.dirname(here)
+record_path = os.path.join(here, "bootstrap-vm.json")
+names = ["NIX_DISK_IMAGE", "TMPDIR", "USE_TMPDIR", "KEYS", "QEMU_NET_OPTS", "QEMU_OPTS"]
+record = {name: os.environ.get(name) for name in names}
+record["cwd"] = os.getcwd()
+record["pid"] = os.getpid()
+record["own_process_group"] = os.getpgid(0) == os.getpid()
+record["stopped"] = False
+with open(os.path.join(os.environ["KEYS"], "builder_ed25519.pub")) as f:
+    record["authorized"] = f.read()
+
+def save():
+    with open(record_path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(record_path + ".tmp", record_path)
+
+save()
+if os.path.exists(os.path.join(here, "bootstrap-vm.crash")):
+    print("qemu-system-aarch64: could not set up host forwarding rule", file=sys.stderr)
+    sys.exit(1)
+match = re.fullmatch(r"hostfwd=tcp:127\.0\.0\.1:(\d+)-:22", os.environ.get("QEMU_NET_OPTS", ""))
+if not match:
+    print("refusing QEMU_NET_OPTS that is not 127.0.0.1 only", file=sys.stderr)
+    sys.exit(2)
+open(os.environ["NIX_DISK_IMAGE"], "w").close()
+open(os.path.join(os.environ["TMPDIR"], "store.img"), "w").close()
+
+def stop(signum, frame):
+    record["stopped"] = True
+    save()
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+server.bind(("127.0.0.1", int(match.group(1))))
+server.listen(64)
+print("fake bootstrap builder listening", flush=True)
+
+def serve(conn):
+    try:
+        conn.sendall(b"SSH-2.0-fake-bootstrap\r\n")
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+/// The stand-in bootstrap builder's VM runner derivation.
+#[derive(Debug, Clone)]
+pub struct FakeBootstrap {
+    pub drv: PathBuf,
+    pub out: PathBuf,
+    conf: PathBuf,
+    root: PathBuf,
+}
+
+/// A host key of the right shape for `bootstrapHostKey`.
+pub const FAKE_BOOTSTRAP_HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeBootstrapHostKeyForTheTests000000000";
+
+impl FakeNix {
+    /// A derivation named as nixpkgs' `system.build.vm` is (`nixos-vm`) whose output
+    /// holds `bin/run-nixos-vm` (the stand-in above); its dry run says it is
+    /// fetched, nothing built.
+    pub fn bootstrap_vm(&self) -> FakeBootstrap {
+        let name = "nixos-vm";
+        let drv = self.store().join(format!("{}-{name}.drv", fake_hash(name)));
+        let out = self
+            .store()
+            .join(format!("{}-{name}", fake_hash(&format!("{name}-out"))));
+        std::fs::write(
+            &drv,
+            format!(
+                r#"Derive([("out","{}","","")],[],[],"aarch64-darwin","/bin/sh",[],[("name","{name}")])"#,
+                out.display()
+            ),
+        )
+        .unwrap();
+        let conf = self.root.join("drv").join(drv.file_name().unwrap());
+        std::fs::create_dir_all(conf.join("src/bin")).unwrap();
+        std::fs::write(conf.join("out"), out.to_str().unwrap()).unwrap();
+        let runner = conf.join("src/bin/run-nixos-vm");
+        std::fs::write(&runner, FAKE_VM).unwrap();
+        std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(
+            conf.join("dry-run.txt"),
+            format!(
+                "these 2 paths will be fetched (1000.00 MiB download, 3000.00 MiB unpacked):
+  {}
+  /nix/store/44444444444444444444444444444444-qemu
+",
+                self.store()
+                    .join("33333333333333333333333333333333-nixos-system")
+                    .display()
+            ),
+        )
+        .unwrap();
+        FakeBootstrap {
+            drv,
+            out,
+            conf,
+            root: self.root.clone(),
+        }
+    }
+}
+
+impl FakeBootstrap {
+    /// The config layer that names it as the bootstrap builder (whose user is
+    /// `builder`, as nixpkgs' is).
+    pub fn layer(&self) -> darwin_vz_nix::config::ConfigLayer {
+        darwin_vz_nix::config::ConfigLayer {
+            bootstrap_drv: Some(self.drv.clone()),
+            bootstrap_host_key: Some(FAKE_BOOTSTRAP_HOST_KEY.into()),
+            ssh_user: Some(darwin_vz_nix::bootstrap::BUILDER_USER.into()),
+            ..Default::default()
+        }
+    }
+
+    /// What the stand-in VM recorded, once it ran.
+    pub fn record(&self) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(self.root.join("bootstrap-vm.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Its dry run says it would build an aarch64-linux derivation: not cached.
+    pub fn not_cached(&self, linux_drv: &Path) {
+        std::fs::write(
+            linux_drv,
+            r#"Derive([("out","/nix/store/x","","")],[],[],"aarch64-linux","/bin/sh",[],[])"#,
+        )
+        .unwrap();
+        std::fs::write(
+            self.conf.join("dry-run.txt"),
+            format!(
+                "this derivation will be built:
+  {}
+",
+                linux_drv.display()
+            ),
+        )
+        .unwrap();
+    }
+
+    /// The stand-in VM exits at once when started.
+    pub fn crash_on_start(&self) {
+        std::fs::write(self.root.join("bootstrap-vm.crash"), "").unwrap();
+    }
+}
+
 /// 32 characters from Nix's base-32 alphabet, different for different names.
 fn fake_hash(name: &str) -> String {
     const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";

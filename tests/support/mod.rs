@@ -509,6 +509,12 @@ impl Fixture {
                 retry_after: Duration::from_secs(60),
                 short_timeout: Duration::from_secs(30),
             },
+            bootstrap: darwin_vz_nix::bootstrap::BootstrapOptions {
+                fetch_timeout: Duration::from_secs(60),
+                boot_timeout: Duration::from_secs(20),
+                stop_timeout: Duration::from_secs(5),
+                drain_timeout: Duration::from_secs(60),
+            },
         }
     }
 
