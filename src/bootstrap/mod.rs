@@ -714,6 +714,11 @@ fn spawn_runner(
     let _ = console.set_len(0);
     let console_err = console.try_clone().map_err(|e| e.to_string())?;
     let mut command = std::process::Command::new(runner);
+    // nixpkgs' builder copies this bundle into the VM (useHostCerts): it fetches
+    // through the same TLS proxy the Mac's Nix trusts, if any.
+    if let Some(bundle) = crate::cacerts::find(&crate::cacerts::Sources::from_host()) {
+        command.env("NIX_SSL_CERT_FILE", bundle);
+    }
     command
         .current_dir(&dir)
         .envs(runner_env(keys, port, spec, state))

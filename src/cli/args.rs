@@ -124,7 +124,7 @@ pub enum Command {
         after_help = "Examples:\n  darwin-vz-nix ssh\n  darwin-vz-nix ssh -- nix-store --verify --check-contents\n  darwin-vz-nix ssh -- sudo journalctl -b"
     )]
     Ssh(SshArgs),
-    /// Print the ssh_config `Host darwin-vz-nix` block that reaches the builder.
+    /// Print the ssh_config `Host darwin-vz-nix darwin-vz-nix-x86` block that reaches the builder.
     ///
     /// Put it in /etc/ssh/ssh_config.d/ so that root's nix-daemon can use the builder
     /// (the nix-darwin module does this for you).

@@ -210,7 +210,7 @@ fn print_bootstrap_steps(step: u32, bootstrap: &BootstrapSpec, state: &StateDir)
         shell_quote(&state.bootstrap_root().display().to_string())
     );
     println!(
-        "       (PORT: a free loopback port; SSH is forwarded from 127.0.0.1 only; its disk and temporary files stay in {})",
+        "       (PORT: a free loopback port; SSH is forwarded from 127.0.0.1 only; its disk and temporary files stay in {}; NIX_SSL_CERT_FILE is the CA bundle Nix uses here, when there is one)",
         state.bootstrap_dir().display()
     );
     println!(

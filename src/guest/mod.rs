@@ -433,12 +433,13 @@ async fn realise_steps(inner: &Arc<Inner>) -> Result<(), String> {
 
     // What will be built and fetched: said in `status` until Nix counts itself.
     let plan = {
-        let (nix, drv, home) = (
+        let (nix, drv, home, timeout) = (
             inner.nix.clone(),
             spec.drv.clone(),
             state.root().to_path_buf(),
+            inner.options.short_timeout,
         );
-        tokio::task::spawn_blocking(move || dry_run(&nix, &drv, &home))
+        tokio::task::spawn_blocking(move || dry_run(&nix, &drv, &home, timeout))
             .await
             .map_err(|e| format!("planning the guest's build failed: {e}"))?
     };
@@ -548,19 +549,25 @@ fn set_step(inner: &Inner, step: Step) {
     inner.notify();
 }
 
-/// How long a dry run may take (it asks the binary caches about every path).
-const DRY_RUN_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a dry run may take when nothing else says (it asks the binary caches
+/// about every path).
+pub const DRY_RUN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What realising `drv` would build and fetch (`nix-store --realise --dry-run`),
-/// and Nix's words for it. Blocks.
-pub fn dry_run(nix: &NixStore, drv: &Path, home: &Path) -> Result<(DryRun, String), String> {
-    let output = run::blocking(nix, &nix::dry_run_args(drv), home, DRY_RUN_TIMEOUT)?;
+/// and Nix's words for it; bounded by `timeout`. Blocks.
+pub fn dry_run(
+    nix: &NixStore,
+    drv: &Path,
+    home: &Path,
+    timeout: Duration,
+) -> Result<(DryRun, String), String> {
+    let output = run::blocking(nix, &nix::dry_run_args(drv), home, timeout)?;
     Ok((DryRun::parse(&output.stderr), output.stderr))
 }
 
-/// `dry_run`, the plan only.
+/// `dry_run` within [`DRY_RUN_TIMEOUT`], the plan only.
 pub fn run_dry(nix: &NixStore, drv: &Path, home: &Path) -> Result<DryRun, String> {
-    dry_run(nix, drv, home).map(|(dry, _)| dry)
+    dry_run(nix, drv, home, DRY_RUN_TIMEOUT).map(|(dry, _)| dry)
 }
 
 /// `5 derivations to build, 812 paths to fetch`.
