@@ -486,3 +486,42 @@ fn a_retry_while_the_bootstrap_builder_still_serves_reuses_it_instead_of_startin
     );
     assert!(!fixture.state_dir.join("bootstrap").exists());
 }
+
+#[test]
+fn an_aarch64_connect_that_times_out_while_the_bootstrap_builder_comes_up_says_so() {
+    let fixture = Fixture::new();
+    let nix = FakeNix::install(&fixture);
+    let guest = nix.guest("darwin-vz-nix-guest", "");
+    let bootstrap = nix.bootstrap_vm();
+    bootstrap.hold();
+    let _harness = harness(&fixture, &guest, &bootstrap);
+    wait_for(
+        Duration::from_secs(10),
+        "the bootstrap builder's fetch",
+        || bootstrap_phase(&fixture) == "fetching",
+    );
+
+    let t0 = std::time::Instant::now();
+    let out = fixture
+        .cli_command(&["proxy", "--alias", "darwin-vz-nix", "--timeout", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(10), "one bound, not two");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "darwin-vz-nix: timed out after 1 s waiting for the guest to be built (building: 1 aarch64-linux build(s) and no guest to run them; bringing up the bootstrap builder for them first; log {}); `darwin-vz-nix status` shows how far it got\n",
+            fixture.state_dir.join("logs/guest-build.log").display()
+        )
+    );
+    let text = stdout(&fixture.cli(&["status"]));
+    assert!(
+        text.contains(
+            "\nbootstrap     fetching nixpkgs' darwin.linux-builder from cache.nixos.org: "
+        ),
+        "{text}"
+    );
+    bootstrap.release();
+}

@@ -478,3 +478,47 @@ fn bootstrap_dry_run_prints_every_step_with_its_command_and_changes_nothing() {
     );
     assert!(!fixture.state_dir.exists(), "nothing was created");
 }
+
+#[test]
+fn bootstrap_prints_its_steps_then_follows_the_build_to_a_booted_guest() {
+    let fixture = Fixture::new();
+    let nix = FakeNix::install(&fixture);
+    let guest = nix.guest("darwin-vz-nix-guest", "");
+    guest.progress(PROGRESS);
+    guest.hold();
+    let harness = lazy_harness(&fixture, &guest);
+    wait_for(Duration::from_secs(10), "progress", || {
+        status_text(&fixture).contains("120 of 800")
+    });
+
+    let child = fixture
+        .cli_command(&["bootstrap"])
+        .env_remove("DARWIN_VZ_NIX_GUEST")
+        .env("DARWIN_VZ_NIX_GUEST_DRV", &guest.drv)
+        .env("DARWIN_VZ_NIX_GUEST_OUT", &guest.out)
+        .env("PATH", nix.path_env())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    guest.release();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("Bootstrap of the builder in "), "{text}");
+    assert!(
+        text.contains("The supervisor builds the guest through the nix-daemon"),
+        "{text}"
+    );
+    assert!(
+        text.lines().last().unwrap().starts_with("ready in "),
+        "{text}"
+    );
+    assert!(
+        stderr(&out).contains("guest: building for "),
+        "it follows the build: {}",
+        stderr(&out)
+    );
+    assert_eq!(harness.vm.booted_kernels(), [canonical(&guest.kernel())]);
+}

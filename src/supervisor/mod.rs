@@ -228,6 +228,13 @@ fn deadline_after(after: Duration) -> tokio::time::Instant {
         .unwrap_or(now)
 }
 
+/// Who answers a build connection on the aarch64-linux alias.
+enum Answer {
+    Bootstrap,
+    Guest,
+    TimedOut,
+}
+
 /// The mutable part, under one lock.
 #[derive(Debug)]
 struct Life {
@@ -441,7 +448,16 @@ impl Supervisor {
         &self,
         timeout: Duration,
     ) -> Result<(BootId, Option<BootTiming>), SupervisorError> {
-        let deadline = deadline_after(timeout);
+        self.ensure_boot_by(deadline_after(timeout), timeout).await
+    }
+
+    /// `ensure_boot` until `deadline`; a timeout error says `timeout`, the client's
+    /// whole wait.
+    async fn ensure_boot_by(
+        &self,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<(BootId, Option<BootTiming>), SupervisorError> {
         let mut changes = self.inner.changed.subscribe();
         let mut joined: Option<BootId> = None;
         loop {
@@ -666,8 +682,20 @@ impl Supervisor {
     /// descriptor is the caller's to hand out; the supervisor keeps its own watch on
     /// the stream and counts it as a session until the stream ends (see `session`).
     pub async fn connect(&self, port: u32, timeout: Duration) -> Result<OwnedFd, SupervisorError> {
+        self.connect_by(port, deadline_after(timeout), timeout)
+            .await
+    }
+
+    /// `connect` until `deadline` (`timeout` is the client's whole wait, for
+    /// messages).
+    async fn connect_by(
+        &self,
+        port: u32,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<OwnedFd, SupervisorError> {
         let lease = session::Lease::new(&self.inner);
-        let (boot, _) = self.ensure_boot(timeout).await?;
+        let (boot, _) = self.ensure_boot_by(deadline, timeout).await?;
         let repaired = {
             let _files = self.inner.state_files.lock().await;
             self.inner.keeper.before_connect()
@@ -701,31 +729,40 @@ impl Supervisor {
         timeout: Duration,
         allow_bootstrap: bool,
     ) -> Result<OwnedFd, SupervisorError> {
+        let deadline = deadline_after(timeout);
         if allow_bootstrap
             && port == self.inner.options.ready_port
             && let Some(guests) = &self.inner.guests
             && let Some(bootstrap) = guests.bootstrap()
-            && self.bootstrap_answers(guests, bootstrap, timeout).await
         {
-            return bootstrap
-                .connect()
-                .await
-                .map_err(SupervisorError::ConnectFailed);
+            match Self::who_answers(guests, bootstrap, deadline).await {
+                Answer::Bootstrap => {
+                    return bootstrap
+                        .connect()
+                        .await
+                        .map_err(SupervisorError::ConnectFailed);
+                }
+                Answer::Guest => {}
+                Answer::TimedOut => {
+                    return Err(SupervisorError::GuestNotReady {
+                        after: timeout,
+                        progress: guests.waiting_for(),
+                    });
+                }
+            }
         }
-        self.connect(port, timeout).await
+        self.connect_by(port, deadline, timeout).await
     }
 
-    /// Waits (at most `timeout`) until it is clear who answers a build connection:
-    /// `true` for the bootstrap builder (running, no guest can boot), `false` for
-    /// the guest (one can boot, or no bootstrap builder is coming).
-    async fn bootstrap_answers(
-        &self,
+    /// Waits (until `deadline`) until it is clear who answers a build connection:
+    /// the bootstrap builder (running, no guest can boot), or the guest (one can
+    /// boot, or no bootstrap builder is coming).
+    async fn who_answers(
         guests: &crate::guest::Guests,
         bootstrap: &crate::bootstrap::Bootstrap,
-        timeout: Duration,
-    ) -> bool {
+        deadline: tokio::time::Instant,
+    ) -> Answer {
         use crate::bootstrap::Phase;
-        let deadline = deadline_after(timeout);
         let mut guest_changes = guests.subscribe();
         let mut bootstrap_changes = bootstrap.subscribe();
         loop {
@@ -733,21 +770,18 @@ impl Supervisor {
             bootstrap_changes.borrow_and_update();
             guests.kick(false);
             if guests.bootable().is_some() {
-                return false;
+                return Answer::Guest;
             }
             match bootstrap.phase() {
-                Phase::Running => return true,
+                Phase::Running => return Answer::Bootstrap,
                 Phase::Fetching | Phase::Booting => {}
                 _ if guests.deciding_on_bootstrap() => {}
-                _ => return false,
+                _ => return Answer::Guest,
             }
-            let changed = tokio::select! {
-                changed = guest_changes.changed() => changed.is_ok(),
-                changed = bootstrap_changes.changed() => changed.is_ok(),
-                () = tokio::time::sleep_until(deadline) => false,
-            };
-            if !changed {
-                return false;
+            tokio::select! {
+                changed = guest_changes.changed() => if changed.is_err() { return Answer::Guest },
+                changed = bootstrap_changes.changed() => if changed.is_err() { return Answer::Guest },
+                () = tokio::time::sleep_until(deadline) => return Answer::TimedOut,
             }
         }
     }

@@ -389,6 +389,15 @@ impl FakeBootstrap {
         .unwrap();
     }
 
+    /// Fetching it waits until `release`.
+    pub fn hold(&self) {
+        std::fs::write(self.conf.join("hold"), "").unwrap();
+    }
+
+    pub fn release(&self) {
+        let _ = std::fs::remove_file(self.conf.join("hold"));
+    }
+
     /// The stand-in VM exits at once when started.
     pub fn crash_on_start(&self) {
         std::fs::write(self.root.join("bootstrap-vm.crash"), "").unwrap();
