@@ -83,7 +83,10 @@
           failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
           generated = {
             plist = config.environment.launchDaemons."${daemon.serviceConfig.Label}.plist".text;
-            daemonConfig = (import ./nix/lib.nix).daemonConfig config.services.darwin-vz;
+            daemonConfig = config.services.darwin-vz.daemonSettings;
+            # What building the daemon config would build: nothing (the guest and
+            # the bootstrap builder are named by their .drv, realised by the daemon).
+            configOutputDependencies = (import ./nix/lib.nix).outputDependencies config.services.darwin-vz.daemonSettings;
             machines = config.environment.etc."nix/machines".text;
             activation = config.system.activationScripts.extraActivation.text;
             etcFiles = builtins.attrNames config.environment.etc;
@@ -131,9 +134,16 @@
         ${hostSystem} = {
           darwin-vz-nix = (pkgsFor hostSystem).callPackage ./nix/package.nix { };
           default = self.packages.${hostSystem}.darwin-vz-nix;
+          # The bootstrap builder's VM runner (nix/bootstrap.nix), with its host
+          # key as `hostKey`: for the Mac test (tests/macos.rs) and for looking.
+          bootstrap-builder =
+            let
+              bootstrap = import ./nix/bootstrap.nix { pkgs = pkgsFor hostSystem; };
+            in
+            bootstrap.vm // { inherit (bootstrap) hostKey; };
         };
-        # Built (and pushed to the binary cache) by the aarch64-linux CI job, so a
-        # Mac gets its first guest without any Linux builder.
+        # The guest. A Mac gets it without a Linux builder of its own: the daemon
+        # realises it when it starts (README, "Bootstrap").
         ${guestSystem} = {
           guest = mkGuest { };
           # The default guest with the kernel nested virtualization can use (Linux
@@ -146,19 +156,32 @@
       };
 
       # `nix run github:…/darwin-vz-nix -- start` boots the default guest with no
-      # flags: the CLI reads its guest directory from DARWIN_VZ_NIX_GUEST, and an
-      # explicit --guest or an already exported variable still wins.
+      # flags. The wrapper names the guest by its derivation and output path (as the
+      # nix-darwin module does), so running it builds nothing for aarch64-linux: the
+      # daemon realises the guest when it starts. A guest directory in
+      # DARWIN_VZ_NIX_GUEST, or --guest, still wins.
       apps.${hostSystem}.default =
         let
+          dvnLib = import ./nix/lib.nix;
+          guest = {
+            guestDrv = builtins.unsafeDiscardOutputDependency defaultGuest.drvPath;
+            guestOut = builtins.unsafeDiscardStringContext defaultGuest.outPath;
+          };
+          bootstrap = dvnLib.bootstrapSettings (import ./nix/bootstrap.nix { pkgs = pkgsFor hostSystem; });
           wrapper = (pkgsFor hostSystem).writeShellScriptBin "darwin-vz-nix" ''
-            export DARWIN_VZ_NIX_GUEST="''${DARWIN_VZ_NIX_GUEST:-${defaultGuest}}"
+            if [ -z "''${DARWIN_VZ_NIX_GUEST:-}" ]; then
+              export DARWIN_VZ_NIX_GUEST_DRV="''${DARWIN_VZ_NIX_GUEST_DRV:-${guest.guestDrv}}"
+              export DARWIN_VZ_NIX_GUEST_OUT="''${DARWIN_VZ_NIX_GUEST_OUT:-${guest.guestOut}}"
+              export DARWIN_VZ_NIX_BOOTSTRAP_DRV="''${DARWIN_VZ_NIX_BOOTSTRAP_DRV:-${bootstrap.bootstrapDrv}}"
+              export DARWIN_VZ_NIX_BOOTSTRAP_HOST_KEY="''${DARWIN_VZ_NIX_BOOTSTRAP_HOST_KEY:-${lib.strings.trim bootstrap.bootstrapHostKey}}"
+            fi
             exec ${lib.getExe cli} "$@"
           '';
         in
         {
           type = "app";
           program = lib.getExe wrapper;
-          meta.description = "darwin-vz-nix with the flake's default guest";
+          meta.description = "darwin-vz-nix with the flake's default guest (built on first start)";
         };
 
       darwinModules.default =
@@ -246,6 +269,17 @@
                   lib.hasInfix "<string>/var/lib/darwin-vz/guest-report.json</string>" g.refreshPlist
                   && lib.hasInfix "<string>--write</string>" g.refreshPlist
                   && !lib.hasInfix "<key>UserName</key>" g.refreshPlist;
+              }
+              {
+                what = "the daemon config names the guest's .drv and output path, and the bootstrap builder's .drv, and needs no output built";
+                holds =
+                  g:
+                  g.daemonConfig ? guestDrv
+                  && g.daemonConfig ? guestOut
+                  && !(g.daemonConfig ? guest)
+                  && lib.hasSuffix "-nixos-vm.drv" g.daemonConfig.bootstrapDrv
+                  && lib.hasPrefix "ssh-ed25519 " g.daemonConfig.bootstrapHostKey
+                  && g.configOutputDependencies == [ ];
               }
             ];
           };

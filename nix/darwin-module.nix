@@ -18,13 +18,18 @@
 # boot's guest said about /dev/kvm (nested virtualization); a root launchd job then
 # writes the line again, and that report can only take kvm and nixos-test away.
 #
+# The guest is not built here either: the switch carries only its derivation (.drv)
+# and the output path it builds (nix/lib.nix guestSettings), so it needs no
+# aarch64-linux builder. The daemon realises the derivation through the nix-daemon
+# when it starts, and boots the result (src/guest).
+#
 # The VM is not booted here: the daemon starts idle, boots the guest when the first
 # build connects through `darwin-vz-nix proxy`, and powers it off after
 # idleTimeout minutes without a connection.
 #
 # The flake's darwinModules.default imports this file and sets `package` and
-# `guestNixpkgs` to the flake's own, so the default guest is the one its CI built
-# and cached. Imported on its own, it builds both from the system's nixpkgs.
+# `guestNixpkgs` to the flake's own pinned nixpkgs, whose stock packages are on
+# cache.nixos.org. Imported on its own, it takes both from the system's nixpkgs.
 {
   config,
   options,
@@ -42,11 +47,17 @@ let
 
   exe = lib.getExe' cfg.package "darwin-vz-nix";
 
-  configFile = pkgs.writeText "darwin-vz-nix.json" (builtins.toJSON (dvnLib.daemonConfig cfg));
+  configFile = pkgs.writeText "darwin-vz-nix.json" (builtins.toJSON cfg.daemonSettings);
 
-  # The guest is the default one unless extraNixOSConfig was set. With the default
-  # guest, the evaluation is exactly the flake's packages.aarch64-linux.guest, so it
-  # is substituted from the binary cache and no Linux builder is needed yet.
+  # The bootstrap builder, for a guest the daemon realises itself: nixpkgs'
+  # darwin.linux-builder from the guest's nixpkgs, which has it on cache.nixos.org.
+  bootstrapBuilder = import ./bootstrap.nix {
+    pkgs = import cfg.guestNixpkgs { inherit (pkgs.stdenv.hostPlatform) system; };
+  };
+  useBootstrap = cfg.bootstrap.enable && cfg.guest ? drvPath;
+
+  # The guest is the default one unless extraNixOSConfig was set: with the default
+  # guest, the evaluation is exactly the flake's packages.aarch64-linux.guest.
   optionDefaultPriority = (lib.mkOptionDefault { }).priority;
   customGuest = options.services.darwin-vz.extraNixOSConfig.highestPrio < optionDefaultPriority;
   # The guest's kernel follows rosetta and nestedVirtualization (nix/nixos/kvm.nix):
@@ -183,8 +194,9 @@ in
       '';
       description = ''
         A NixOS module merged into the guest's configuration. Setting it makes the
-        guest a new aarch64-linux build: build it while the default guest is running
-        as the builder (see the README, "Customising the guest").
+        guest a new aarch64-linux build: the switch does not build it; the daemon
+        does, on the guest that runs now, which keeps serving until the new one is
+        ready (see the README, "Customising the guest").
       '';
     };
 
@@ -196,8 +208,10 @@ in
       '';
       example = lib.literalExpression "inputs.nixpkgs";
       description = ''
-        The Nixpkgs source the guest is evaluated from. Keep the flake's own to use
-        the guest its CI caches; another one means building the guest yourself.
+        The Nixpkgs source the guest is evaluated from. The flake's own is a
+        nixpkgs-unstable revision whose stock packages are on cache.nixos.org, so
+        only the guest's own configuration is built; another revision may mean
+        building much more.
       '';
     };
 
@@ -217,8 +231,33 @@ in
         inputs.darwin-vz-nix.lib.mkGuest { modules = [ ./builder.nix ]; }
       '';
       description = ''
-        The guest: a directory with `kernel`, `initrd`, `system` and `registration`,
-        as built by the flake's `lib.mkGuest`.
+        The guest: a derivation building a directory with `kernel`, `initrd`,
+        `system` and `registration`, as the flake's `lib.mkGuest` makes. The switch
+        does not build it: the daemon gets its .drv and output path, builds it when
+        it starts, and boots it once it is ready. A store path (a guest built
+        elsewhere) is booted as it is.
+      '';
+    };
+
+    bootstrap.enable = mkOption {
+      type = types.bool;
+      default = true;
+      example = false;
+      description = ''
+        While no guest exists yet and building the guest needs an aarch64-linux
+        build, bring up nixpkgs' `darwin.linux-builder` (QEMU, from
+        cache.nixos.org, run by the daemon's account, SSH on 127.0.0.1 only) for
+        those builds, and remove it once the guest is built. Turn it off if this Mac
+        has another aarch64-linux builder, or to build the first guest yourself.
+      '';
+    };
+
+    daemonSettings = mkOption {
+      type = types.attrs;
+      internal = true;
+      readOnly = true;
+      description = ''
+        The daemon's JSON config as the module writes it (for checks and debugging).
       '';
     };
 
@@ -463,6 +502,10 @@ in
         # Only the hidden account and group created here are managed (the
         # assertions above refuse existing ones); existing users join the group
         # through groupMembers, and their own accounts are left alone.
+        services.darwin-vz.daemonSettings =
+          dvnLib.daemonConfig cfg
+          // lib.optionalAttrs useBootstrap (dvnLib.bootstrapSettings bootstrapBuilder);
+
         users.users.${cfg.user} = {
           inherit (cfg) uid gid;
           description = "darwin-vz-nix builder VM";

@@ -20,6 +20,7 @@ let
     {
       clientKey = "${dir}/keys/client_ed25519";
       knownHosts = "${dir}/keys/known_hosts";
+      bootstrapKnownHosts = "${dir}/keys/bootstrap_known_hosts";
     };
 
   withoutTrailingSlash =
@@ -77,6 +78,26 @@ let
 
   optionalValue = cfg: name: if cfg ? ${name} then cfg.${name} else null;
   stringOrNull = value: if value == null then null else toString value;
+
+  # The daemon settings for the guest. A derivation (the default guest, or one
+  # made with extraNixOSConfig) is named by its .drv and its output path, so that
+  # the system that carries the config builds nothing for aarch64-linux: the .drv
+  # keeps only the context of the .drv file itself
+  # (unsafeDiscardOutputDependency), which makes the .drv and the .drv files it
+  # refers to part of the closure without building any output, and the output path
+  # keeps no context at all. The daemon realises the derivation when it first needs
+  # the guest (src/guest). A path (a guest built elsewhere) stays `guest`.
+  guestSettings =
+    guest:
+    if guest == null then
+      { }
+    else if builtins.isAttrs guest && guest ? drvPath then
+      {
+        guestDrv = builtins.unsafeDiscardOutputDependency guest.drvPath;
+        guestOut = builtins.unsafeDiscardStringContext guest.outPath;
+      }
+    else
+      { guest = toString guest; };
 
   # "/private/var/lib/./x//" -> "/var/lib/x", lower case. Lexical only (no symlinks
   # are read at evaluation), with macOS's own symlinks /var, /etc and /tmp (to
@@ -160,6 +181,11 @@ let
   # the daemon's log file, which belongs to the service account (a root job
   # appending to that would write wherever the account points it).
   machinesRefreshLog = "/var/log/darwin-vz-nix-machines.log";
+
+  # The second name of the builder's Host block, for every system but
+  # aarch64-linux: only the guest answers it (src/ssh.rs X86_ALIAS, compared by
+  # tests/contract.rs).
+  x86Alias = "darwin-vz-nix-x86";
 in
 {
   inherit
@@ -170,6 +196,7 @@ in
     machinesFile
     guestReportFile
     machinesRefreshLog
+    x86Alias
     ;
 
   # Defaults of the services.darwin-vz options that become daemon settings. The
@@ -244,16 +271,14 @@ in
   # settings left at null, so the daemon applies its own default for them.
   daemonConfig =
     cfg:
-    withoutNulls {
+    guestSettings (optionalValue cfg "guest")
+    // withoutNulls {
       cores = optionalValue cfg "cores";
       memory = optionalValue cfg "memory";
       diskSize = optionalValue cfg "diskSize";
       rosetta = optionalValue cfg "rosetta";
       idleTimeout = optionalValue cfg "idleTimeout";
       stopTimeout = optionalValue cfg "stopTimeout";
-      # A derivation becomes its store path here (toString keeps the string
-      # context, so the guest is part of the system closure that refers to it).
-      guest = stringOrNull (optionalValue cfg "guest");
       kernelParams = optionalValue cfg "kernelParams";
       stateDir = stringOrNull (optionalValue cfg "workingDirectory");
       logLevel = optionalValue cfg "logLevel";
@@ -274,6 +299,28 @@ in
         if settings == { } then null else settings;
       preventSleep = optionalValue cfg "preventSleep";
     };
+
+  # The daemon settings for the bootstrap builder (src/bootstrap): its VM runner
+  # named by its .drv only, like the guest, so the switch builds neither; and the
+  # host key its sshd presents.
+  bootstrapSettings =
+    { vm, hostKey }:
+    {
+      bootstrapDrv = builtins.unsafeDiscardOutputDependency vm.drvPath;
+      bootstrapHostKey = builtins.unsafeDiscardStringContext hostKey;
+    };
+
+  # The derivations whose outputs a value's strings need built: what a system that
+  # carries the value (e.g. the daemon config in the launchd plist) would have to
+  # build. For the daemon config it must be empty (tests/nix/lazy-guest.nix).
+  outputDependencies =
+    value:
+    let
+      context = builtins.getContext (builtins.toJSON value);
+    in
+    builtins.filter (path: context.${path} ? outputs || context.${path} ? allOutputs) (
+      builtins.attrNames context
+    );
 
   # The line the module adds to /etc/nix/machines for the machines file at `file`
   # (the module's is machinesFile). Nix reads that file in its place (an `@` entry is
@@ -334,7 +381,10 @@ in
 
   # The Host block that lets root's nix-daemon (and `sudo ssh darwin-vz-nix`) reach
   # the guest with no prompt. `darwin-vz-nix ssh-config` prints the same text; a
-  # Rust test compares the two byte for byte.
+  # Rust test compares the two byte for byte. ssh passes the name it was asked for
+  # (%n) to the proxy: while the first guest is built, the bootstrap builder may
+  # answer the aarch64-linux alias (src/bootstrap); the known_hosts file for it
+  # exists only then.
   sshConfig =
     {
       bin,
@@ -347,12 +397,12 @@ in
       quotedStateDir = quotePath "state directory" stateDir;
     in
     ''
-      Host ${contract.hostKeyAlias}
+      Host ${contract.hostKeyAlias} ${x86Alias}
         User ${user}
         HostKeyAlias ${contract.hostKeyAlias}
-        ProxyCommand ${proxyBin} proxy --fdpass --state-dir ${quotedStateDir}
+        ProxyCommand ${proxyBin} proxy --fdpass --state-dir ${quotedStateDir} --alias %n
         ProxyUseFdpass yes
-        UserKnownHostsFile ${quotePath "known_hosts file" paths.knownHosts}
+        UserKnownHostsFile ${quotePath "known_hosts file" paths.knownHosts} ${quotePath "known_hosts file" paths.bootstrapKnownHosts}
         IdentityFile ${quotePath "client key" paths.clientKey}
         IdentitiesOnly yes
         StrictHostKeyChecking yes

@@ -79,7 +79,22 @@ impl KernelFormat {
 /// Finds and checks the artifacts named by the configuration; every problem is
 /// returned, each naming the setting that points at the artifact.
 pub fn resolve(config: &Config) -> Result<GuestArtifacts, Vec<Problem>> {
+    resolve_from(
+        config,
+        config.guest.dir.as_deref().map(|dir| (dir, "guest")),
+    )
+}
+
+/// Like `resolve`, with the guest directory given: `(dir, the setting that named
+/// it)` — the daemon passes the lazy guest it chose to boot (`guestOut`, or the
+/// guest booted before). Single files set in the configuration still win.
+pub fn resolve_from(
+    config: &Config,
+    guest_dir: Option<(&Path, &'static str)>,
+) -> Result<GuestArtifacts, Vec<Problem>> {
     let source = &config.guest;
+    let dir_key = guest_dir.map_or("guest", |(_, key)| key);
+    let guest_dir = guest_dir.map(|(dir, _)| dir);
     let mut problems = Vec::new();
     let mut problem = |key: &str, message: String| {
         problems.push(Problem {
@@ -88,18 +103,18 @@ pub fn resolve(config: &Config) -> Result<GuestArtifacts, Vec<Problem>> {
         });
     };
 
-    if let Some(dir) = &source.dir
+    if let Some(dir) = guest_dir
         && !dir.is_dir()
     {
         problem(
-            "guest",
+            dir_key,
             format!(
                 "{} is not a directory; point it at a guest built by `nix build .#guest` (it holds kernel, initrd, system and registration)",
                 dir.display()
             ),
         );
     }
-    let dir = source.dir.as_deref().filter(|d| d.is_dir());
+    let dir = guest_dir.filter(|d| d.is_dir());
 
     // An explicit file wins over the guest directory's.
     let pick = |key: &'static str,
@@ -108,17 +123,17 @@ pub fn resolve(config: &Config) -> Result<GuestArtifacts, Vec<Problem>> {
      -> Option<(PathBuf, &'static str)> {
         match (explicit, dir) {
             (Some(path), _) => Some((path.clone(), key)),
-            (None, Some(dir)) => Some((dir.join(name), "guest")),
+            (None, Some(dir)) => Some((dir.join(name), dir_key)),
             (None, None) => None,
         }
     };
 
-    if source.dir.is_none()
+    if guest_dir.is_none()
         && (source.kernel.is_none() || source.initrd.is_none() || source.system.is_none())
     {
         problem(
             "guest",
-            "no guest configured; pass --guest DIR (a guest built by `nix build .#guest`), set DARWIN_VZ_NIX_GUEST, or set `guest` in the config file — `nix run` and the nix-darwin module set it for you".into(),
+            "no guest configured; pass --guest DIR (a guest built by `nix build .#guest`) or --guest-drv DRV --guest-out PATH (its derivation, which the daemon builds), set DARWIN_VZ_NIX_GUEST, or set `guest` in the config file — `nix run` and the nix-darwin module set one for you".into(),
         );
     }
 
@@ -176,7 +191,7 @@ pub fn resolve(config: &Config) -> Result<GuestArtifacts, Vec<Problem>> {
     // Only a guest directory promises a registration; single files may go without.
     let registration = match registration {
         Some((path, _)) if path.is_file() => Some(path),
-        Some((path, key)) if key == "registration" || source.dir.is_some() => {
+        Some((path, key)) if key == "registration" || guest_dir.is_some() => {
             problem(
                 key,
                 format!(

@@ -145,6 +145,19 @@ pub struct ConfigLayer {
     pub nested_virtualization: Option<crate::nested::NestedVirtualization>,
     /// Keep the Mac from idle sleep while a build connection is open.
     pub prevent_sleep: Option<bool>,
+    /// The guest's derivation (`/nix/store/…-darwin-vz-nix-guest.drv`), which the
+    /// daemon realises when it is first needed (see `guest`). A `guest` directory,
+    /// when set, wins.
+    pub guest_drv: Option<PathBuf>,
+    /// The output path `guestDrv` builds; set together with it.
+    pub guest_out: Option<PathBuf>,
+    /// nixpkgs' `darwin.linux-builder` VM runner (`…-nixos-vm.drv`): brought up
+    /// from cache.nixos.org while the guest needs an aarch64-linux build and no
+    /// guest exists yet (see `crate::bootstrap`). Unset: no automatic bootstrap.
+    pub bootstrap_drv: Option<PathBuf>,
+    /// The bootstrap builder's public SSH host key (`ssh-ed25519 AAAA…`), from
+    /// the same nixpkgs; set together with `bootstrapDrv`.
+    pub bootstrap_host_key: Option<String>,
 }
 
 /// Where a setting's value came from.
@@ -199,6 +212,14 @@ const FIELDS: &[FieldNames] = &[
         "preventSleep",
         "PREVENT_SLEEP",
         "--prevent-sleep/--no-prevent-sleep",
+    ),
+    field("guestDrv", "GUEST_DRV", "--guest-drv"),
+    field("guestOut", "GUEST_OUT", "--guest-out"),
+    field("bootstrapDrv", "BOOTSTRAP_DRV", "--bootstrap-drv"),
+    field(
+        "bootstrapHostKey",
+        "BOOTSTRAP_HOST_KEY",
+        "--bootstrap-host-key",
     ),
 ];
 
@@ -291,6 +312,12 @@ pub struct Config {
     pub builder: crate::machines::BuilderSettings,
     pub nested_virtualization: crate::nested::NestedVirtualization,
     pub prevent_sleep: bool,
+    /// The guest's derivation and the output it builds (`guestDrv`, `guestOut`).
+    pub guest_drv: Option<PathBuf>,
+    pub guest_out: Option<PathBuf>,
+    /// The bootstrap builder (`bootstrapDrv`, `bootstrapHostKey`).
+    pub bootstrap_drv: Option<PathBuf>,
+    pub bootstrap_host_key: Option<String>,
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -348,6 +375,10 @@ impl Config {
         let nested_virtualization =
             pick!(nested_virtualization, "nestedVirtualization").unwrap_or_default();
         let prevent_sleep = pick!(prevent_sleep, "preventSleep").unwrap_or(defaults::PREVENT_SLEEP);
+        let guest_drv = pick!(guest_drv, "guestDrv");
+        let guest_out = pick!(guest_out, "guestOut");
+        let bootstrap_drv = pick!(bootstrap_drv, "bootstrapDrv");
+        let bootstrap_host_key = pick!(bootstrap_host_key, "bootstrapHostKey");
 
         let Some(state_dir) = state_dir else {
             return Err(ConfigErrors(vec![Problem {
@@ -405,6 +436,10 @@ impl Config {
             builder,
             nested_virtualization,
             prevent_sleep,
+            guest_drv,
+            guest_out,
+            bootstrap_drv,
+            bootstrap_host_key,
             origins,
         };
         problems.extend(config.check_values());
@@ -496,7 +531,117 @@ impl Config {
         {
             problems.push(self.problem("controlGroup", message));
         }
+        problems.extend(self.check_guest_derivation());
+        problems.extend(self.check_bootstrap());
         problems
+    }
+
+    /// `bootstrapDrv` (an absolute `.drv`) and `bootstrapHostKey` (one public key),
+    /// always given together.
+    fn check_bootstrap(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Some(drv) = &self.bootstrap_drv {
+            let shape = path_problem(drv).or_else(|| {
+                (!drv.is_absolute() || drv.extension().is_none_or(|ext| ext != "drv")).then(|| {
+                    format!(
+                        "{} is not an absolute path to a derivation (`.drv`); give darwin.linux-builder's VM runner, e.g. `nix eval --raw nixpkgs#darwin.linux-builder.nixosConfig.system.build.vm.drvPath`",
+                        drv.display()
+                    )
+                })
+            });
+            if let Some(message) = shape {
+                problems.push(self.problem("bootstrapDrv", message));
+            }
+        }
+        if let Some(key) = &self.bootstrap_host_key
+            && let Err(message) = check_public_key(key)
+        {
+            problems.push(self.problem("bootstrapHostKey", message));
+        }
+        match (&self.bootstrap_drv, &self.bootstrap_host_key) {
+            (Some(_), None) => problems.push(self.problem(
+                "bootstrapDrv",
+                "is set without bootstrapHostKey; give both (the nix-darwin module does)",
+            )),
+            (None, Some(_)) => problems.push(self.problem(
+                "bootstrapHostKey",
+                "is set without bootstrapDrv; give both (the nix-darwin module does)",
+            )),
+            _ => {}
+        }
+        problems
+    }
+
+    /// The bootstrap builder, when configured: its VM runner's derivation and host key.
+    pub fn bootstrap(&self) -> Option<crate::bootstrap::BootstrapSpec> {
+        match (&self.bootstrap_drv, &self.bootstrap_host_key) {
+            (Some(drv), Some(host_key)) => Some(crate::bootstrap::BootstrapSpec {
+                drv: drv.clone(),
+                host_key: host_key.trim().to_string(),
+                cores: self.cores,
+                memory_mib: self.memory_mib,
+                ssh_user: self.ssh_user.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// `guestDrv` and `guestOut`: absolute UTF-8 paths, a `.drv` and its output,
+    /// always given together.
+    fn check_guest_derivation(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for (key, path) in [("guestDrv", &self.guest_drv), ("guestOut", &self.guest_out)] {
+            let Some(path) = path else { continue };
+            if let Some(message) = path_problem(path) {
+                problems.push(self.problem(key, message));
+            } else if !path.is_absolute() {
+                problems.push(self.problem(
+                    key,
+                    format!(
+                        "{} is relative; give an absolute store path",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(drv) = &self.guest_drv
+            && drv.extension().is_none_or(|ext| ext != "drv")
+        {
+            problems.push(self.problem(
+                "guestDrv",
+                format!(
+                    "{} is not a derivation (no `.drv`); give the guest's derivation, e.g. `nix eval --raw .#packages.aarch64-linux.guest.drvPath`",
+                    drv.display()
+                ),
+            ));
+        }
+        match (&self.guest_drv, &self.guest_out) {
+            (Some(_), None) => problems.push(self.problem(
+                "guestDrv",
+                "is set without guestOut; give both (the nix-darwin module and `nix run` do)",
+            )),
+            (None, Some(_)) => problems.push(self.problem(
+                "guestOut",
+                "is set without guestDrv; give both (the nix-darwin module and `nix run` do)",
+            )),
+            _ => {}
+        }
+        problems
+    }
+
+    /// The guest the daemon realises itself, when no `guest` directory is set: its
+    /// derivation and the output path it builds.
+    pub fn lazy_guest(&self) -> Option<crate::guest::GuestSpec> {
+        if self.guest.dir.is_some() {
+            return None;
+        }
+        match (&self.guest_drv, &self.guest_out) {
+            (Some(drv), Some(out)) => Some(crate::guest::GuestSpec {
+                drv: drv.clone(),
+                out: out.clone(),
+            }),
+            _ => None,
+        }
     }
 
     /// Checks against this host and the filesystem, done before anything boots.
@@ -727,6 +872,10 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
         "sshUser" => layer.ssh_user = Some(text.into()),
         "nestedVirtualization" => layer.nested_virtualization = Some(text.parse()?),
         "preventSleep" => layer.prevent_sleep = Some(parse_bool_setting(text)?),
+        "guestDrv" => layer.guest_drv = Some(text.into()),
+        "guestOut" => layer.guest_out = Some(text.into()),
+        "bootstrapDrv" => layer.bootstrap_drv = Some(text.into()),
+        "bootstrapHostKey" => layer.bootstrap_host_key = Some(text.into()),
         // It has a name in FIELDS only so that messages can name it.
         "builder" => {
             return Err(
@@ -819,6 +968,26 @@ fn path_problem(path: &Path) -> Option<String> {
             path.display()
         )
     })
+}
+
+/// An SSH public key as known_hosts takes it: `TYPE BASE64`, one line.
+fn check_public_key(key: &str) -> Result<(), String> {
+    let key = key.trim();
+    let mut words = key.split_whitespace();
+    let (kind, data) = (words.next(), words.next());
+    let shape_ok = key.len() <= 4096
+        && kind.is_some_and(|k| k.starts_with("ssh-") || k.starts_with("ecdsa-"))
+        && data.is_some_and(|d| {
+            d.len() >= 16
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='))
+        })
+        && !key.contains(['\n', '\r']);
+    if shape_ok {
+        Ok(())
+    } else {
+        Err("is not an SSH public key (`ssh-ed25519 AAAA…`, one line); give the bootstrap builder's host key from nixpkgs (nixos/modules/profiles/keys/ssh_host_ed25519_key.pub)".into())
+    }
 }
 
 /// A group name as `controlGroup` takes it.
@@ -1205,6 +1374,134 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid configuration: DARWIN_VZ_NIX_BUILDER: the builder section is set in the config file only (--config); unset it"
+        );
+    }
+
+    #[test]
+    fn a_guest_derivation_comes_with_its_output_and_a_guest_directory_wins() {
+        let lazy = |drv: Option<&str>, out: Option<&str>, dir: Option<&str>| {
+            resolve(vec![Source {
+                origin: Origin::Flag,
+                layer: ConfigLayer {
+                    guest_drv: drv.map(PathBuf::from),
+                    guest_out: out.map(PathBuf::from),
+                    guest: dir.map(PathBuf::from),
+                    ..Default::default()
+                },
+            }])
+        };
+        let config = lazy(
+            Some("/nix/store/a-guest.drv"),
+            Some("/nix/store/b-guest"),
+            None,
+        )
+        .unwrap();
+        let spec = config.lazy_guest().unwrap();
+        assert_eq!(spec.drv, PathBuf::from("/nix/store/a-guest.drv"));
+        assert_eq!(spec.out, PathBuf::from("/nix/store/b-guest"));
+        let dir = lazy(
+            Some("/nix/store/a-guest.drv"),
+            Some("/nix/store/b-guest"),
+            Some("/guest"),
+        )
+        .unwrap();
+        assert_eq!(dir.lazy_guest(), None, "a built guest directory wins");
+
+        let text = |result: Result<Config, ConfigErrors>| -> Vec<String> {
+            result
+                .unwrap_err()
+                .0
+                .iter()
+                .map(|p| p.to_string())
+                .collect()
+        };
+        assert_eq!(
+            text(lazy(Some("/nix/store/a-guest.drv"), None, None)),
+            [
+                "--guest-drv: is set without guestOut; give both (the nix-darwin module and `nix run` do)"
+            ]
+        );
+        assert_eq!(
+            text(lazy(None, Some("/nix/store/b-guest"), None)),
+            [
+                "--guest-out: is set without guestDrv; give both (the nix-darwin module and `nix run` do)"
+            ]
+        );
+        assert_eq!(
+            text(lazy(Some("/nix/store/a-guest"), Some("b-guest"), None)),
+            [
+                "--guest-out: b-guest is relative; give an absolute store path",
+                "--guest-drv: /nix/store/a-guest is not a derivation (no `.drv`); give the guest's derivation, e.g. `nix eval --raw .#packages.aarch64-linux.guest.drvPath`",
+            ]
+        );
+        let from_env = read_env(vars(&[
+            ("DARWIN_VZ_NIX_GUEST_DRV", "/nix/store/a-guest.drv"),
+            ("DARWIN_VZ_NIX_GUEST_OUT", "/nix/store/b-guest"),
+        ]))
+        .unwrap()
+        .layer;
+        assert_eq!(
+            from_env.guest_drv,
+            Some(PathBuf::from("/nix/store/a-guest.drv"))
+        );
+        assert_eq!(
+            from_env.guest_out,
+            Some(PathBuf::from("/nix/store/b-guest"))
+        );
+    }
+
+    #[test]
+    fn the_bootstrap_builder_needs_its_derivation_and_a_host_key() {
+        let bootstrap = |drv: Option<&str>, key: Option<&str>| {
+            resolve(vec![Source {
+                origin: Origin::Flag,
+                layer: ConfigLayer {
+                    bootstrap_drv: drv.map(PathBuf::from),
+                    bootstrap_host_key: key.map(String::from),
+                    ..Default::default()
+                },
+            }])
+        };
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTheTests root@nixos\n";
+        let config = bootstrap(Some("/nix/store/a-nixos-vm.drv"), Some(key)).unwrap();
+        let spec = config.bootstrap().unwrap();
+        assert_eq!(spec.drv, PathBuf::from("/nix/store/a-nixos-vm.drv"));
+        assert_eq!(
+            spec.host_key,
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTheTests root@nixos"
+        );
+        assert_eq!(
+            (spec.cores, spec.memory_mib),
+            (config.cores, config.memory_mib)
+        );
+        assert!(resolve(vec![]).unwrap().bootstrap().is_none());
+
+        let text = |result: Result<Config, ConfigErrors>| -> Vec<String> {
+            result
+                .unwrap_err()
+                .0
+                .iter()
+                .map(|p| p.to_string())
+                .collect()
+        };
+        assert_eq!(
+            text(bootstrap(Some("/nix/store/a-nixos-vm.drv"), None)),
+            [
+                "--bootstrap-drv: is set without bootstrapHostKey; give both (the nix-darwin module does)"
+            ]
+        );
+        let bad = text(bootstrap(
+            Some("nixos-vm"),
+            Some("ssh-ed25519 AAAA\nProxyCommand x"),
+        ));
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(
+            bad[0].starts_with("--bootstrap-drv: nixos-vm is not an absolute path to a derivation"),
+            "{bad:?}"
+        );
+        assert!(
+            bad[1].starts_with("--bootstrap-host-key: is not an SSH public key"),
+            "{bad:?}"
         );
     }
 

@@ -81,6 +81,12 @@ pub struct DaemonOptions {
     pub backend_timeout: Duration,
     /// The host's power management (IOKit on macOS); tests pass a fake.
     pub power: Arc<dyn PowerManager>,
+    /// The `nix-store` that realises a lazy guest (`guestDrv`).
+    pub nix_store: crate::guest::nix::NixStore,
+    /// Bounds of the lazy guest's realisation.
+    pub guest: crate::guest::GuestOptions,
+    /// Bounds of the bootstrap builder.
+    pub bootstrap: crate::bootstrap::BootstrapOptions,
 }
 
 impl DaemonOptions {
@@ -97,6 +103,9 @@ impl DaemonOptions {
             guest_report_wait: DEFAULT_GUEST_REPORT_WAIT,
             backend_timeout: crate::supervisor::DEFAULT_BACKEND_TIMEOUT,
             power: crate::power::platform_power(),
+            nix_store: crate::guest::nix::NixStore::find(std::env::var_os("PATH").as_deref()),
+            guest: crate::guest::GuestOptions::default(),
+            bootstrap: crate::bootstrap::BootstrapOptions::default(),
         }
     }
 }
@@ -183,11 +192,41 @@ struct DaemonKeeper {
     host: HostInfo,
     state: StateDir,
     host_store: PathBuf,
+    /// The lazy guest, whose realised (or earlier) directory each boot uses.
+    guests: Option<crate::guest::Guests>,
 }
 
 impl StateKeeper for DaemonKeeper {
     fn plan_boot(&self) -> Result<PlannedBoot, String> {
-        plan_boot(&self.config, &self.host, &self.state, &self.host_store)
+        let Some(guests) = &self.guests else {
+            return plan_boot(&self.config, &self.host, &self.state, &self.host_store);
+        };
+        // The supervisor waited until one can boot; it stays bootable (a root keeps it).
+        let dir = guests
+            .bootable()
+            .ok_or_else(|| format!("no guest can boot yet: {}", guests.waiting_for()))?;
+        // The guest booted before is found through the state directory's root.
+        let key = if dir == guests.spec().out {
+            "guestOut"
+        } else {
+            "stateDir"
+        };
+        let mut planned = plan_boot_from(
+            &self.config,
+            &self.host,
+            &self.state,
+            &self.host_store,
+            Some((&dir, key)),
+        )?;
+        planned.notices.extend(guests.keep_booted(&dir));
+        if dir != guests.spec().out {
+            tracing::info!(
+                "booting the guest booted before, {}, while {} is not ready",
+                dir.display(),
+                guests.spec().out.display()
+            );
+        }
+        Ok(planned)
     }
 
     fn reset(&self, keys_only: bool) -> Result<Vec<PathBuf>, String> {
@@ -275,13 +314,35 @@ pub async fn serve(
         power: options.power.clone(),
         clock_port: contract::CLOCK_VSOCK_PORT,
     };
+    // A lazy guest is realised from the start: by the time a build connects, it
+    // may be ready.
+    let guests = config.lazy_guest().map(|spec| {
+        let bootstrap = config.bootstrap().map(|bootstrap| {
+            crate::bootstrap::Bootstrap::new(
+                bootstrap,
+                state.clone(),
+                options.nix_store.clone(),
+                options.bootstrap.clone(),
+            )
+        });
+        let guests = crate::guest::Guests::new(
+            spec,
+            state.clone(),
+            options.nix_store.clone(),
+            options.guest.clone(),
+            bootstrap,
+        );
+        guests.kick(false);
+        guests
+    });
     let keeper = DaemonKeeper {
         config,
         host,
         state: state.clone(),
         host_store: options.host_store.clone(),
+        guests: guests.clone(),
     };
-    let supervisor = Supervisor::new(backend, Box::new(keeper), supervisor_options);
+    let supervisor = Supervisor::with_guests(backend, Box::new(keeper), supervisor_options, guests);
 
     let shutdown = Arc::new(Notify::new());
     if options.handle_signals {
@@ -403,10 +464,40 @@ pub fn check_boot(
     host: &HostInfo,
     state: &StateDir,
 ) -> Result<GuestArtifacts, ConfigErrors> {
+    check_boot_from(config, host, state, None)
+}
+
+/// Everything `check_boot` checks but the guest: what `start` checks before it
+/// spawns a daemon that will realise a lazy guest (`guestDrv`) itself.
+pub fn check_settings(
+    config: &Config,
+    host: &HostInfo,
+    state: &StateDir,
+) -> Result<(), ConfigErrors> {
     let mut problems = config.validate_for_boot(host, disk::existing_size(&state.disk_image()));
-    let artifacts = artifacts::resolve(config)
-        .map_err(|mut more| problems.append(&mut more))
-        .ok();
+    problems.extend(nested_problem(config, host));
+    problems.extend(state_problems(config, state));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(problems))
+    }
+}
+
+/// `check_boot` with the guest directory given (and the setting that named it),
+/// instead of the configuration's `guest`.
+pub fn check_boot_from(
+    config: &Config,
+    host: &HostInfo,
+    state: &StateDir,
+    guest_dir: Option<(&std::path::Path, &'static str)>,
+) -> Result<GuestArtifacts, ConfigErrors> {
+    let mut problems = config.validate_for_boot(host, disk::existing_size(&state.disk_image()));
+    let resolved = match guest_dir {
+        Some(dir) => artifacts::resolve_from(config, Some(dir)),
+        None => artifacts::resolve(config),
+    };
+    let artifacts = resolved.map_err(|mut more| problems.append(&mut more)).ok();
     if let Some(artifacts) = &artifacts {
         let line = crate::plan::command_line(config, artifacts, host);
         if let Err(e) = crate::plan::check_command_line(&line, &config.kernel_params) {
@@ -416,15 +507,29 @@ pub fn check_boot(
             });
         }
     }
-    // `on` on a Mac without it; the guest kernel is judged when the plan is made.
-    if let Err(message) =
-        nested::decide(config.nested_virtualization, host.nested_support(), || None)
-    {
-        problems.push(Problem {
+    problems.extend(nested_problem(config, host));
+    problems.extend(state_problems(config, state));
+    match artifacts {
+        Some(artifacts) if problems.is_empty() => Ok(artifacts),
+        _ => Err(ConfigErrors(problems)),
+    }
+}
+
+/// `nestedVirtualization = on` on a Mac without it; the guest kernel is judged when
+/// the plan is made.
+fn nested_problem(config: &Config, host: &HostInfo) -> Option<Problem> {
+    nested::decide(config.nested_virtualization, host.nested_support(), || None)
+        .err()
+        .map(|message| Problem {
             input: config.input("nestedVirtualization"),
             message,
-        });
-    }
+        })
+}
+
+/// What is wrong with the state directory itself: a QEMU image as the disk, a socket
+/// path too long.
+fn state_problems(config: &Config, state: &StateDir) -> Vec<Problem> {
+    let mut problems = Vec::new();
     if disk::is_qcow2(&state.disk_image()).unwrap_or(false) {
         let message = disk::DiskError::Qcow2 {
             path: state.disk_image(),
@@ -441,10 +546,7 @@ pub fn check_boot(
             message: e.to_string(),
         });
     }
-    match artifacts {
-        Some(artifacts) if problems.is_empty() => Ok(artifacts),
-        _ => Err(ConfigErrors(problems)),
-    }
+    problems
 }
 
 /// Everything a boot needs, checked and made ready: run before every boot so that a
@@ -456,7 +558,18 @@ pub fn plan_boot(
     state: &StateDir,
     host_store: &std::path::Path,
 ) -> Result<PlannedBoot, String> {
-    let artifacts = check_boot(config, host, state).map_err(|e| e.to_string())?;
+    plan_boot_from(config, host, state, host_store, None)
+}
+
+/// `plan_boot` with the guest directory given (see `check_boot_from`).
+pub fn plan_boot_from(
+    config: &Config,
+    host: &HostInfo,
+    state: &StateDir,
+    host_store: &std::path::Path,
+    guest_dir: Option<(&std::path::Path, &'static str)>,
+) -> Result<PlannedBoot, String> {
+    let artifacts = check_boot_from(config, host, state, guest_dir).map_err(|e| e.to_string())?;
     let disk_change =
         disk::ensure(&state.disk_image(), config.disk_size).map_err(|e| e.to_string())?;
     match disk_change {

@@ -342,6 +342,24 @@ fn check_nested(config: &Config, host: &HostInfo) -> Check {
 }
 
 fn check_guest(config: &Config) -> Check {
+    // A guest the daemon builds itself: checked once built; until then, say so.
+    if let Some(spec) = config.lazy_guest() {
+        if !spec.out.is_dir() {
+            return Check::warn(
+                "guest",
+                format!(
+                    "{} is not built yet; the daemon builds it from {} when it starts",
+                    spec.out.display(),
+                    spec.drv.display()
+                ),
+                "darwin-vz-nix bootstrap --dry-run shows every step; darwin-vz-nix bootstrap runs them",
+            );
+        }
+        return match artifacts::resolve_from(config, Some((&spec.out, "guestOut"))) {
+            Ok(a) => Check::ok("guest", format!("kernel {}", a.kernel.display())),
+            Err(problems) => Check::fail("guest", problems[0].to_string(), "see the message"),
+        };
+    }
     match artifacts::resolve(config) {
         Ok(a) => Check::ok("guest", format!("kernel {}", a.kernel.display())),
         Err(problems) => Check::fail("guest", problems[0].to_string(), "see the message"),
@@ -352,6 +370,28 @@ fn check_guest(config: &Config) -> Check {
 mod tests {
     use super::*;
     use crate::config::{ConfigLayer, Origin, Source};
+
+    #[test]
+    fn a_guest_the_daemon_builds_is_a_warning_until_it_is_built() {
+        let config = Config::resolve(
+            &[Source {
+                origin: Origin::Flag,
+                layer: ConfigLayer {
+                    guest_drv: Some("/nonexistent/store/a-guest.drv".into()),
+                    guest_out: Some("/nonexistent/store/b-guest".into()),
+                    ..Default::default()
+                },
+            }],
+            Some("/state".into()),
+        )
+        .unwrap();
+        let check = check_guest(&config);
+        assert_eq!(check.verdict, Verdict::Warn);
+        assert_eq!(
+            check.detail,
+            "/nonexistent/store/b-guest is not built yet; the daemon builds it from /nonexistent/store/a-guest.drv when it starts"
+        );
+    }
 
     #[test]
     fn linux_reports_mac_checks_as_skipped_and_finds_a_missing_guest() {

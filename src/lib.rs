@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod backend;
 pub mod bench;
+pub mod bootstrap;
 pub mod cacerts;
 pub mod cli;
 pub mod clock;
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod disk;
 pub mod doctor;
 pub mod files;
+pub mod guest;
 pub mod guest_timing;
 pub mod host;
 pub mod keys;

@@ -196,6 +196,11 @@ pub struct VmFacts {
     /// example `kvm` once the guest is known to have `/dev/kvm`). They join the
     /// default list only: a `supportedFeatures` list the user wrote is kept as written.
     pub extra_features: Vec<Name>,
+    /// The first guest is still to be built, by the bootstrap builder (configured,
+    /// and no guest has booted yet): aarch64-linux, which it builds, and the other
+    /// systems, which only the guest builds, get entries of their own (see
+    /// [`entries`]).
+    pub bootstrap_pending: bool,
 }
 
 /// What root knows about nested virtualization on this Mac, as [`VmFacts`], and
@@ -206,8 +211,19 @@ pub struct VmFacts {
 /// only take features away (`nested::offer`).
 pub fn nested_facts(config: &Config, host: &HostInfo, state: &StateDir) -> (VmFacts, Vec<String>) {
     let mut warnings = Vec::new();
+    // A lazy guest's kernel once its output exists (built: the daemon boots it from
+    // then on); the output path comes from the configuration, never the state
+    // directory. Before that, the kernel is unknown and `auto` offers no kvm.
     let kernel = || {
-        artifacts::resolve(config)
+        let lazy_out = config
+            .lazy_guest()
+            .map(|spec| spec.out)
+            .filter(|out| out.is_dir());
+        let guest = match &lazy_out {
+            Some(out) => artifacts::resolve_from(config, Some((out, "guestOut"))),
+            None => artifacts::resolve(config),
+        };
+        guest
             .ok()
             .and_then(|guest| nested::kernel_release(&guest.kernel))
     };
@@ -233,7 +249,11 @@ pub fn nested_facts(config: &Config, host: &HostInfo, state: &StateDir) -> (VmFa
         .iter()
         .filter_map(|feature| Name::try_from(feature.to_string()).ok())
         .collect();
-    (VmFacts { extra_features }, warnings)
+    let facts = VmFacts {
+        extra_features,
+        ..VmFacts::default()
+    };
+    (facts, warnings)
 }
 
 /// The builder as Nix should see it: every field of one machines-file entry.
@@ -332,6 +352,58 @@ impl fmt::Display for MachineLine {
     }
 }
 
+/// The machines file's entries. One, normally. While the first guest is still to be
+/// built by the bootstrap builder, two: aarch64-linux on the builder's alias (which
+/// the bootstrap builder may answer meanwhile) and the other systems on
+/// [`crate::ssh::X86_ALIAS`] (which waits for the guest), so that the supervisor
+/// knows from the name ssh was asked for which system a connection is for. Nix
+/// counts jobs per entry, so until the next `machines --write` after the first
+/// guest booted, the VM may get `maxJobs` builds of each.
+pub fn entries(config: &Config, state: &StateDir, facts: &VmFacts) -> Vec<MachineLine> {
+    let line = MachineLine::new(config, state, facts);
+    let (native, other): (Vec<String>, Vec<String>) = line
+        .systems
+        .iter()
+        .cloned()
+        .partition(|system| system == "aarch64-linux");
+    if !facts.bootstrap_pending || native.is_empty() || other.is_empty() {
+        return vec![line];
+    }
+    let x86 = MachineLine {
+        store_uri: format!("ssh-ng://{}@{}", config.ssh_user, crate::ssh::X86_ALIAS),
+        systems: other,
+        ..line.clone()
+    };
+    vec![
+        MachineLine {
+            systems: native,
+            ..line
+        },
+        x86,
+    ]
+}
+
+/// The file's text for several entries: the comment, then one entry per line.
+pub fn render_entries(entries: &[MachineLine]) -> String {
+    let mut text = HEADER.to_string();
+    for entry in entries {
+        text.push_str(&format!("{entry}\n"));
+    }
+    text
+}
+
+/// True when a guest has booted from this state directory: its GC root exists
+/// (`gcroots/guest`, a symbolic link the supervisor makes). Read without following
+/// it; whoever owns the directory can only choose between our own entries.
+pub fn guest_has_booted(state: &StateDir) -> bool {
+    std::fs::symlink_metadata(state.guest_root()).is_ok_and(|meta| meta.file_type().is_symlink())
+}
+
+/// Writes `entries` to `path` for root's nix-daemon, as [`write`] does.
+pub fn write_entries(path: &Path, entries: &[MachineLine]) -> Result<(), files::TrustedFileError> {
+    files::write_trusted(path, render_entries(entries).as_bytes(), 0o644)
+}
+
 /// Writes `line` to `path` for root's nix-daemon: 0644 (every user's `nix` reads
 /// it too), atomically, never through a symbolic link, and only into a directory
 /// no one but root (or the user writing) can change; see [`files::write_trusted`].
@@ -427,6 +499,7 @@ mod tests {
                 Name::try_from("kvm".to_string()).unwrap(),
                 Name::try_from("big-parallel".to_string()).unwrap(),
             ],
+            ..VmFacts::default()
         };
         let defaults = config("{}", ConfigLayer::default());
         assert_eq!(
@@ -443,6 +516,32 @@ mod tests {
             ["benchmark"],
             "the user's list is kept as written"
         );
+    }
+
+    #[test]
+    fn while_the_bootstrap_is_pending_aarch64_and_the_rest_get_entries_of_their_own() {
+        let config = config("{}", ConfigLayer::default());
+        let pending = VmFacts {
+            bootstrap_pending: true,
+            ..VmFacts::default()
+        };
+        let text = render_entries(&entries(&config, &state(), &pending));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1..],
+            [
+                "ssh-ng://builder@darwin-vz-nix aarch64-linux /var/lib/darwin-vz/keys/client_ed25519 4 1 benchmark,big-parallel - -",
+                "ssh-ng://builder@darwin-vz-nix-x86 x86_64-linux /var/lib/darwin-vz/keys/client_ed25519 4 1 benchmark,big-parallel - -",
+            ]
+        );
+        assert!(!text.contains(';'));
+        // Afterwards, or without Rosetta, one entry as before.
+        assert_eq!(entries(&config, &state(), &VmFacts::default()).len(), 1);
+        let mut no_rosetta = config;
+        no_rosetta.rosetta = false;
+        let one = entries(&no_rosetta, &state(), &pending);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].systems, ["aarch64-linux"]);
     }
 
     #[test]

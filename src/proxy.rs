@@ -40,15 +40,17 @@ pub enum ProxyEnd {
 
 /// Connects to guest `port` through the supervisor of `state_dir`; hands the stream
 /// to ssh (`fdpass`, when stdout is a socket) or relays stdin/stdout until either side
-/// closes.
+/// closes. `alias` is the host name ssh was asked for (`%n`): the aarch64-linux
+/// alias may be answered by the bootstrap builder (see `crate::bootstrap`).
 pub fn run(
     state_dir: &std::path::Path,
     port: u32,
     timeout: Duration,
     fdpass: bool,
+    alias: Option<&str>,
 ) -> Result<ProxyEnd, crate::control::ClientError> {
     let mut client = ControlClient::connect(state_dir)?;
-    let stream = client.connect_port(port, timeout)?;
+    let stream = client.connect_for_build(port, timeout, allows_bootstrap(alias))?;
     drop(client);
     if fdpass {
         match hand_to_ssh(&stream) {
@@ -68,6 +70,14 @@ pub fn run(
     let stdin = dup_file(&std::io::stdin())?;
     let stdout = dup_file(&std::io::stdout())?;
     Ok(relay(stdin, stdout, stream))
+}
+
+/// Whether a connection for `alias` may be answered by the bootstrap builder: only
+/// the builder's own alias, which Nix's machines line uses for aarch64-linux — the
+/// one system the bootstrap builder builds. Any other name (the x86_64 alias, a
+/// user's own Host block, no `--alias`) waits for the guest.
+pub fn allows_bootstrap(alias: Option<&str>) -> bool {
+    alias == Some(crate::contract::HOST_KEY_ALIAS)
 }
 
 /// Sends the stream's descriptor to ssh over stdout, as OpenSSH's `ProxyUseFdpass`

@@ -4,6 +4,14 @@
 //! The same text is produced by `nix/lib.nix` (`sshConfig`) for nix-darwin; a test
 //! compares the two, so change both together.
 //!
+//! The block answers two names: the builder's alias, which Nix's machines line uses
+//! for aarch64-linux, and [`X86_ALIAS`] for the other systems (x86_64-linux through
+//! Rosetta). The ProxyCommand passes the name ssh was asked for (`%n`): while the
+//! first guest is built, the bootstrap builder may answer the first (it builds
+//! aarch64-linux), never the second (see `crate::bootstrap`). Both pin host keys
+//! under the one alias: the guest's in `known_hosts`, and the bootstrap builder's in
+//! `bootstrap_known_hosts`, which exists only while it runs.
+//!
 //! Every value that reaches ssh — in the printed block or on its command line — is
 //! checked here, in `SshTarget::options`, whichever layer it came from (config file,
 //! environment, `--ssh-user`, `ssh -l`, `ssh-config --user`, paths): a newline in a
@@ -14,6 +22,10 @@ use std::path::{Path, PathBuf};
 
 use crate::contract;
 use crate::state::StateDir;
+
+/// The second name of the builder's Host block: the machines line for every system
+/// but aarch64-linux connects through it, which only the guest answers.
+pub const X86_ALIAS: &str = "darwin-vz-nix-x86";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SshConfigError {
@@ -61,8 +73,15 @@ pub struct SshOption {
 }
 
 impl SshTarget {
-    /// The options, in the order they are written.
+    /// The options, in the order they are written: those of the Host block, whose
+    /// ProxyCommand says which of its names ssh was asked for.
     pub fn options(&self) -> Result<Vec<SshOption>, SshConfigError> {
+        self.options_for(true)
+    }
+
+    /// `with_alias`: the ProxyCommand passes `--alias %n` (the Host block, for
+    /// Nix); without it the proxy reaches the guest only (`darwin-vz-nix ssh`).
+    fn options_for(&self, with_alias: bool) -> Result<Vec<SshOption>, SshConfigError> {
         check_user(&self.user).map_err(SshConfigError::BadUser)?;
         let state = StateDir::new(&self.state_dir);
         let option = |keyword, value: String| SshOption { keyword, value };
@@ -74,13 +93,21 @@ impl SshTarget {
             option(
                 "ProxyCommand",
                 format!(
-                    "{} proxy --fdpass --state-dir {}",
+                    "{} proxy --fdpass --state-dir {}{}",
                     quote(&self.proxy_bin)?,
-                    quote(&self.state_dir)?
+                    quote(&self.state_dir)?,
+                    if with_alias { " --alias %n" } else { "" }
                 ),
             ),
             option("ProxyUseFdpass", "yes".into()),
-            option("UserKnownHostsFile", quote(&state.known_hosts())?),
+            option(
+                "UserKnownHostsFile",
+                format!(
+                    "{} {}",
+                    quote(&state.known_hosts())?,
+                    quote(&state.bootstrap_known_hosts())?
+                ),
+            ),
             option("IdentityFile", quote(&state.client_key())?),
             option("IdentitiesOnly", "yes".into()),
             option("StrictHostKeyChecking", "yes".into()),
@@ -94,7 +121,7 @@ impl SshTarget {
 
     /// The `Host` block for `ssh_config` (what `darwin-vz-nix ssh-config` prints).
     pub fn config_block(&self) -> Result<String, SshConfigError> {
-        let mut text = format!("Host {}\n", contract::HOST_KEY_ALIAS);
+        let mut text = format!("Host {} {X86_ALIAS}\n", contract::HOST_KEY_ALIAS);
         for SshOption { keyword, value } in self.options()? {
             text.push_str(&format!("  {keyword} {value}\n"));
         }
@@ -105,7 +132,7 @@ impl SshTarget {
     /// and the system's configuration (ControlMaster, `Host *` …) out of the way.
     pub fn ssh_args(&self, command: &[OsString]) -> Result<Vec<OsString>, SshConfigError> {
         let mut args: Vec<OsString> = vec!["-F".into(), "/dev/null".into()];
-        for SshOption { keyword, value } in self.options()? {
+        for SshOption { keyword, value } in self.options_for(false)? {
             args.push("-o".into());
             args.push(format!("{keyword}={value}").into());
         }
@@ -157,12 +184,12 @@ mod tests {
     fn the_host_block_is_exact() {
         assert_eq!(
             target("/var/lib/darwin-vz").config_block().unwrap(),
-            "Host darwin-vz-nix\n\
+            "Host darwin-vz-nix darwin-vz-nix-x86\n\
              \x20 User builder\n\
              \x20 HostKeyAlias darwin-vz-nix\n\
-             \x20 ProxyCommand \"/nix/store/x-darwin-vz-nix/bin/darwin-vz-nix\" proxy --fdpass --state-dir \"/var/lib/darwin-vz\"\n\
+             \x20 ProxyCommand \"/nix/store/x-darwin-vz-nix/bin/darwin-vz-nix\" proxy --fdpass --state-dir \"/var/lib/darwin-vz\" --alias %n\n\
              \x20 ProxyUseFdpass yes\n\
-             \x20 UserKnownHostsFile \"/var/lib/darwin-vz/keys/known_hosts\"\n\
+             \x20 UserKnownHostsFile \"/var/lib/darwin-vz/keys/known_hosts\" \"/var/lib/darwin-vz/keys/bootstrap_known_hosts\"\n\
              \x20 IdentityFile \"/var/lib/darwin-vz/keys/client_ed25519\"\n\
              \x20 IdentitiesOnly yes\n\
              \x20 StrictHostKeyChecking yes\n\
@@ -223,6 +250,12 @@ mod tests {
         let args: Vec<String> = args.into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(&args[..2], ["-F", "/dev/null"]);
         assert!(args.contains(&"StrictHostKeyChecking=yes".to_string()));
+        // `darwin-vz-nix ssh` reaches the guest only, never the bootstrap builder.
+        let proxy = args
+            .iter()
+            .find(|a| a.starts_with("ProxyCommand="))
+            .unwrap();
+        assert!(!proxy.contains("--alias"), "{proxy}");
         assert_eq!(
             &args[args.len() - 4..],
             ["darwin-vz-nix", "--", "echo", "ok"]

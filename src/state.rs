@@ -14,6 +14,12 @@
 //!   logs/
 //!     daemon.log               the supervisor's log
 //!     console.log              the guest's console (this boot); console.previous.log
+//!     guest-build.log          the last realisation of the guest's derivation
+//!   gcroots/                   0700; indirect GC roots (Nix follows them)
+//!     guest                    the guest being booted, replaced only when another boots
+//!     guest-pending            a newer guest, realised but not booted yet
+//!     bootstrap                the bootstrap builder's VM runner, while it is used
+//!   bootstrap/                 the bootstrap builder (QEMU) while it runs: disk, tmp, keys
 //! ```
 //!
 //! Ownership of the directory is an exclusive flock(2) on the directory itself, not on
@@ -295,6 +301,50 @@ impl StateDir {
     /// (`nix/lib.nix` `guestReportFile` names the same path).
     pub fn guest_report(&self) -> PathBuf {
         self.root.join("guest-report.json")
+    }
+    /// What Nix printed while realising the guest's derivation (the last attempt).
+    pub fn guest_build_log(&self) -> PathBuf {
+        self.logs_dir().join("guest-build.log")
+    }
+    /// Indirect GC roots: symbolic links to store paths that Nix's collector keeps.
+    pub fn gcroots_dir(&self) -> PathBuf {
+        self.root.join("gcroots")
+    }
+    /// The root of the guest being booted (the guest relies on it: the host's store
+    /// must keep the booted system while the guest reads it).
+    pub fn guest_root(&self) -> PathBuf {
+        self.gcroots_dir().join("guest")
+    }
+    /// The root of a newer guest, realised and waiting for the next boot.
+    pub fn pending_guest_root(&self) -> PathBuf {
+        self.gcroots_dir().join("guest-pending")
+    }
+
+    /// The bootstrap builder's VM runner, kept while the bootstrap builder is used.
+    pub fn bootstrap_root(&self) -> PathBuf {
+        self.gcroots_dir().join("bootstrap")
+    }
+    /// The bootstrap builder's working directory (its disk image, temporary files
+    /// and the public key it accepts), deleted with it.
+    pub fn bootstrap_dir(&self) -> PathBuf {
+        self.root.join("bootstrap")
+    }
+    /// The bootstrap builder's host key under the alias, for ssh, while it runs.
+    pub fn bootstrap_known_hosts(&self) -> PathBuf {
+        self.keys_dir().join("bootstrap_known_hosts")
+    }
+    /// What the bootstrap builder (QEMU and its guest) printed.
+    pub fn bootstrap_console_log(&self) -> PathBuf {
+        self.logs_dir().join("bootstrap-console.log")
+    }
+    /// What Nix printed while fetching the bootstrap builder.
+    pub fn bootstrap_build_log(&self) -> PathBuf {
+        self.logs_dir().join("bootstrap-build.log")
+    }
+
+    /// Makes sure `gcroots/` exists, private (the state directory must exist).
+    pub fn create_gcroots_dir(&self) -> Result<(), StateError> {
+        ensure_dir(&self.gcroots_dir(), 0o700, None, Link::Refused)
     }
 
     /// The control socket path must fit in `sockaddr_un`.

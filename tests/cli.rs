@@ -394,7 +394,7 @@ fn broken_guests_are_caught_before_boot() {
         .unwrap();
     assert_usage_error(
         &out,
-        "invalid configuration: `guest` (built-in default): no guest configured; pass --guest DIR (a guest built by `nix build .#guest`), set DARWIN_VZ_NIX_GUEST, or set `guest` in the config file — `nix run` and the nix-darwin module set it for you",
+        "invalid configuration: `guest` (built-in default): no guest configured; pass --guest DIR (a guest built by `nix build .#guest`) or --guest-drv DRV --guest-out PATH (its derivation, which the daemon builds), set DARWIN_VZ_NIX_GUEST, or set `guest` in the config file — `nix run` and the nix-darwin module set one for you",
     );
 }
 
@@ -851,6 +851,10 @@ fn a_variable_that_is_set_but_unusable_is_an_error_and_destroy_deletes_nothing()
         "SSH_USER",
         "NESTED_VIRTUALIZATION",
         "PREVENT_SLEEP",
+        "GUEST_DRV",
+        "GUEST_OUT",
+        "BOOTSTRAP_DRV",
+        "BOOTSTRAP_HOST_KEY",
         "CONFIG",
     ] {
         let name = format!("DARWIN_VZ_NIX_{name}");
@@ -1125,7 +1129,7 @@ fn ssh_never_sees_a_user_that_would_inject_an_option() {
     assert_eq!(proxy.len(), 1, "{resolved}");
     assert!(
         proxy[0].ends_with(&format!(
-            "proxy --fdpass --state-dir \"{}\"",
+            "proxy --fdpass --state-dir \"{}\" --alias %n",
             fixture.state_dir.display()
         )),
         "{}",

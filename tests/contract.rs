@@ -122,6 +122,7 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
         "no-rosetta-never-idle",
         "minimal",
         "no-prevent-sleep",
+        "lazy",
     ] {
         assert!(
             cases.contains_key(name),
@@ -182,6 +183,71 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     assert!(minimal.prevent_sleep);
     assert!(!load("no-prevent-sleep").prevent_sleep);
     assert_eq!(minimal.control_group, None);
+
+    // A guest given as a derivation reaches the daemon as the guest it realises.
+    let lazy = load("lazy").lazy_guest().expect("a lazy guest");
+    assert!(
+        lazy.drv
+            .to_str()
+            .unwrap()
+            .ends_with("-darwin-vz-nix-guest.drv")
+    );
+    assert!(lazy.out.to_str().unwrap().ends_with("-darwin-vz-nix-guest"));
+    assert!(module.lazy_guest().is_none(), "a guest directory stays one");
+}
+
+/// The switch builds nothing for aarch64-linux: the daemon config's strings depend
+/// on the guest's `.drv` file only (context `path`), never on an output
+/// (`outputs`, `allOutputs`), and they name the derivation and its output path.
+#[test]
+fn the_daemon_config_names_the_guest_derivation_without_depending_on_its_outputs() {
+    let eval = support::nix_eval_json(Path::new("tests/nix/lazy-guest.nix"));
+    let config = &eval["config"];
+    assert_eq!(config["guestDrv"], eval["guestDrv"]);
+    assert_eq!(config["guestOut"], eval["guestOut"]);
+    assert!(config.get("guest").is_none(), "{config}");
+    assert_eq!(config["bootstrapDrv"], eval["bootstrapDrv"]);
+    assert_eq!(eval["outputDependencies"], serde_json::json!([]));
+    let context = eval["context"].as_object().unwrap();
+    let mut drvs = vec![
+        eval["guestDrv"].as_str().unwrap(),
+        eval["bootstrapDrv"].as_str().unwrap(),
+    ];
+    drvs.sort();
+    assert_eq!(
+        context.keys().map(String::as_str).collect::<Vec<_>>(),
+        drvs,
+        "only the two .drv files are in the context"
+    );
+    for drv in drvs {
+        assert_eq!(
+            context[drv],
+            serde_json::json!({ "path": true }),
+            "{drv} as a plain path: nothing is built"
+        );
+    }
+    // The check itself catches a guest named by its output.
+    assert_eq!(eval["withOutputs"], serde_json::json!([eval["guestDrv"]]));
+    // A guest directory (a store path) stays `guest`.
+    assert!(eval["directory"]["guest"].is_string());
+    assert!(eval["directory"].get("guestDrv").is_none());
+
+    // The Rust side reads it as a lazy guest.
+    let layer = config::parse_layer(&config.to_string()).unwrap();
+    let resolved = Config::resolve(
+        &[Source {
+            origin: Origin::File("lazy".into()),
+            layer,
+        }],
+        None,
+    )
+    .unwrap();
+    let spec = resolved.lazy_guest().unwrap();
+    assert_eq!(spec.drv.to_str(), eval["guestDrv"].as_str());
+    assert_eq!(spec.out.to_str(), eval["guestOut"].as_str());
+    let bootstrap = resolved.bootstrap().unwrap();
+    assert_eq!(bootstrap.drv.to_str(), eval["bootstrapDrv"].as_str());
+    assert!(bootstrap.host_key.starts_with("ssh-ed25519 AAAA"));
 }
 
 /// The module leaves cores and memory unset (null), so the daemon fits them to the
@@ -344,6 +410,11 @@ fn the_module_checks_give_the_expected_answers() {
     assert!(
         builder["maxJobs"].is_null(),
         "maxJobs follows the cores the daemon uses"
+    );
+    assert_eq!(
+        checks["x86Alias"],
+        darwin_vz_nix::ssh::X86_ALIAS,
+        "the Host block's second name is the machines entry's"
     );
 }
 

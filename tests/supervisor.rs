@@ -1691,6 +1691,11 @@ fn each_cell_of_the_authorization_table_holds_through_the_real_binary() {
     refused(&["rotate-keys"], "reset");
     // The guest's clock setter runs as root there: not the group's to reach.
     refused(&["proxy", "--port", "1025"], "connect");
+    // Asking for the bootstrap builder (the aarch64-linux alias) changes nothing.
+    refused(
+        &["proxy", "--port", "1025", "--alias", "darwin-vz-nix"],
+        "connect",
+    );
     assert!(fixture.state_dir.join("disk.img").exists());
     assert_eq!(status(&fixture).state, VmState::Running);
 
@@ -1938,8 +1943,8 @@ fn a_guest_without_dev_kvm_is_said_loudly_and_its_report_takes_kvm_out_of_the_ma
     );
     let json: serde_json::Value =
         serde_json::from_slice(&fixture.cli(&["status", "--json"]).stdout).unwrap();
-    assert_eq!(json["guest"]["kvm"], "absent");
-    assert_eq!(json["guest"]["nestedVirtualization"], true);
+    assert_eq!(json["guestReport"]["kvm"], "absent");
+    assert_eq!(json["guestReport"]["nestedVirtualization"], true);
     assert_eq!(json["config"]["nestedVirtualization"], "on");
     // Noted as a warning: logged (daemon.log in the real daemon) and kept for status.
     let notices = json["notices"].as_array().unwrap();
@@ -1978,6 +1983,35 @@ fn a_guest_without_dev_kvm_is_said_loudly_and_its_report_takes_kvm_out_of_the_ma
         text.contains("nested virt   on: on for boot 2; the guest has /dev/kvm (Linux 6.12.5): kvm and nixos-test are offered"),
         "{text}"
     );
+}
+
+/// A lazy guest (`guestDrv`/`guestOut`, what the nix-darwin module passes) has no
+/// kernel to read until the daemon builds it: under `auto`, root's line offers kvm
+/// and nixos-test only once `guestOut` exists with a kernel KVM can use (the line
+/// root writes again after the first boot's report).
+#[test]
+fn the_machines_line_reads_a_lazy_guests_kernel_once_its_output_is_built() {
+    let fixture = Fixture::new();
+    let mac = mac_with_nested_virtualization();
+    let nix = FakeNix::install(&fixture);
+    let guest = nix.guest("darwin-vz-nix-guest", "");
+    let config = fixture.lazy_config(&guest, Default::default());
+
+    let (line, warnings) = machines_line(&config, &mac);
+    assert!(line.contains(" benchmark,big-parallel - -"), "{line}");
+    assert!(!line.contains("kvm"), "not built yet: {line}");
+    assert!(warnings.is_empty(), "{warnings:?}");
+
+    darwin_vz_nix::artifacts::write_fake_guest(&guest.out, "").unwrap();
+    let mut kernel = std::fs::read(guest.out.join("kernel")).unwrap();
+    kernel.extend_from_slice(b"Linux version 6.12.5 (nixbld@localhost) #1-NixOS SMP\n");
+    std::fs::write(guest.out.join("kernel"), kernel).unwrap();
+    let (line, warnings) = machines_line(&config, &mac);
+    assert!(
+        line.contains(" benchmark,big-parallel,kvm,nixos-test - -"),
+        "built, Linux 6.12.5: {line}"
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
 }
 
 /// A guest that never says whether it has /dev/kvm (one built without kvm.nix) is

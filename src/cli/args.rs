@@ -99,6 +99,18 @@ pub enum Command {
         after_help = "Examples:\n  darwin-vz-nix start --cores 8 --memory 8192\n  darwin-vz-nix start --dry-run --json\n  darwin-vz-nix start --guest ./result --no-wait"
     )]
     Start(StartArgs),
+    /// From nothing to a booted builder: print every step with its exact command,
+    /// then run them.
+    ///
+    /// With a guest given as a derivation (`guestDrv`, what `nix run` and the
+    /// nix-darwin module set), the supervisor builds it through the nix-daemon as its
+    /// own account, reporting progress, then boots it. --dry-run prints the steps
+    /// (running only the read-only `nix-store --realise --dry-run`) and changes
+    /// nothing. Also the way to retry a failed build at once.
+    #[command(
+        after_help = "Examples:\n  darwin-vz-nix bootstrap --dry-run\n  sudo darwin-vz-nix bootstrap --state-dir /var/lib/darwin-vz"
+    )]
+    Bootstrap(BootstrapArgs),
     /// Power the VM off: ACPI power button first, forced after --timeout.
     ///
     /// The supervisor keeps running (and boots again on the next connection) unless
@@ -114,7 +126,7 @@ pub enum Command {
         after_help = "Examples:\n  darwin-vz-nix ssh\n  darwin-vz-nix ssh -- nix-store --verify --check-contents\n  darwin-vz-nix ssh -- sudo journalctl -b"
     )]
     Ssh(SshArgs),
-    /// Print the ssh_config `Host darwin-vz-nix` block that reaches the builder.
+    /// Print the ssh_config `Host darwin-vz-nix darwin-vz-nix-x86` block that reaches the builder.
     ///
     /// Put it in /etc/ssh/ssh_config.d/ so that root's nix-daemon can use the builder
     /// (the nix-darwin module does this for you).
@@ -131,8 +143,11 @@ pub enum Command {
     /// below, resolved as `daemon` resolves them): maxJobs is the cores it gives the
     /// VM, fitted to this Mac unless configured; the systems follow Rosetta; the key is
     /// the state directory's client key; kvm and nixos-test where nested
-    /// virtualization gives the guest /dev/kvm. Of the state directory it reads only
-    /// the guest's report, and it writes nothing there.
+    /// virtualization gives the guest /dev/kvm. While the first guest is still to be
+    /// built by the bootstrap builder (bootstrapDrv set, no `gcroots/guest` in the
+    /// state directory), x86_64-linux gets an entry of its own (darwin-vz-nix-x86),
+    /// which only the guest answers. Of the state directory it reads only the guest's
+    /// report and `gcroots/guest`, and it writes nothing there.
     #[command(after_help = machines_after_help())]
     Machines(MachinesArgs),
     /// Run the supervisor in the foreground (what launchd runs).
@@ -226,6 +241,23 @@ pub struct VmArgs {
     /// Let the Mac idle-sleep even in the middle of a build.
     #[arg(long, overrides_with = "prevent_sleep")]
     pub no_prevent_sleep: bool,
+    /// The guest's derivation (a `.drv` in the store): the daemon builds it when it
+    /// is first needed and boots its output; a --guest directory wins
+    /// [env: DARWIN_VZ_NIX_GUEST_DRV]. `nix run` and the nix-darwin module set it.
+    #[arg(long, value_name = "DRV")]
+    pub guest_drv: Option<PathBuf>,
+    /// The output path --guest-drv builds [env: DARWIN_VZ_NIX_GUEST_OUT].
+    #[arg(long, value_name = "PATH")]
+    pub guest_out: Option<PathBuf>,
+    /// nixpkgs' darwin.linux-builder VM runner (a `.drv`), brought up from
+    /// cache.nixos.org while the guest needs an aarch64-linux build and no guest
+    /// exists yet [env: DARWIN_VZ_NIX_BOOTSTRAP_DRV]. The nix-darwin module sets it.
+    #[arg(long, value_name = "DRV")]
+    pub bootstrap_drv: Option<PathBuf>,
+    /// That builder's public host key, `ssh-ed25519 AAAA…`
+    /// [env: DARWIN_VZ_NIX_BOOTSTRAP_HOST_KEY].
+    #[arg(long, value_name = "KEY")]
+    pub bootstrap_host_key: Option<String>,
 }
 
 impl VmArgs {
@@ -260,6 +292,10 @@ impl VmArgs {
             } else {
                 self.prevent_sleep.then_some(true)
             },
+            guest_drv: self.guest_drv.clone(),
+            guest_out: self.guest_out.clone(),
+            bootstrap_drv: self.bootstrap_drv.clone(),
+            bootstrap_host_key: self.bootstrap_host_key.clone(),
         }
     }
 
@@ -287,6 +323,7 @@ impl VmArgs {
             "--nested-virtualization",
             self.nested_virtualization.map(|v| v.as_str().to_string()),
         );
+        push("--bootstrap-host-key", self.bootstrap_host_key.clone());
         for param in &self.kernel_params {
             push("--kernel-param", Some(param.clone()));
         }
@@ -297,6 +334,9 @@ impl VmArgs {
             ("--initrd", &self.initrd),
             ("--system", &self.system),
             ("--registration", &self.registration),
+            ("--guest-drv", &self.guest_drv),
+            ("--guest-out", &self.guest_out),
+            ("--bootstrap-drv", &self.bootstrap_drv),
         ] {
             if let Some(path) = path {
                 paths.push(flag.into());
@@ -336,8 +376,22 @@ pub struct StartArgs {
     /// Return once the boot has begun instead of waiting for SSH.
     #[arg(long)]
     pub no_wait: bool,
-    /// Seconds to wait for the guest's SSH [default: 180; 1 to 86400].
-    #[arg(long, value_name = "SECONDS", default_value = "180", value_parser = boot_wait_seconds)]
+    /// Seconds to wait for the guest's SSH, including building a guest that is not
+    /// in the store yet (minutes, the first time) [default: 3600; 1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = boot_wait_seconds)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BootstrapArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Print the steps and their commands; build, start and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds to wait for the guest to be built and to answer SSH
+    /// [default: 3600; 1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = boot_wait_seconds)]
     pub timeout: u64,
 }
 
@@ -389,13 +443,19 @@ pub struct ProxyArgs {
     /// Guest vsock port.
     #[arg(long, default_value_t = crate::contract::SSH_VSOCK_PORT)]
     pub port: u32,
-    /// Seconds to wait for an on-demand boot [1 to 86400].
-    #[arg(long, value_name = "SECONDS", default_value = "180", value_parser = boot_wait_seconds)]
+    /// Seconds to wait for an on-demand boot, including building a guest that is not
+    /// in the store yet [1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = boot_wait_seconds)]
     pub timeout: u64,
     /// Hand the stream's descriptor to ssh (needs `ProxyUseFdpass yes`) instead of
     /// copying bytes; falls back to copying when stdout is not a socket.
     #[arg(long)]
     pub fdpass: bool,
+    /// The host name ssh was asked for (ssh_config passes `%n`): `darwin-vz-nix`,
+    /// Nix's aarch64-linux alias, may be answered by the bootstrap builder while the
+    /// first guest is built; any other name waits for the guest.
+    #[arg(long, value_name = "NAME")]
+    pub alias: Option<String>,
 }
 
 fn machines_after_help() -> String {

@@ -26,12 +26,13 @@ use crate::plan::{BootPlan, HOST_STORE, PlanInputs};
 use crate::ssh::SshTarget;
 use crate::state::{self, Access, Acting, StateDir};
 
-type Outcome = Result<u8, CliError>;
+pub(super) type Outcome = Result<u8, CliError>;
 
 pub fn run(cli: Cli) -> Outcome {
     let global = cli.global;
     match cli.command {
         Command::Start(args) => start(&global, &args),
+        Command::Bootstrap(args) => super::bootstrap::run(&global, &args),
         Command::Stop(args) => stop(&global, &args),
         Command::Status(json) => status(&global, json.json),
         Command::Ssh(args) => ssh(&global, args.user, &args.command),
@@ -41,6 +42,7 @@ pub fn run(cli: Cli) -> Outcome {
             args.port,
             Duration::from_secs(args.timeout),
             args.fdpass,
+            args.alias.as_deref(),
         ),
         Command::Machines(args) => machines(&global, &args),
         Command::Daemon(args) => run_daemon(&global, &args.vm),
@@ -65,7 +67,7 @@ pub fn run(cli: Cli) -> Outcome {
 /// defaults to this host (a 4-CPU default on a 2-CPU machine becomes 2). Every
 /// problem is reported together: the environment's, the config file's, and those of
 /// the values the layers resolve to — one bad layer does not hide another.
-fn resolve_config(
+pub(super) fn resolve_config(
     global: &GlobalArgs,
     flags: ConfigLayer,
     host: &HostInfo,
@@ -189,7 +191,7 @@ fn guest_problems(sources: &[Source]) -> Vec<Problem> {
 
 /// Root acts as the owner of the configured state directory from here on (see
 /// `state::act_as_owner`); everyone else acts as themselves.
-fn act_as_owner(config: &Config) -> Result<Acting, CliError> {
+pub(super) fn act_as_owner(config: &Config) -> Result<Acting, CliError> {
     state::act_as_owner(&config.state_dir).map_err(|e| CliError::Failure(e.to_string()))
 }
 
@@ -222,25 +224,7 @@ fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
     if args.dry_run {
         return dry_run(&config, &host, &state, args.json);
     }
-
-    match ControlClient::connect(&config.state_dir) {
-        Ok(mut client) => {
-            if let Reply::Status(status) = client.call(Request::Status, Duration::from_secs(10))? {
-                check_same_settings(&args.vm, &config, &status)?;
-            }
-        }
-        Err(ClientError::NotRunning { .. }) => {
-            daemon::check_boot(&config, &host, &state)?;
-            if !crate::vm_backend_available() {
-                return Err(CliError::Failure(format!(
-                    "darwin-vz-nix runs VMs only on macOS 13+ on Apple Silicon (this is {}); `darwin-vz-nix start --dry-run` shows what would boot",
-                    std::env::consts::OS
-                )));
-            }
-            spawn_daemon(global, &args.vm, &config)?;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    ensure_supervisor(global, &args.vm, &config, &host)?;
 
     let mut client = ControlClient::connect(&config.state_dir)?;
     let timeout = Duration::from_secs(args.timeout);
@@ -273,7 +257,7 @@ fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
     }
     if !args.json {
         eprintln!(
-            "booting (waiting up to {} s for the guest's sshd)…",
+            "booting (waiting up to {} s for the guest's sshd, and for the guest to be built if it is new)…",
             args.timeout
         );
     }
@@ -281,13 +265,16 @@ fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
         wait: true,
         timeout_ms: Some(protocol::millis(timeout)),
     };
-    let reply = client.call(request, timeout.saturating_add(Duration::from_secs(5)))?;
+    // While it waits, say how the guest's build is going (it may take minutes).
+    let progress = (!args.json).then(|| GuestProgress::follow(&config.state_dir));
+    let reply = client.call(request, timeout.saturating_add(Duration::from_secs(5)));
+    drop(progress);
     let Reply::Started {
         already_running,
         boot,
-    } = reply
+    } = reply?
     else {
-        return Err(CliError::Failure(format!("unexpected reply {reply:?}")));
+        return Err(CliError::Failure("unexpected reply to start".into()));
     };
     if args.json {
         println!(
@@ -304,7 +291,105 @@ fn start(global: &GlobalArgs, args: &StartArgs) -> Outcome {
     Ok(0)
 }
 
-fn describe_boot(boot: &BootTiming) -> String {
+/// Makes sure a supervisor runs for the state directory: checks the flags against
+/// a running one, or checks the configuration and spawns one.
+pub(super) fn ensure_supervisor(
+    global: &GlobalArgs,
+    vm: &VmArgs,
+    config: &Config,
+    host: &HostInfo,
+) -> Result<(), CliError> {
+    let state = StateDir::new(&config.state_dir);
+    match ControlClient::connect(&config.state_dir) {
+        Ok(mut client) => {
+            if let Reply::Status(status) = client.call(Request::Status, Duration::from_secs(10))? {
+                check_same_settings(vm, config, &status)?;
+            }
+            Ok(())
+        }
+        Err(ClientError::NotRunning { .. }) => {
+            // A lazy guest is the daemon's to realise and check.
+            if config.lazy_guest().is_some() {
+                daemon::check_settings(config, host, &state)?;
+            } else {
+                daemon::check_boot(config, host, &state)?;
+            }
+            if !crate::vm_backend_available() {
+                return Err(CliError::Failure(format!(
+                    "darwin-vz-nix runs VMs only on macOS 13+ on Apple Silicon (this is {}); `darwin-vz-nix start --dry-run` shows what would boot",
+                    std::env::consts::OS
+                )));
+            }
+            spawn_daemon(global, vm, config)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Prints the lazy guest's progress to stderr, from a second control connection,
+/// until dropped: a line whenever the phase or the counts change, at most every
+/// [`GuestProgress::EVERY`].
+pub(super) struct GuestProgress {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GuestProgress {
+    const EVERY: Duration = Duration::from_secs(2);
+
+    pub(super) fn follow(state_dir: &Path) -> GuestProgress {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stop.clone();
+        let state_dir = state_dir.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let mut last = String::new();
+            while !done.load(Ordering::Relaxed) {
+                if let Some(text) = guest_progress_line(&state_dir)
+                    && text != last
+                {
+                    eprintln!("{text}");
+                    last = text;
+                }
+                let until = Instant::now() + Self::EVERY;
+                while !done.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        GuestProgress {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for GuestProgress {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `guest: building for …` while the lazy guest is being built, else `None`.
+fn guest_progress_line(state_dir: &Path) -> Option<String> {
+    let mut client = ControlClient::connect(state_dir).ok()?;
+    let Ok(Reply::Status(report)) = client.call(Request::Status, Duration::from_secs(5)) else {
+        return None;
+    };
+    let guest = report.guest?;
+    (guest.phase == "building").then(|| {
+        guest_lines(&guest)
+            .into_iter()
+            .map(|(label, value)| format!("{label}: {value}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+pub(super) fn describe_boot(boot: &BootTiming) -> String {
     format!(
         "ready in {:.1} s (plan built after {:.2} s, VM started after {:.2} s, guest sshd answered {:.2} s later)",
         boot.ready_secs,
@@ -365,7 +450,20 @@ fn check_same_settings(
 }
 
 fn dry_run(config: &Config, host: &HostInfo, state: &StateDir, json: bool) -> Outcome {
-    let artifacts = daemon::check_boot(config, host, state)?;
+    let artifacts = match config.lazy_guest() {
+        // The lazy guest's output, once it is in the store; until then the plan
+        // cannot be made, and `bootstrap --dry-run` says how it will be.
+        Some(spec) if !spec.out.is_dir() => {
+            daemon::check_settings(config, host, state)?;
+            return Err(CliError::Failure(format!(
+                "the guest {} is not built yet (the daemon builds it from {} when first needed); `darwin-vz-nix bootstrap --dry-run` shows every step",
+                spec.out.display(),
+                spec.drv.display()
+            )));
+        }
+        Some(spec) => daemon::check_boot_from(config, host, state, Some((&spec.out, "guestOut")))?,
+        None => daemon::check_boot(config, host, state)?,
+    };
     let (mac, new_mac) = match MacAddress::load(&state.mac_address()) {
         Some(mac) => (mac, false),
         None => (
@@ -600,6 +698,11 @@ pub fn format_status(r: &StatusReport) -> String {
         (state, _) => state.as_str().to_string(),
     };
     line("state", state);
+    if let Some(guest) = &r.guest {
+        for (label, value) in guest_lines(guest) {
+            line(label, value);
+        }
+    }
     line("connections", format!("{} open", r.connections));
     let idle = match (
         r.config.idle_timeout_minutes,
@@ -681,7 +784,7 @@ pub fn format_status(r: &StatusReport) -> String {
 fn nested_status(r: &StatusReport) -> String {
     use crate::nested::Kvm;
     let setting = r.config.nested_virtualization.unwrap_or_default();
-    let Some(guest) = &r.guest else {
+    let Some(guest) = &r.guest_report else {
         return format!("{setting} (decided at each boot; none yet)");
     };
     let boot = guest.boot;
@@ -738,6 +841,71 @@ fn describe_clock_sync(sync: &ClockSyncReport) -> String {
     }
 }
 
+/// The lazy guest in `status`: where its realisation stands, and which guest the
+/// next boot uses when that is not the wanted one.
+pub fn guest_lines(guest: &protocol::GuestLifecycle) -> Vec<(&'static str, String)> {
+    let how_long = guest.for_secs.map(duration_text).unwrap_or_default();
+    let state = match guest.phase.as_str() {
+        "building" => format!(
+            "building for {how_long}: {}; log {}",
+            guest.progress.as_deref().unwrap_or("starting"),
+            guest.log.display()
+        ),
+        "ready" => format!("ready: {}", guest.out.display()),
+        "failed" => format!(
+            "failed {how_long} ago: {}",
+            guest.error.as_deref().unwrap_or("see the log")
+        ),
+        _ => format!(
+            "not built yet: {} (from {})",
+            guest.out.display(),
+            guest.drv.display()
+        ),
+    };
+    let mut lines = vec![("guest", state)];
+    match &guest.next_boot {
+        Some(dir) if *dir != guest.out => lines.push((
+            "next boot",
+            format!(
+                "{}, the guest booted before, until the new one is ready",
+                dir.display()
+            ),
+        )),
+        Some(_) => {}
+        None if guest.phase != "ready" => {
+            lines.push(("next boot", "waits for the guest to be built".to_string()))
+        }
+        None => {}
+    }
+    if let Some(bootstrap) = &guest.bootstrap {
+        lines.push(("bootstrap", bootstrap_line(bootstrap)));
+    }
+    lines
+}
+
+/// The bootstrap builder in `status`.
+fn bootstrap_line(b: &protocol::BootstrapReport) -> String {
+    let console = b.console_log.display();
+    match b.phase.as_str() {
+        "fetching" => format!(
+            "fetching nixpkgs' darwin.linux-builder from cache.nixos.org: {}",
+            b.progress.as_deref().unwrap_or("starting")
+        ),
+        "booting" => format!("booting nixpkgs' darwin.linux-builder; console {console}"),
+        "running" => format!(
+            "running on {} (nixpkgs' darwin.linux-builder), {} session{}; console {console}",
+            b.endpoint.as_deref().unwrap_or("127.0.0.1"),
+            b.sessions,
+            if b.sessions == 1 { "" } else { "s" }
+        ),
+        "failed" => format!(
+            "failed: {}",
+            b.error.as_deref().unwrap_or("see its console")
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// Where `ssh` and `ssh-config` go. A user given on their command line is checked
 /// here with the same rule (and the same message) as the `sshUser` setting;
 /// `SshTarget::options` checks everything once more before it reaches ssh.
@@ -791,37 +959,46 @@ fn ssh_config(global: &GlobalArgs, proxy_bin: Option<PathBuf>, user: Option<Stri
     Ok(0)
 }
 
-fn proxy(global: &GlobalArgs, port: u32, timeout: Duration, fdpass: bool) -> Outcome {
+fn proxy(
+    global: &GlobalArgs,
+    port: u32,
+    timeout: Duration,
+    fdpass: bool,
+    alias: Option<&str>,
+) -> Outcome {
     // The proxy needs only the state directory; a broken config file must not stop
     // ssh from reaching a running builder.
     let state_dir = match &global.state_dir {
         Some(dir) => absolute(dir),
         None => resolve_config(global, ConfigLayer::default(), &HostInfo::detect())?.state_dir,
     };
-    crate::proxy::run(&state_dir, port, timeout, fdpass)?;
+    crate::proxy::run(&state_dir, port, timeout, fdpass, alias)?;
     Ok(0)
 }
 
 /// Prints the builder's machines-file text, or writes it to `--write PATH`. It
 /// resolves and fits the configuration as `daemon` does, so the line describes the
 /// VM that daemon runs; of the state directory it reads only the guest's report,
-/// which can take `kvm` away (`machines::nested_facts`), and it writes nothing there.
+/// which can take `kvm` away (`machines::nested_facts`), and `gcroots/guest`, whose
+/// absence splits the line per system while the bootstrap builder may answer
+/// (`machines::entries`); it writes nothing there.
 fn machines(global: &GlobalArgs, args: &args::MachinesArgs) -> Outcome {
-    use crate::machines::{self, MachineLine};
+    use crate::machines;
     let host = HostInfo::detect();
     let config = resolve_config(global, args.layer(), &host)?;
     let state = StateDir::new(&config.state_dir);
-    let (facts, warnings) = machines::nested_facts(&config, &host, &state);
+    let (mut facts, warnings) = machines::nested_facts(&config, &host, &state);
     for warning in &warnings {
         eprintln!("warning: {warning}");
     }
-    let line = MachineLine::new(&config, &state, &facts);
+    facts.bootstrap_pending = config.bootstrap().is_some() && !machines::guest_has_booted(&state);
+    let entries = machines::entries(&config, &state, &facts);
     let Some(path) = &args.write else {
-        print!("{}", line.render());
+        print!("{}", machines::render_entries(&entries));
         return Ok(0);
     };
     let path = absolute(path);
-    machines::write(&path, &line).map_err(|e| {
+    machines::write_entries(&path, &entries).map_err(|e| {
         let message = format!("cannot write the machines file: {e}");
         if e.is_bad_path() {
             CliError::Usage(message)
@@ -829,7 +1006,10 @@ fn machines(global: &GlobalArgs, args: &args::MachinesArgs) -> Outcome {
             CliError::Failure(message)
         }
     })?;
-    println!("wrote {}:\n{line}", path.display());
+    println!("wrote {}:", path.display());
+    for entry in &entries {
+        println!("{entry}");
+    }
     Ok(0)
 }
 

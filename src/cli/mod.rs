@@ -2,6 +2,7 @@
 //! command. Each command is a thin client of the library.
 
 mod args;
+mod bootstrap;
 mod commands;
 
 use std::process::ExitCode;

@@ -102,6 +102,15 @@ mod tests {
                 Request::Connect {
                     port: 22,
                     timeout_ms: None,
+                    allow_bootstrap: false,
+                },
+                true,
+            ),
+            (
+                Request::Connect {
+                    port: 22,
+                    timeout_ms: None,
+                    allow_bootstrap: true,
                 },
                 true,
             ),
@@ -109,6 +118,15 @@ mod tests {
                 Request::Connect {
                     port: crate::contract::CLOCK_VSOCK_PORT,
                     timeout_ms: None,
+                    allow_bootstrap: false,
+                },
+                false,
+            ),
+            (
+                Request::Connect {
+                    port: crate::contract::CLOCK_VSOCK_PORT,
+                    timeout_ms: None,
+                    allow_bootstrap: true,
                 },
                 false,
             ),

@@ -131,9 +131,22 @@ impl ControlClient {
     /// down (`shutdown(2)`; closing a descriptor is not enough while the supervisor
     /// holds its own copy). The control connection ends with the reply.
     pub fn connect_port(&mut self, port: u32, timeout: Duration) -> Result<OwnedFd, ClientError> {
+        self.connect_for_build(port, timeout, false)
+    }
+
+    /// `connect_port` for a build connection on the aarch64-linux alias
+    /// (`allow_bootstrap`): while no guest exists and the bootstrap builder runs
+    /// for the first guest's build, the stream goes to it.
+    pub fn connect_for_build(
+        &mut self,
+        port: u32,
+        timeout: Duration,
+        allow_bootstrap: bool,
+    ) -> Result<OwnedFd, ClientError> {
         self.send(Request::Connect {
             port,
             timeout_ms: Some(protocol::millis(timeout)),
+            allow_bootstrap,
         })?;
         // Allow a little more than the supervisor's own bound so that its error
         // reply, not our timeout, tells what happened.

@@ -77,7 +77,14 @@ pub enum Request {
         unless_in_use: bool,
     },
     /// A stream to a guest vsock port; boots the VM on demand and waits until ready.
-    Connect { port: u32, timeout_ms: Option<u64> },
+    /// With `allowBootstrap` (the aarch64-linux alias), while no guest exists and
+    /// the bootstrap builder runs for the first guest's build, a stream to it.
+    Connect {
+        port: u32,
+        timeout_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        allow_bootstrap: bool,
+    },
     /// Stops the VM and deletes state: everything (`keysOnly: false`: disk, keys, MAC)
     /// or just the keys, which are made afresh.
     Reset {
@@ -242,10 +249,11 @@ pub struct StatusReport {
     #[serde(default)]
     pub notices: Vec<NoticeReport>,
     pub config: ConfigSummary,
-    /// What the guest of the current (or last) boot had: nested virtualization and
-    /// `/dev/kvm` (absent before the first boot, and from older supervisors).
+    /// What the guest of the current (or last) boot reported about itself: nested
+    /// virtualization and `/dev/kvm` (absent before the first boot, and from older
+    /// supervisors). `guest` is the lazy guest's build, not this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest: Option<GuestSummary>,
+    pub guest_report: Option<GuestSummary>,
     /// The power assertion that keeps the Mac awake during builds.
     #[serde(default)]
     pub sleep: Option<SleepReport>,
@@ -255,6 +263,10 @@ pub struct StatusReport {
     /// Seconds since the Mac last woke from sleep, as far as the supervisor heard.
     #[serde(default)]
     pub host_woke_secs_ago: Option<f64>,
+    /// The lazy guest's lifecycle (`guestDrv`), when the daemon builds the guest
+    /// itself; what a booted guest says about itself is `guest_report`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestLifecycle>,
 }
 
 /// Nested virtualization and `/dev/kvm` in the guest of one boot.
@@ -310,6 +322,44 @@ pub struct ClockSyncReport {
     pub offset_secs: Option<f64>,
     /// Why the clock was not set.
     pub error: Option<String>,
+}
+
+/// The bootstrap builder (see `crate::bootstrap`), while it is not off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapReport {
+    /// `fetching`, `booting`, `running`, `stopping` or `failed`.
+    pub phase: String,
+    pub progress: Option<String>,
+    /// `127.0.0.1:PORT` while it runs.
+    pub endpoint: Option<String>,
+    pub sessions: usize,
+    pub console_log: PathBuf,
+    pub error: Option<String>,
+}
+
+/// The lazy guest's lifecycle (see `crate::guest`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestLifecycle {
+    /// `missing`, `building`, `ready` or `failed`.
+    pub phase: String,
+    pub drv: PathBuf,
+    pub out: PathBuf,
+    /// The guest directory the next boot uses: `out` once ready, else the guest
+    /// booted before, if any.
+    pub next_boot: Option<PathBuf>,
+    /// While building: `3 of 41 derivations built, 120 of 800 paths fetched`.
+    pub progress: Option<String>,
+    /// After a failure: what failed, the log and the fix, on one line.
+    pub error: Option<String>,
+    /// Nix's output of the last realisation.
+    pub log: PathBuf,
+    /// Seconds it has been building, or since it failed.
+    pub for_secs: Option<f64>,
+    /// The bootstrap builder, while it is not off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -527,6 +577,7 @@ mod tests {
         let line = request_line(Request::Connect {
             port: 22,
             timeout_ms: Some(5000),
+            allow_bootstrap: false,
         });
         assert_eq!(
             line,
@@ -536,8 +587,18 @@ mod tests {
             parse_request(&line[..line.len() - 1]).unwrap(),
             Request::Connect {
                 port: 22,
-                timeout_ms: Some(5000)
+                timeout_ms: Some(5000),
+                allow_bootstrap: false,
             }
+        );
+        let line = request_line(Request::Connect {
+            port: 22,
+            timeout_ms: None,
+            allow_bootstrap: true,
+        });
+        assert_eq!(
+            line,
+            b"{\"v\":1,\"op\":\"connect\",\"port\":22,\"timeoutMs\":null,\"allowBootstrap\":true}\n"
         );
         assert_eq!(
             parse_request(br#"{"v":1,"op":"stop"}"#).unwrap(),

@@ -27,8 +27,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::access::{self, Owner, Peer};
 use super::protocol::{
-    self, AssertionReport, BootTiming, ClockSyncReport, ConfigSummary, ErrorCode, GuestSummary,
-    MAX_LINE_BYTES, NoticeReport, Reply, Request, SleepReport, StatusReport, StopOutcome, VmState,
+    self, AssertionReport, BootTiming, BootstrapReport, ClockSyncReport, ConfigSummary, ErrorCode,
+    GuestLifecycle, GuestSummary, MAX_LINE_BYTES, NoticeReport, Reply, Request, SleepReport,
+    StatusReport, StopOutcome, VmState,
 };
 use crate::state::Access;
 use crate::supervisor::{self, StopRequest, Supervisor, SupervisorError};
@@ -328,8 +329,14 @@ async fn serve_client(
             }
             continue;
         }
-        if let Request::Connect { port, timeout_ms } = request {
-            hand_out_stream(&stream, &context.supervisor, port, wait_bound(timeout_ms)).await;
+        if let Request::Connect {
+            port,
+            timeout_ms,
+            allow_bootstrap,
+        } = request
+        {
+            let wait = wait_bound(timeout_ms);
+            hand_out_stream(&stream, &context.supervisor, port, wait, allow_bootstrap).await;
             // The stream is the session now; this control connection is done.
             return;
         }
@@ -352,8 +359,12 @@ async fn hand_out_stream(
     supervisor: &Supervisor,
     port: u32,
     timeout: Duration,
+    allow_bootstrap: bool,
 ) {
-    match supervisor.connect(port, timeout).await {
+    match supervisor
+        .connect_for_build(port, timeout, allow_bootstrap)
+        .await
+    {
         Ok(fd) => {
             let reply = protocol::reply_line(Reply::Connected { port });
             if let Err(e) = send(stream, &reply, Some(&fd)).await {
@@ -511,7 +522,7 @@ fn status_report(snapshot: supervisor::Snapshot, summary: &ConfigSummary) -> Sta
             })
             .collect(),
         config: summary.clone(),
-        guest: snapshot.guest.map(|guest| GuestSummary {
+        guest_report: snapshot.guest_report.map(|guest| GuestSummary {
             boot: guest.boot.0,
             nested_virtualization: guest.nested_virtualization,
             kvm: guest.kvm,
@@ -521,6 +532,28 @@ fn status_report(snapshot: supervisor::Snapshot, summary: &ConfigSummary) -> Sta
         sleep: Some(sleep),
         clock_sync,
         host_woke_secs_ago: snapshot.host_woke.map(age),
+        guest: snapshot.guest.map(guest_lifecycle),
+    }
+}
+
+fn guest_lifecycle(status: crate::guest::GuestStatus) -> GuestLifecycle {
+    GuestLifecycle {
+        phase: status.phase.as_str().to_string(),
+        drv: status.drv,
+        out: status.out,
+        next_boot: status.next_boot,
+        progress: status.progress,
+        error: status.error,
+        log: status.log,
+        for_secs: status.for_how_long.map(|d| d.as_secs_f64()),
+        bootstrap: status.bootstrap.map(|b| BootstrapReport {
+            phase: b.phase.as_str().to_string(),
+            progress: b.progress,
+            endpoint: b.endpoint,
+            sessions: b.sessions,
+            console_log: b.console_log,
+            error: b.error,
+        }),
     }
 }
 
@@ -553,7 +586,9 @@ fn stop_outcome(outcome: supervisor::StopOutcome) -> StopOutcome {
 fn error_reply(error: SupervisorError) -> Reply {
     let code = match &error {
         SupervisorError::BootFailed(_) => ErrorCode::BootFailed,
-        SupervisorError::Timeout { .. } => ErrorCode::Timeout,
+        SupervisorError::Timeout { .. } | SupervisorError::GuestNotReady { .. } => {
+            ErrorCode::Timeout
+        }
         SupervisorError::ConnectFailed(_) => ErrorCode::ConnectFailed,
         SupervisorError::InUse { .. } => ErrorCode::Busy,
         SupervisorError::StopFailed(_) | SupervisorError::Internal(_) => ErrorCode::Internal,

@@ -13,6 +13,16 @@ use crate::backend::{Backend, BackendError, BackendEvent, BootId};
 /// current one, and a boot that finds itself superseded stops only its own VM.
 pub(super) async fn run(inner: Arc<Inner>, boot: BootId) {
     let t0 = Instant::now();
+    if let Some(guests) = inner.guests.clone() {
+        match wait_for_guest(&inner, &guests, boot).await {
+            GuestWait::Bootable => {}
+            GuestWait::Superseded => {
+                tracing::info!("{boot}: superseded while it waited for the guest");
+                return;
+            }
+            GuestWait::Failed(message) => return fail(&inner, boot, message),
+        }
+    }
     let planned = {
         // One writer of the state directory at a time; a boot superseded while it
         // waited for its turn plans nothing.
@@ -121,13 +131,45 @@ pub(super) async fn run(inner: Arc<Inner>, boot: BootId) {
     drop(life);
     tracing::info!("{boot}: guest ready after {:.2} s", ready.as_secs_f64());
     inner.notify();
-    tokio::spawn(super::guest::follow(
+    tokio::spawn(super::guest_report::follow(
         inner.clone(),
         boot,
         nested_virtualization,
     ));
     // The guest's clock starts from whatever the VM gave it: set it now.
     let _ = inner.clock_boots.send(boot);
+}
+
+enum GuestWait {
+    Bootable,
+    Superseded,
+    Failed(String),
+}
+
+/// Waits until a guest can boot (realising the wanted one when it is missing), or
+/// its realisation failed with no earlier guest to boot, or `boot` was superseded.
+/// Bounded by the realisation's own bound; a stop ends it at once.
+async fn wait_for_guest(inner: &Inner, guests: &crate::guest::Guests, boot: BootId) -> GuestWait {
+    let mut guest_changes = guests.subscribe();
+    let mut changes = inner.changed.subscribe();
+    loop {
+        guest_changes.borrow_and_update();
+        changes.borrow_and_update();
+        if !still_starting(inner, boot) {
+            return GuestWait::Superseded;
+        }
+        guests.kick(false);
+        if guests.bootable().is_some() {
+            return GuestWait::Bootable;
+        }
+        if let Some(message) = guests.failure() {
+            return GuestWait::Failed(message);
+        }
+        tokio::select! {
+            changed = guest_changes.changed() => if changed.is_err() { return GuestWait::Superseded },
+            changed = changes.changed() => if changed.is_err() { return GuestWait::Superseded },
+        }
+    }
 }
 
 fn still_starting(inner: &Inner, boot: BootId) -> bool {

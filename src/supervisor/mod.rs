@@ -42,12 +42,17 @@
 //! for the memory it would get back. Wall-clock time would also jump with every
 //! change of the host's clock.
 //!
+//! **The guest may not exist yet** (`crate::guest`): with a lazy guest, a boot first
+//! waits until a guest can boot — the one realised for this configuration, or the
+//! one booted before while a newer one is realised — and a client that times out
+//! meanwhile is told how far the realisation got.
+//!
 //! The supervisor speaks its own types ([`Snapshot`], [`BootTiming`], [`StopOutcome`],
 //! [`SupervisorError`]); the control layer translates them to the wire format.
 
 mod boot;
 mod clock;
-mod guest;
+mod guest_report;
 mod idle;
 mod session;
 mod sleep;
@@ -66,7 +71,7 @@ use crate::plan::BootPlan;
 use crate::power::PowerManager;
 
 pub use clock::{ClockSync, SyncReason};
-pub use guest::GuestFacts;
+pub use guest_report::GuestFacts;
 pub use sleep::HeldAssertion;
 
 /// A graceful poweroff never waits longer than this, whatever it is given (a huge
@@ -101,7 +106,7 @@ pub struct SupervisorOptions {
     /// Where the guest console goes, named in boot errors.
     pub console_log: PathBuf,
     /// How long after "ready" to wait for the guest to say whether it has
-    /// `/dev/kvm` (`guest`).
+    /// `/dev/kvm` (`guest_report`).
     pub guest_report_wait: Duration,
     /// How long the backend's `start` and `force_stop` may take before they are
     /// reported as failed ([`DEFAULT_BACKEND_TIMEOUT`]).
@@ -199,12 +204,14 @@ pub struct Snapshot {
     /// Most recent last.
     pub notices: Vec<Notice>,
     /// What the guest of the current (or last) boot said about `/dev/kvm`.
-    pub guest: Option<GuestFacts>,
+    pub guest_report: Option<GuestFacts>,
     pub sleep: SleepSnapshot,
     /// The last time the guest's clock was set (or failed to be).
     pub clock: Option<ClockSync>,
     /// When the host last woke from sleep, as far as this supervisor heard.
     pub host_woke: Option<SystemTime>,
+    /// The lazy guest's lifecycle, when the daemon realises the guest itself.
+    pub guest: Option<crate::guest::GuestStatus>,
 }
 
 /// The power assertion as it stands.
@@ -258,6 +265,12 @@ pub enum SupervisorError {
     InUse { sessions: usize },
     #[error("{0}")]
     Internal(String),
+    /// A boot waited for the guest to be realised, and the client's wait ran out.
+    #[error(
+        "timed out after {} waiting for the guest to be built ({progress}); `darwin-vz-nix status` shows how far it got",
+        seconds(*after)
+    )]
+    GuestNotReady { after: Duration, progress: String },
 }
 
 /// `1.5 s`, `250 ms`: a duration for messages.
@@ -280,6 +293,13 @@ fn deadline_after(after: Duration) -> tokio::time::Instant {
         .unwrap_or(now)
 }
 
+/// Who answers a build connection on the aarch64-linux alias.
+enum Answer {
+    Bootstrap,
+    Guest,
+    TimedOut,
+}
+
 /// The mutable part, under one lock.
 #[derive(Debug)]
 struct Life {
@@ -294,7 +314,8 @@ struct Life {
     last_boot: Option<BootTiming>,
     last_error: Option<String>,
     notices: VecDeque<(Instant, String)>,
-    guest: Option<GuestFacts>,
+    /// What the guest of the current (or last) boot said about itself.
+    guest_report: Option<GuestFacts>,
     clock: Option<ClockSync>,
     host_woke: Option<SystemTime>,
 }
@@ -348,6 +369,8 @@ struct Inner {
     clock_boots: mpsc::UnboundedSender<BootId>,
     /// Why wake-ups are not heard, if they are not.
     wake_error: Option<String>,
+    /// The lazy guest, when the daemon realises the guest itself.
+    guests: Option<crate::guest::Guests>,
 }
 
 impl Inner {
@@ -413,6 +436,17 @@ impl Supervisor {
         keeper: Box<dyn StateKeeper>,
         options: SupervisorOptions,
     ) -> Supervisor {
+        Self::with_guests(backend, keeper, options, None)
+    }
+
+    /// Like `new`, with the lazy guest's lifecycle: boots wait for a guest that can
+    /// boot (see `crate::guest`).
+    pub fn with_guests(
+        backend: Arc<dyn Backend>,
+        keeper: Box<dyn StateKeeper>,
+        options: SupervisorOptions,
+        guests: Option<crate::guest::Guests>,
+    ) -> Supervisor {
         let (changed, _) = watch::channel(0);
         let (clock_boots, boots) = mpsc::unbounded_channel();
         let (power_events, power) = mpsc::unbounded_channel();
@@ -441,7 +475,7 @@ impl Supervisor {
                 last_boot: None,
                 last_error: None,
                 notices: VecDeque::new(),
-                guest: None,
+                guest_report: None,
                 clock: None,
                 host_woke: None,
             }),
@@ -451,6 +485,7 @@ impl Supervisor {
             sleep: Mutex::new(sleep),
             clock_boots,
             wake_error,
+            guests,
         });
         tokio::spawn(idle::run(Arc::downgrade(&inner), inner.changed.subscribe()));
         tokio::spawn(sleep::run(
@@ -501,10 +536,11 @@ impl Supervisor {
                     age: now.saturating_duration_since(*at),
                 })
                 .collect(),
-            guest: life.guest.clone(),
+            guest_report: life.guest_report.clone(),
             sleep,
             clock: life.clock.clone(),
             host_woke: life.host_woke,
+            guest: self.inner.guests.as_ref().map(|g| g.status()),
         }
     }
 
@@ -514,12 +550,21 @@ impl Supervisor {
         self.inner.sleep_guard().close();
     }
 
+    /// The lazy guest, when the daemon realises the guest itself.
+    pub fn guests(&self) -> Option<&crate::guest::Guests> {
+        self.inner.guests.as_ref()
+    }
+
     /// Boots the VM unless it runs, and waits until the guest's sshd answers.
-    /// Concurrent callers share one boot.
+    /// Concurrent callers share one boot. Someone asked for it: a lazy guest whose
+    /// realisation failed is retried at once.
     pub async fn ensure_running(
         &self,
         timeout: Duration,
     ) -> Result<Option<BootTiming>, SupervisorError> {
+        if let Some(guests) = &self.inner.guests {
+            guests.kick(true);
+        }
         self.ensure_boot(timeout).await.map(|(_, timing)| timing)
     }
 
@@ -528,7 +573,16 @@ impl Supervisor {
         &self,
         timeout: Duration,
     ) -> Result<(BootId, Option<BootTiming>), SupervisorError> {
-        let deadline = deadline_after(timeout);
+        self.ensure_boot_by(deadline_after(timeout), timeout).await
+    }
+
+    /// `ensure_boot` until `deadline`; a timeout error says `timeout`, the client's
+    /// whole wait.
+    async fn ensure_boot_by(
+        &self,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<(BootId, Option<BootTiming>), SupervisorError> {
         let mut changes = self.inner.changed.subscribe();
         let mut joined: Option<BootId> = None;
         loop {
@@ -563,6 +617,14 @@ impl Supervisor {
                 .await
                 .is_err()
             {
+                if let Some(guests) = &self.inner.guests
+                    && guests.bootable().is_none()
+                {
+                    return Err(SupervisorError::GuestNotReady {
+                        after: timeout,
+                        progress: guests.waiting_for(),
+                    });
+                }
                 return Err(SupervisorError::Timeout {
                     what: "the guest's sshd to answer",
                     after: timeout,
@@ -749,8 +811,20 @@ impl Supervisor {
     /// descriptor is the caller's to hand out; the supervisor keeps its own watch on
     /// the stream and counts it as a session until the stream ends (see `session`).
     pub async fn connect(&self, port: u32, timeout: Duration) -> Result<OwnedFd, SupervisorError> {
+        self.connect_by(port, deadline_after(timeout), timeout)
+            .await
+    }
+
+    /// `connect` until `deadline` (`timeout` is the client's whole wait, for
+    /// messages).
+    async fn connect_by(
+        &self,
+        port: u32,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<OwnedFd, SupervisorError> {
         let lease = session::Lease::new(&self.inner);
-        let (boot, _) = self.ensure_boot(timeout).await?;
+        let (boot, _) = self.ensure_boot_by(deadline, timeout).await?;
         let repaired = {
             let _files = self.inner.state_files.lock().await;
             self.inner.keeper.before_connect()
@@ -771,6 +845,74 @@ impl Supervisor {
         Err(SupervisorError::ConnectFailed(
             last.map_or_else(|| "no attempt".into(), |e| e.to_string()),
         ))
+    }
+
+    /// A stream for a build connection: `connect`, except that while no guest can
+    /// boot and the bootstrap builder runs (or comes up) for the first guest's
+    /// build, a connection that may use it (`allow_bootstrap`: the aarch64-linux
+    /// alias) gets the bootstrap builder instead of waiting for the guest — which
+    /// is waiting for that very build.
+    pub async fn connect_for_build(
+        &self,
+        port: u32,
+        timeout: Duration,
+        allow_bootstrap: bool,
+    ) -> Result<OwnedFd, SupervisorError> {
+        let deadline = deadline_after(timeout);
+        if allow_bootstrap
+            && port == self.inner.options.ready_port
+            && let Some(guests) = &self.inner.guests
+            && let Some(bootstrap) = guests.bootstrap()
+        {
+            match Self::who_answers(guests, bootstrap, deadline).await {
+                Answer::Bootstrap => {
+                    return bootstrap
+                        .connect()
+                        .await
+                        .map_err(SupervisorError::ConnectFailed);
+                }
+                Answer::Guest => {}
+                Answer::TimedOut => {
+                    return Err(SupervisorError::GuestNotReady {
+                        after: timeout,
+                        progress: guests.waiting_for(),
+                    });
+                }
+            }
+        }
+        self.connect_by(port, deadline, timeout).await
+    }
+
+    /// Waits (until `deadline`) until it is clear who answers a build connection:
+    /// the bootstrap builder (running, no guest can boot), or the guest (one can
+    /// boot, or no bootstrap builder is coming).
+    async fn who_answers(
+        guests: &crate::guest::Guests,
+        bootstrap: &crate::bootstrap::Bootstrap,
+        deadline: tokio::time::Instant,
+    ) -> Answer {
+        use crate::bootstrap::Phase;
+        let mut guest_changes = guests.subscribe();
+        let mut bootstrap_changes = bootstrap.subscribe();
+        loop {
+            guest_changes.borrow_and_update();
+            bootstrap_changes.borrow_and_update();
+            guests.kick(false);
+            if guests.bootable().is_some() {
+                return Answer::Guest;
+            }
+            match bootstrap.phase() {
+                Phase::Running => return Answer::Bootstrap,
+                Phase::Fetching | Phase::Booting => {}
+                _ if guests.deciding_on_bootstrap() => {}
+                _ => return Answer::Guest,
+            }
+            tokio::select! {
+                changed = guest_changes.changed() => if changed.is_err() { return Answer::Guest },
+                changed = bootstrap_changes.changed() => if changed.is_err() { return Answer::Guest },
+                () = tokio::time::sleep_until(deadline) => return Answer::TimedOut,
+            }
+        }
     }
 
     /// Stops the VM (gracefully) and deletes state while nothing can boot.

@@ -57,6 +57,19 @@ in
   # Builds may let the Mac sleep.
   no-prevent-sleep = dvnLib.daemonConfig (defaults // { preventSleep = false; });
 
+  # The guest as a derivation (what the module passes by default): the daemon gets
+  # its .drv and output path and realises it itself.
+  lazy = dvnLib.daemonConfig (
+    defaults
+    // {
+      guest = derivation {
+        name = "darwin-vz-nix-guest";
+        system = "aarch64-linux";
+        builder = "/bin/sh";
+      };
+    }
+  );
+
   # Every optional setting at null: the daemon gets no key and applies its default.
   minimal = dvnLib.daemonConfig {
     inherit guest;

@@ -100,7 +100,12 @@ in
     noRosetta = dvnLib.defaultSystems false;
   };
 
-  inherit (dvnLib) builderDefaults defaultSupportedFeatures nestedVirtualizationValues;
+  inherit (dvnLib)
+    builderDefaults
+    defaultSupportedFeatures
+    nestedVirtualizationValues
+    x86Alias
+    ;
 
   # Where the daemon records its guest report, for a state directory written with
   # and without a trailing slash.

@@ -6,6 +6,9 @@
 
 #![allow(dead_code)]
 
+mod fake_nix;
+pub use fake_nix::*;
+
 use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -108,6 +111,8 @@ struct FakeVmState {
     events: Option<UnboundedSender<BackendEvent>>,
     boots: u32,
     calls: Vec<Call>,
+    /// The kernel of every VM started, in order: which guest each boot booted.
+    kernels: Vec<PathBuf>,
 }
 
 /// The guest side of the current VM's open streams, so that a stopping VM closes
@@ -158,6 +163,11 @@ impl FakeVm {
 
     pub fn boots(&self) -> u32 {
         self.state.lock().unwrap().boots
+    }
+
+    /// The kernel each started VM booted, in order.
+    pub fn booted_kernels(&self) -> Vec<PathBuf> {
+        self.state.lock().unwrap().kernels.clone()
     }
 
     /// Every lifecycle call so far, in order.
@@ -426,6 +436,7 @@ impl Backend for FakeVm {
             state.running_since = Some(Instant::now());
             state.events = Some(events);
             state.boots += 1;
+            state.kernels.push(plan.kernel.clone());
             self.record(&mut state, Op::Start, boot, Outcome::Done);
             Ok(())
         })
@@ -643,7 +654,51 @@ impl Fixture {
             guest_report_wait: Duration::from_secs(10),
             backend_timeout: Duration::from_secs(20),
             power: Arc::new(FakePower::default()),
+            // Only tests that install a `FakeNix` there get one.
+            nix_store: darwin_vz_nix::guest::nix::NixStore::at(
+                self.dir.path().join("bin/nix-store"),
+            ),
+            guest: darwin_vz_nix::guest::GuestOptions {
+                realise_timeout: Duration::from_secs(60),
+                retry_after: Duration::from_secs(60),
+                short_timeout: Duration::from_secs(30),
+            },
+            bootstrap: darwin_vz_nix::bootstrap::BootstrapOptions {
+                fetch_timeout: Duration::from_secs(60),
+                boot_timeout: Duration::from_secs(20),
+                stop_timeout: Duration::from_secs(5),
+                drain_timeout: Duration::from_secs(60),
+            },
         }
+    }
+
+    /// The configuration for a guest the daemon realises itself (`guestDrv`,
+    /// `guestOut`), with no guest directory.
+    pub fn lazy_config(&self, guest: &FakeGuest, extra: ConfigLayer) -> Config {
+        let base = ConfigLayer {
+            guest_drv: Some(guest.drv.clone()),
+            guest_out: Some(guest.out.clone()),
+            state_dir: Some(self.state_dir.clone()),
+            cores: Some(1),
+            memory: Some(1024),
+            disk_size: Some("1G".parse().unwrap()),
+            ssh_user: Some(current_user()),
+            ..Default::default()
+        };
+        Config::resolve(
+            &[
+                Source {
+                    origin: Origin::File("test".into()),
+                    layer: base,
+                },
+                Source {
+                    origin: Origin::Flag,
+                    layer: extra,
+                },
+            ],
+            None,
+        )
+        .unwrap()
     }
 
     /// Runs the binary with this fixture's state directory and guest.

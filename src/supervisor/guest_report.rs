@@ -133,7 +133,7 @@ fn set(
         kvm,
         kernel,
     };
-    life.guest = Some(facts.clone());
+    life.guest_report = Some(facts.clone());
     drop(life);
     inner.notify();
     Some(facts)
