@@ -21,6 +21,7 @@ pub mod doctor;
 pub mod files;
 pub mod guest_timing;
 pub mod host;
+pub mod hostcache;
 pub mod keys;
 pub mod limits;
 pub mod logfile;

@@ -23,6 +23,10 @@ fn contract_json_matches_the_rust_constants() {
     let expected: &[(&str, Value)] = &[
         ("/hostKeyAlias", contract::HOST_KEY_ALIAS.into()),
         ("/vsock/sshPort", contract::SSH_VSOCK_PORT.into()),
+        (
+            "/vsock/hostCachePort",
+            contract::HOST_CACHE_VSOCK_PORT.into(),
+        ),
         ("/tags/hostStore", contract::TAG_HOST_STORE.into()),
         ("/tags/keys", contract::TAG_KEYS.into()),
         ("/tags/rosetta", contract::TAG_ROSETTA.into()),
@@ -48,6 +52,10 @@ fn contract_json_matches_the_rust_constants() {
             "/guest/keyFiles/caBundle",
             contract::KEY_FILE_CA_BUNDLE.into(),
         ),
+        (
+            "/guest/keyFiles/hostCacheKey",
+            contract::KEY_FILE_HOST_CACHE_KEY.into(),
+        ),
         ("/artifacts/kernel", contract::ARTIFACT_KERNEL.into()),
         ("/artifacts/initrd", contract::ARTIFACT_INITRD.into()),
         ("/artifacts/system", contract::ARTIFACT_SYSTEM.into()),
@@ -64,6 +72,7 @@ fn contract_json_matches_the_rust_constants() {
             "/kernelParams/rosettaPreserveArgv0",
             contract::PARAM_ROSETTA_PRESERVE_ARGV0.into(),
         ),
+        ("/kernelParams/hostCache", contract::PARAM_HOST_CACHE.into()),
         (
             "/consoleMarkers/bootTiming",
             contract::CONSOLE_MARKER_BOOT_TIMING.into(),
