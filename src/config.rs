@@ -29,6 +29,7 @@ pub mod defaults {
     pub const ROSETTA: bool = true;
     pub const IDLE_TIMEOUT_MINUTES: u64 = 180;
     pub const STOP_TIMEOUT_SECONDS: u64 = 15;
+    pub const HOST_STORE_CACHE: bool = true;
 }
 
 /// Below this the NixOS guest does not reliably boot and build.
@@ -140,6 +141,8 @@ pub struct ConfigLayer {
     /// How Nix uses the builder: the line `darwin-vz-nix machines` prints for Nix.
     /// Config file only (the nix-darwin module sets it).
     pub builder: Option<crate::machines::BuilderSettings>,
+    /// Serve the host's store to the guest as its first binary cache.
+    pub host_store_cache: Option<bool>,
 }
 
 /// Where a setting's value came from.
@@ -185,6 +188,11 @@ const FIELDS: &[FieldNames] = &[
     field("sshUser", "SSH_USER", "--ssh-user"),
     // Config file only: no variable or flag sets it, so these names are never shown.
     field("builder", "BUILDER", "--config"),
+    field(
+        "hostStoreCache",
+        "HOST_STORE_CACHE",
+        "--host-store-cache/--no-host-store-cache",
+    ),
 ];
 
 const fn field(key: &'static str, env: &'static str, flag: &'static str) -> FieldNames {
@@ -274,6 +282,7 @@ pub struct Config {
     pub control_group: Option<String>,
     pub ssh_user: String,
     pub builder: crate::machines::BuilderSettings,
+    pub host_store_cache: bool,
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -328,6 +337,8 @@ impl Config {
         let ssh_user =
             pick!(ssh_user, "sshUser").unwrap_or_else(|| crate::contract::GUEST_USER.to_string());
         let builder = pick!(builder, "builder").unwrap_or_default();
+        let host_store_cache =
+            pick!(host_store_cache, "hostStoreCache").unwrap_or(defaults::HOST_STORE_CACHE);
 
         let Some(state_dir) = state_dir else {
             return Err(ConfigErrors(vec![Problem {
@@ -383,6 +394,7 @@ impl Config {
             control_group,
             ssh_user,
             builder,
+            host_store_cache,
             origins,
         };
         problems.extend(config.check_values());
@@ -697,6 +709,11 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
         "logLevel" => layer.log_level = Some(text.parse()?),
         "controlGroup" => layer.control_group = Some(text.into()),
         "sshUser" => layer.ssh_user = Some(text.into()),
+        "hostStoreCache" => {
+            layer.host_store_cache = Some(parse_bool(text).ok_or_else(|| {
+                format!("`{text}` is not a boolean; use 1/0, true/false or yes/no")
+            })?)
+        }
         _ => unreachable!("every key in FIELDS is handled: {key}"),
     }
     Ok(())
@@ -873,6 +890,7 @@ mod tests {
         assert!(config.rosetta);
         assert_eq!(config.idle_timeout(), Some(Duration::from_secs(180 * 60)));
         assert_eq!(config.ssh_user, "builder");
+        assert!(config.host_store_cache);
         assert_eq!(config.state_dir, PathBuf::from("/state"));
         assert_eq!(config.origin("cores"), Origin::Default);
     }

@@ -25,6 +25,7 @@ use crate::control::access::Owner;
 use crate::control::protocol::ConfigSummary;
 use crate::control::server::{ServerContext, ServerOptions};
 use crate::host::HostInfo;
+use crate::hostcache::{self, HostCache, StoreSource};
 use crate::logfile::LogFile;
 use crate::mac::{MacAddress, MacOrigin};
 use crate::plan::{BootPlan, HOST_STORE, PlanInputs};
@@ -58,6 +59,8 @@ pub enum DaemonError {
 /// runs. Tests shrink the durations; production derives them from `Config`.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
+    /// The host store's directory: shared with the guest, and read by the host
+    /// store cache.
     pub host_store: PathBuf,
     pub boot_timeout: Duration,
     pub idle_timeout: Option<Duration>,
@@ -71,6 +74,12 @@ pub struct DaemonOptions {
     pub max_clients: Option<usize>,
     /// How often the control socket file is checked and, when deleted, made again.
     pub socket_check: Duration,
+    /// The host store's Nix database, which the host store cache reads (a chroot
+    /// store's in tests).
+    pub host_store_db: PathBuf,
+    /// Whether the host store cache undoes Nix's macOS case hack (as the host's Nix
+    /// does by default on macOS only).
+    pub host_store_case_hack: bool,
 }
 
 impl DaemonOptions {
@@ -84,6 +93,8 @@ impl DaemonOptions {
             request_timeout: ServerOptions::DEFAULT_REQUEST_TIMEOUT,
             max_clients: None,
             socket_check: ServerOptions::DEFAULT_SOCKET_CHECK,
+            host_store_db: PathBuf::from(hostcache::HOST_DB),
+            host_store_case_hack: StoreSource::host().case_hack,
         }
     }
 }
@@ -166,11 +177,17 @@ struct DaemonKeeper {
     host: HostInfo,
     state: StateDir,
     host_store: PathBuf,
+    /// The host store cache, when it is served.
+    host_cache: Option<Arc<HostCache>>,
 }
 
 impl StateKeeper for DaemonKeeper {
     fn plan_boot(&self) -> Result<PlannedBoot, String> {
-        plan_boot(&self.config, &self.host, &self.state, &self.host_store)
+        let mut planned = plan_boot(&self.config, &self.host, &self.state, &self.host_store)?;
+        if let Some(cache) = &self.host_cache {
+            prepare_host_cache(cache, &self.state, &mut planned);
+        }
+        Ok(planned)
     }
 
     fn reset(&self, keys_only: bool) -> Result<Vec<PathBuf>, String> {
@@ -245,11 +262,16 @@ pub async fn serve(
         ready_port: contract::SSH_VSOCK_PORT,
         console_log: state.console_log(),
     };
+    let host_cache = start_host_cache(&config, &options, backend.as_ref());
+    let mut config = config;
+    // Without a listener the guest must not add the cache: it would be refused.
+    config.host_store_cache = host_cache.is_some();
     let keeper = DaemonKeeper {
         config,
         host,
         state: state.clone(),
         host_store: options.host_store.clone(),
+        host_cache: host_cache.clone(),
     };
     let supervisor = Supervisor::new(backend, Box::new(keeper), supervisor_options);
 
@@ -261,6 +283,7 @@ pub async fn serve(
         supervisor: supervisor.clone(),
         summary,
         owner: Owner::current(),
+        host_cache,
     });
     server.serve(context, shutdown).await;
 
@@ -285,6 +308,61 @@ pub async fn serve(
         ),
     }
     Ok(())
+}
+
+/// Serves the host store as a binary cache on the guest's connections to host port
+/// `hostCachePort`, when the configuration asks for it and the backend can listen.
+fn start_host_cache(
+    config: &Config,
+    options: &DaemonOptions,
+    backend: &dyn Backend,
+) -> Option<Arc<HostCache>> {
+    if !config.host_store_cache {
+        tracing::info!("the host store cache is off (hostStoreCache = false)");
+        return None;
+    }
+    let cache = HostCache::new(StoreSource {
+        store_dir: options.host_store.clone(),
+        db: options.host_store_db.clone(),
+        case_hack: options.host_store_case_hack,
+    });
+    let (connections, streams) = tokio::sync::mpsc::unbounded_channel();
+    if let Err(e) = backend.listen(contract::HOST_CACHE_VSOCK_PORT, connections) {
+        tracing::warn!("the host store cache is off: {e}");
+        return None;
+    }
+    tracing::info!(
+        "serving {} (database {}) to the guest on host vsock port {}",
+        options.host_store.display(),
+        options.host_store_db.display(),
+        contract::HOST_CACHE_VSOCK_PORT
+    );
+    tokio::spawn(cache.clone().serve(streams));
+    Some(cache)
+}
+
+/// Gives the cache the signing key whose public half this boot's guest receives.
+/// Without a key the guest is told that no cache is served: the build then takes
+/// the inputs from its other sources, as without the cache.
+fn prepare_host_cache(cache: &HostCache, state: &StateDir, planned: &mut PlannedBoot) {
+    match hostcache::key::ensure(state) {
+        Ok((key, notices)) => {
+            cache.set_key(key);
+            planned.notices.extend(notices);
+        }
+        Err(e) => {
+            let off = format!("{}=0", contract::PARAM_HOST_CACHE);
+            let on = format!("{}=1", contract::PARAM_HOST_CACHE);
+            for param in &mut planned.plan.command_line {
+                if *param == on {
+                    param.clone_from(&off);
+                }
+            }
+            let notice = format!("the host store cache is off for this boot: {e}");
+            tracing::warn!("{notice}");
+            planned.notices.push(notice);
+        }
+    }
 }
 
 /// The signals that would end the daemon and that it can catch. Each leads to the

@@ -210,6 +210,13 @@ pub struct VmArgs {
     /// User to log in as on the guest [default: builder].
     #[arg(long, value_name = "USER")]
     pub ssh_user: Option<String>,
+    /// Serve this Mac's /nix/store to the guest as its first binary cache, over vsock
+    /// [default: on].
+    #[arg(long, overrides_with = "no_host_store_cache")]
+    pub host_store_cache: bool,
+    /// Do not: build inputs reach the guest through Nix's SSH push or other caches.
+    #[arg(long, overrides_with = "host_store_cache")]
+    pub no_host_store_cache: bool,
 }
 
 impl VmArgs {
@@ -238,6 +245,11 @@ impl VmArgs {
             ssh_user: self.ssh_user.clone(),
             // Config file only.
             builder: None,
+            host_store_cache: if self.no_host_store_cache {
+                Some(false)
+            } else {
+                self.host_store_cache.then_some(true)
+            },
         }
     }
 
@@ -281,6 +293,11 @@ impl VmArgs {
             args.push("--no-rosetta".into());
         } else if self.rosetta {
             args.push("--rosetta".into());
+        }
+        if self.no_host_store_cache {
+            args.push("--no-host-store-cache".into());
+        } else if self.host_store_cache {
+            args.push("--host-store-cache".into());
         }
         args.extend(paths);
         args

@@ -27,8 +27,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::access::{self, Owner, Peer};
 use super::protocol::{
-    self, BootTiming, ConfigSummary, ErrorCode, MAX_LINE_BYTES, NoticeReport, Reply, Request,
-    StatusReport, StopOutcome, VmState,
+    self, BootTiming, ConfigSummary, ErrorCode, HostCacheReport, MAX_LINE_BYTES, NoticeReport,
+    Reply, Request, StatusReport, StopOutcome, VmState,
 };
 use crate::state::Access;
 use crate::supervisor::{self, StopRequest, Supervisor, SupervisorError};
@@ -80,6 +80,8 @@ pub struct ServerContext {
     pub summary: ConfigSummary,
     /// The daemon's own user: with root, the only peer that may stop or reset.
     pub owner: Owner,
+    /// The host store's cache, when it is served (for `status`).
+    pub host_cache: Option<std::sync::Arc<crate::hostcache::HostCache>>,
 }
 
 pub struct ControlServer {
@@ -374,10 +376,13 @@ async fn answer(context: &ServerContext, request: Request) -> (Reply, bool) {
     let supervisor = &context.supervisor;
     match request {
         Request::Status => (
-            Reply::Status(Box::new(status_report(
-                supervisor.snapshot(),
-                &context.summary,
-            ))),
+            Reply::Status(Box::new(StatusReport {
+                host_cache: context
+                    .host_cache
+                    .as_ref()
+                    .map(|c| host_cache_report(c.stats())),
+                ..status_report(supervisor.snapshot(), &context.summary)
+            })),
             false,
         ),
         Request::Start { wait: false, .. } => {
@@ -483,6 +488,19 @@ fn status_report(snapshot: supervisor::Snapshot, summary: &ConfigSummary) -> Sta
             })
             .collect(),
         config: summary.clone(),
+        host_cache: None,
+    }
+}
+
+fn host_cache_report(stats: crate::hostcache::CacheStats) -> HostCacheReport {
+    HostCacheReport {
+        narinfo_hits: stats.narinfo_hits,
+        narinfo_misses: stats.narinfo_misses,
+        nars_served: stats.nars_served,
+        nar_bytes: stats.nar_bytes,
+        nars_aborted: stats.nars_aborted,
+        streams_refused: stats.streams_refused,
+        last_problem: stats.last_problem,
     }
 }
 

@@ -32,6 +32,10 @@ const MAX_DEPTH: usize = 512;
 
 const BUFFER: usize = 256 * 1024;
 
+/// `S_IXUSR`: Nix marks a file executable when its owner may execute it (`mode_t` is
+/// 16 bits on macOS, 32 on Linux; the bit is the same).
+const OWNER_EXECUTE: u32 = 0o100;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NarError {
     #[error("{path}: {source}")]
@@ -128,7 +132,7 @@ fn dump_node<W: Write>(
     out.string(b"(")?;
     if file_type.is_file() {
         out.strings(&[b"type", b"regular"])?;
-        if meta.mode() & u32::from(libc::S_IXUSR) != 0 {
+        if meta.mode() & OWNER_EXECUTE != 0 {
             out.strings(&[b"executable", b""])?;
         }
         out.string(b"contents")?;

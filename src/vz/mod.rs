@@ -29,6 +29,7 @@
 //! | `VZVirtioFileSystemDeviceConfiguration`: `validateTag:error:`, `initWithTag:`, `setShare:` | 12.0 |
 //! | `VZLinuxRosettaDirectoryShare`: `availability`, `initWithError:` | 13.0 |
 //! | `VZVirtioSocketDeviceConfiguration`; `VZVirtioSocketDevice`: `connectToPort:completionHandler:`; `VZVirtioSocketConnection`: `fileDescriptor`, `close` | 11.0 |
+//! | `VZVirtioSocketDevice`: `setSocketListener:forPort:`; `VZVirtioSocketListener`: `new`, `setDelegate:`; `VZVirtioSocketListenerDelegate`: `listener:shouldAcceptNewConnection:fromSocketDevice:` (`listener`) | 11.0 |
 //! | `VZVirtioEntropyDeviceConfiguration` | 11.0 |
 //! | `VZVirtioConsoleDeviceSerialPortConfiguration`, `VZSerialPortConfiguration.setAttachment:`, `VZFileSerialPortAttachment`: `initWithURL:append:error:` | 11.0 |
 //! | `VZVirtioTraditionalMemoryBalloonDeviceConfiguration` | 11.0 |
@@ -36,9 +37,10 @@
 
 mod config;
 mod delegate;
+mod listener;
 mod machine;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use objc2::available;
@@ -46,7 +48,7 @@ use objc2_virtualization::VZVirtualMachine;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::{
-    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestStream, StopCall,
+    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestConnections, GuestStream, StopCall,
 };
 use crate::doctor::PlatformFacts;
 use crate::plan::BootPlan;
@@ -63,6 +65,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// callback or a late stop of an old boot never touches a newer VM.
 pub struct VzBackend {
     shared: Arc<Shared>,
+    /// Host ports the guest may connect to (`listen`), set on every VM at its start.
+    host_ports: Mutex<Vec<listener::HostPort>>,
 }
 
 impl VzBackend {
@@ -74,6 +78,7 @@ impl VzBackend {
         }
         Ok(VzBackend {
             shared: Shared::new(),
+            host_ports: Mutex::new(Vec::new()),
         })
     }
 }
@@ -102,10 +107,15 @@ impl Backend for VzBackend {
         events: UnboundedSender<BackendEvent>,
     ) -> BoxFuture<'_, Result<(), BackendError>> {
         let generation = boot.0;
+        let host_ports = self
+            .host_ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
         Box::pin(async move {
             machine::on_queue(&self.shared, move |shared, reply| {
                 // SAFETY: `on_queue` runs this closure on the VM queue.
-                unsafe { machine::start(shared, plan, events, generation, reply) }
+                unsafe { machine::start(shared, plan, events, generation, host_ports, reply) }
             })
             .await
             .unwrap_or_else(|| Err(BackendError::Start(unanswered("start"))))
@@ -147,6 +157,17 @@ impl Backend for VzBackend {
             };
             Err(BackendError::Connect { port, reason })
         })
+    }
+
+    fn listen(&self, port: u32, connections: GuestConnections) -> Result<(), BackendError> {
+        let mut ports = self
+            .host_ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // One listener per port, as VZ has it: the latest call wins.
+        ports.retain(|p| p.port != port);
+        ports.push(listener::HostPort { port, connections });
+        Ok(())
     }
 }
 

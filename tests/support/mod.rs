@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use darwin_vz_nix::backend::{
-    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestStream, StopCall,
+    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestConnections, GuestStream, StopCall,
 };
 use darwin_vz_nix::config::{Config, ConfigLayer, Origin, Source};
 use darwin_vz_nix::daemon::{self, DaemonOptions};
@@ -45,6 +45,9 @@ pub struct FakeVmBehaviour {
     pub ignore_graceful_stop: bool,
     /// Extra lines for the guest's sshd_config.
     pub sshd_extra: Vec<String>,
+    /// Relay every SSH stream through a copying thread that counts its bytes
+    /// (`FakeVm::ssh_bytes`): what crossed the SSH session, in each direction.
+    pub count_ssh_bytes: bool,
 }
 
 impl Default for FakeVmBehaviour {
@@ -56,6 +59,7 @@ impl Default for FakeVmBehaviour {
             fail_boot: None,
             ignore_graceful_stop: false,
             sshd_extra: Vec::new(),
+            count_ssh_bytes: false,
         }
     }
 }
@@ -120,6 +124,17 @@ pub struct FakeVm {
     guest_ends: Arc<Mutex<GuestEnds>>,
     state_dir: PathBuf,
     sshd_log: PathBuf,
+    /// Host ports the guest may connect to (`Backend::listen`).
+    host_ports: Mutex<Vec<(u32, GuestConnections)>>,
+    /// Bytes relayed over SSH streams when `count_ssh_bytes` is on.
+    ssh_bytes: Arc<SshBytes>,
+}
+
+/// What crossed the SSH streams of a `count_ssh_bytes` VM.
+#[derive(Debug, Default)]
+pub struct SshBytes {
+    pub to_guest: std::sync::atomic::AtomicU64,
+    pub from_guest: std::sync::atomic::AtomicU64,
 }
 
 impl FakeVm {
@@ -130,7 +145,44 @@ impl FakeVm {
             guest_ends: Arc::new(Mutex::new(GuestEnds::default())),
             state_dir: state_dir.to_path_buf(),
             sshd_log: state_dir.join("logs/fake-sshd.log"),
+            host_ports: Mutex::new(Vec::new()),
+            ssh_bytes: Arc::new(SshBytes::default()),
         })
+    }
+
+    /// (to the guest, from the guest): bytes relayed over SSH streams so far, when
+    /// the VM counts them (`count_ssh_bytes`).
+    pub fn ssh_bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.ssh_bytes.to_guest.load(Ordering::SeqCst),
+            self.ssh_bytes.from_guest.load(Ordering::SeqCst),
+        )
+    }
+
+    /// What a guest program gets when it connects to host vsock `port` (CID 2): a
+    /// stream whose other end the backend hands to whoever listens there. Refused
+    /// while the VM is not running or nothing listens, as vsock refuses.
+    pub fn connect_to_host(&self, port: u32) -> std::io::Result<UnixStream> {
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        if self.state.lock().unwrap().running_since.is_none() {
+            return Err(refused());
+        }
+        let connections = self
+            .host_ports
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(refused)?;
+        let (guest, host) = UnixStream::pair()?;
+        // A stopping VM ends the stream, as VZ does.
+        self.remember_end(GuestEnd::Socket(guest.try_clone()?));
+        connections
+            .send(GuestStream::new(host.into(), None))
+            .map_err(|_| refused())?;
+        Ok(guest)
     }
 
     pub fn boots(&self) -> u32 {
@@ -255,7 +307,52 @@ impl FakeVm {
             key,
             ends: self.guest_ends.clone(),
         };
+        let ours = if self.behaviour.lock().unwrap().count_ssh_bytes {
+            self.counting_relay(ours)
+                .map_err(|e| connect_error(22, e))?
+        } else {
+            ours
+        };
         Ok(GuestStream::new(ours.into(), Some(Box::new(reaper))))
+    }
+
+    /// Puts two counting copy threads between the host's end of an SSH stream and
+    /// sshd's; returns the new host end. Either side ending ends both (vsock has no
+    /// half-close).
+    fn counting_relay(&self, sshd_side: UnixStream) -> std::io::Result<UnixStream> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (host_side, relay) = UnixStream::pair()?;
+        let copy = |from: UnixStream, to: UnixStream, count: Arc<SshBytes>, to_guest: bool| {
+            std::thread::spawn(move || {
+                let counter: &AtomicU64 = if to_guest {
+                    &count.to_guest
+                } else {
+                    &count.from_guest
+                };
+                let mut buffer = vec![0u8; 64 * 1024];
+                let (mut reader, mut writer) = (&from, &to);
+                loop {
+                    let n = match std::io::Read::read(&mut reader, &mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    counter.fetch_add(n as u64, Ordering::SeqCst);
+                    if std::io::Write::write_all(&mut writer, &buffer[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = from.shutdown(std::net::Shutdown::Both);
+                let _ = to.shutdown(std::net::Shutdown::Both);
+            });
+        };
+        copy(
+            relay.try_clone()?,
+            sshd_side.try_clone()?,
+            self.ssh_bytes.clone(),
+            true,
+        );
+        copy(sshd_side, relay, self.ssh_bytes.clone(), false);
+        Ok(host_side)
     }
 
     /// An echo "service": the guest side closes when the stream is shut down.
@@ -426,6 +523,13 @@ impl Backend for FakeVm {
             }
         })
     }
+
+    fn listen(&self, port: u32, connections: GuestConnections) -> Result<(), BackendError> {
+        let mut ports = self.host_ports.lock().unwrap();
+        ports.retain(|(p, _)| *p != port);
+        ports.push((port, connections));
+        Ok(())
+    }
 }
 
 /// A state directory with a fake guest, and the configuration that points at it.
@@ -489,6 +593,10 @@ impl Fixture {
             request_timeout: Duration::from_secs(5),
             max_clients: None,
             socket_check: Duration::from_secs(2),
+            // No database there: the host store cache answers every query with 404
+            // unless a test points it at a store it made.
+            host_store_db: self.dir.path().join("no-host-db/db.sqlite"),
+            host_store_case_hack: false,
         }
     }
 
