@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod hoststore;
+
 use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;

@@ -1,0 +1,352 @@
+//! For the host store cache tests: Nix stores made by the test (chroot stores, each
+//! with its own nix.conf), a synthetic closure of input-addressed paths, and the
+//! test's stand-in for the guest's forwarder — a loopback TCP listener whose every
+//! connection becomes a guest→host vsock stream — that can also tamper with what
+//! passes through it.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+
+/// A Nix configuration directory of the test's own: no machine's nix.conf, users or
+/// groups change what Nix does. Nix run as root defaults `build-users-group` to
+/// `nixbld`, which a clean machine lacks; empty builds as the caller. No binary
+/// cache unless `extra` names one (CI has no network).
+pub fn nix_conf(dir: &Path, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("nix.conf"),
+        format!(
+            "build-users-group =\nsubstituters =\nsandbox = true\nextra-sandbox-paths = /usr /bin /lib /lib64\n{extra}"
+        ),
+    )
+    .unwrap();
+    dir.to_path_buf()
+}
+
+/// The environment that makes Debian's Nix use `conf_dir` and nothing else.
+pub fn nix_env(command: &mut Command, conf_dir: &Path, home: &Path) {
+    command
+        .env("HOME", home)
+        .env("NIX_CONF_DIR", conf_dir)
+        .env("NIX_USER_CONF_FILES", conf_dir.join("nix.conf"))
+        .env_remove("NIX_CONFIG")
+        .env_remove("NIX_REMOTE")
+        .env_remove("NIX_PATH");
+}
+
+/// `program` (nix, nix-store, …) with its own configuration.
+pub fn nix_tool(program: &str, conf_dir: &Path, home: &Path) -> Command {
+    let mut command = Command::new(program);
+    nix_env(&mut command, conf_dir, home);
+    if program == "nix" {
+        command.args(["--extra-experimental-features", "nix-command"]);
+    }
+    command
+}
+
+pub fn check(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A chain of input-addressed paths built in a store: each holds `size` random bytes
+/// and refers to the one before, so the last one's closure is all of them.
+#[derive(Debug, Clone)]
+pub struct Closure {
+    /// The last path, whose closure is the whole chain.
+    pub top: String,
+    /// Every path of the closure.
+    pub paths: Vec<String>,
+    /// The sum of their NAR sizes.
+    pub nar_bytes: u64,
+    /// The expression that builds the chain (`closure.nix`).
+    pub expression: PathBuf,
+}
+
+/// The Nix expression of a chain of `count` paths of `size` bytes, named `tag-…`.
+pub fn closure_expression(tag: &str, count: usize, size: u64) -> String {
+    format!(
+        r#"let
+  step = n: previous: derivation {{
+    name = "{tag}-${{toString n}}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "PATH=/usr/bin:/bin; mkdir $out; echo ${{previous}} > $out/previous; head -c {size} /dev/urandom > $out/data; chmod +x $out/data; ln -s previous $out/link" ];
+  }};
+  chain = n: if n == 0 then "none" else step n (chain (n - 1));
+in
+chain {count}
+"#
+    )
+}
+
+/// Builds the chain in the store at `root`.
+pub fn build_closure(
+    root: &Path,
+    conf_dir: &Path,
+    home: &Path,
+    tag: &str,
+    count: usize,
+    size: u64,
+) -> Closure {
+    let expression = home.join(format!("{tag}-closure.nix"));
+    std::fs::write(&expression, closure_expression(tag, count, size)).unwrap();
+    let out = check(
+        nix_tool("nix", conf_dir, home)
+            .args(["build", "--no-link", "--json", "--store"])
+            .arg(root)
+            .arg("-f")
+            .arg(&expression)
+            .output()
+            .unwrap(),
+        "building the input closure",
+    );
+    let built: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let top = built[0]["outputs"]["out"].as_str().unwrap().to_string();
+    let out = check(
+        nix_tool("nix", conf_dir, home)
+            .args(["path-info", "--recursive", "--json", "--store"])
+            .arg(root)
+            .arg(&top)
+            .output()
+            .unwrap(),
+        "listing the closure",
+    );
+    let infos: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let infos = infos.as_array().unwrap();
+    Closure {
+        top,
+        paths: infos
+            .iter()
+            .map(|i| i["path"].as_str().unwrap().to_string())
+            .collect(),
+        nar_bytes: infos.iter().map(|i| i["narSize"].as_u64().unwrap()).sum(),
+        expression,
+    }
+}
+
+/// The signatures a store holds for `path`.
+pub fn signatures(root: &Path, conf_dir: &Path, home: &Path, path: &str) -> Vec<String> {
+    let out = check(
+        nix_tool("nix", conf_dir, home)
+            .args(["path-info", "--json", "--sigs", "--store"])
+            .arg(root)
+            .arg(path)
+            .output()
+            .unwrap(),
+        "nix path-info --sigs",
+    );
+    let infos: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    infos[0]["signatures"]
+        .as_array()
+        .map(|sigs| {
+            sigs.iter()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What the forwarder does to the traffic it carries.
+pub enum Tamper {
+    /// Nothing: an honest forwarder, like the guest's socat.
+    None,
+    /// Flips one byte in the middle of every NAR body.
+    FlipNarByte,
+    /// Removes the `Sig:` lines of every narinfo (and fixes its length).
+    StripSignatures,
+    /// Calls the function with the NAR's URL path before forwarding a NAR request.
+    BeforeNar(Box<dyn Fn(&str) + Send + Sync>),
+}
+
+/// The test's forwarder: `127.0.0.1:<port>` → a new guest→host stream per connection.
+pub struct Forwarder {
+    pub port: u16,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Forwarder {
+    pub fn start(
+        connect: impl Fn() -> std::io::Result<UnixStream> + Send + Sync + 'static,
+        tamper: Tamper,
+    ) -> Forwarder {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let log = requests.clone();
+        let connect = Arc::new(connect);
+        let tamper = Arc::new(tamper);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let (connect, tamper, log) = (connect.clone(), tamper.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let Ok(upstream) = connect() else {
+                        // As socat does when the vsock connection is refused.
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        return;
+                    };
+                    let _ = relay_http(&client, &upstream, &tamper, &log);
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = upstream.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Forwarder { port, requests }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every request line seen so far ("GET /nix-cache-info", …).
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// Reads until `\r\n\r\n`; returns the head and keeps what follows in `buffer`.
+fn read_head(from: &mut impl Read, buffer: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut scratch = [0u8; 8192];
+    loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buffer.split_off(at + 4);
+            return Some(std::mem::replace(buffer, rest));
+        }
+        let n = from.read(&mut scratch).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&scratch[..n]);
+    }
+}
+
+fn header(head: &str, name: &str) -> Option<String> {
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_string())
+    })
+}
+
+/// Carries requests and responses one by one (curl does not pipeline), tampering
+/// with them as told. Ends when either side does, or a response is cut short.
+fn relay_http(
+    client: &TcpStream,
+    upstream: &UnixStream,
+    tamper: &Tamper,
+    log: &Mutex<Vec<String>>,
+) -> Option<()> {
+    let (mut client_r, mut client_w) = (client, client);
+    let (mut up_r, mut up_w) = (upstream, upstream);
+    let (mut from_client, mut from_upstream) = (Vec::new(), Vec::new());
+    loop {
+        let request = read_head(&mut client_r, &mut from_client)?;
+        let request_text = String::from_utf8_lossy(&request).into_owned();
+        let line = request_text
+            .split("\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let mut parts = line.split(' ');
+        let (method, path) = (
+            parts.next().unwrap_or_default().to_string(),
+            parts.next().unwrap_or_default().to_string(),
+        );
+        log.lock().unwrap().push(format!("{method} {path}"));
+        if let Tamper::BeforeNar(hook) = tamper
+            && path.starts_with("/nar/")
+        {
+            hook(&path);
+        }
+        up_w.write_all(&request).ok()?;
+
+        let head = read_head(&mut up_r, &mut from_upstream)?;
+        let head_text = String::from_utf8_lossy(&head).into_owned();
+        let length: u64 = header(&head_text, "content-length")?.parse().ok()?;
+        let ok = head_text.starts_with("HTTP/1.1 200");
+        let body_length = if method == "HEAD" { 0 } else { length };
+        let strip = matches!(tamper, Tamper::StripSignatures) && ok && path.ends_with(".narinfo");
+        let flip_at = (matches!(tamper, Tamper::FlipNarByte) && ok && path.starts_with("/nar/"))
+            .then_some(body_length / 2);
+        if strip {
+            let body = read_body(&mut up_r, &mut from_upstream, body_length)?;
+            let text = String::from_utf8_lossy(&body);
+            let kept: String = text
+                .lines()
+                .filter(|l| !l.starts_with("Sig: "))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let head_text = head_text.replace(
+                &format!("Content-Length: {length}\r\n"),
+                &format!("Content-Length: {}\r\n", kept.len()),
+            );
+            client_w.write_all(head_text.as_bytes()).ok()?;
+            client_w.write_all(kept.as_bytes()).ok()?;
+        } else {
+            client_w.write_all(&head).ok()?;
+            copy_body(
+                &mut up_r,
+                &mut from_upstream,
+                &mut client_w,
+                body_length,
+                flip_at,
+            )?;
+        }
+        if header(&head_text, "connection").as_deref() == Some("close") {
+            return Some(());
+        }
+    }
+}
+
+fn read_body(from: &mut impl Read, buffer: &mut Vec<u8>, length: u64) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    copy_body(from, buffer, &mut body, length, None)?;
+    Some(body)
+}
+
+/// Copies `length` body bytes (first from `buffer`), flipping the byte at `flip_at`.
+fn copy_body(
+    from: &mut impl Read,
+    buffer: &mut Vec<u8>,
+    to: &mut impl Write,
+    length: u64,
+    flip_at: Option<u64>,
+) -> Option<()> {
+    let mut done: u64 = 0;
+    let mut scratch = vec![0u8; 256 * 1024];
+    while done < length {
+        let mut chunk = if buffer.is_empty() {
+            let n = from.read(&mut scratch).ok()?;
+            if n == 0 {
+                return None; // cut short upstream: cut it short here too
+            }
+            scratch[..n].to_vec()
+        } else {
+            std::mem::take(buffer)
+        };
+        let wanted = usize::try_from(length - done).unwrap_or(usize::MAX);
+        if chunk.len() > wanted {
+            *buffer = chunk.split_off(wanted);
+        }
+        if let Some(at) = flip_at
+            && at >= done
+            && at < done + chunk.len() as u64
+        {
+            chunk[usize::try_from(at - done).unwrap()] ^= 0x01;
+        }
+        to.write_all(&chunk).ok()?;
+        done += chunk.len() as u64;
+    }
+    Some(())
+}
