@@ -176,6 +176,7 @@ in
     workingDirectory = "/var/lib/darwin-vz";
     logLevel = "info";
     group = "_darwin-vz";
+    hostStoreCache = true;
   };
 
   # Defaults of the options that shape the builder's machines line; the CLI has
@@ -229,6 +230,7 @@ in
           };
         in
         if settings == { } then null else settings;
+      hostStoreCache = optionalValue cfg "hostStoreCache";
     };
 
   # The line the module adds to /etc/nix/machines for the machines file at `file`

@@ -810,6 +810,7 @@ fn a_variable_that_is_set_but_unusable_is_an_error_and_destroy_deletes_nothing()
         "LOG_LEVEL",
         "CONTROL_GROUP",
         "SSH_USER",
+        "HOST_STORE_CACHE",
         "CONFIG",
     ] {
         let name = format!("DARWIN_VZ_NIX_{name}");

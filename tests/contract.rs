@@ -154,6 +154,11 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     assert_eq!(module.log_level, config::LogLevel::default());
     assert_eq!(module.state_dir, Path::new("/var/lib/darwin-vz"));
     assert_eq!(module.control_group.as_deref(), Some("_darwin-vz"));
+    assert_eq!(module.host_store_cache, defaults::HOST_STORE_CACHE);
+    assert!(
+        !load("chosen").host_store_cache,
+        "the module's hostStoreCache = false reaches the daemon"
+    );
     assert!(module.guest.dir.as_ref().unwrap().starts_with("/nix/store"));
 
     let custom = load("no-rosetta-never-idle");
@@ -164,6 +169,7 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     let minimal = load("minimal");
     assert_eq!(minimal.cores, defaults::CORES);
     assert_eq!(minimal.control_group, None);
+    assert!(minimal.host_store_cache);
 }
 
 /// The module leaves cores and memory unset (null), so the daemon fits them to the

@@ -577,3 +577,115 @@ fn a_nar_that_no_longer_matches_the_database_is_cut_short_never_complete() {
     assert_eq!(status, "HTTP/1.1 200 OK");
     drop(served.runtime);
 }
+
+/// The kernel command line a dry run prints, with the test guest.
+fn dry_run_line(args: &[&str], env: &[(&str, &str)], config_file: Option<&Path>) -> String {
+    let fixture = support::Fixture::new();
+    let mut command = fixture.cli_command(&[
+        "start",
+        "--dry-run",
+        "--json",
+        "--cores",
+        "1",
+        "--memory",
+        "1024",
+    ]);
+    command.args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    if let Some(file) = config_file {
+        command.env("DARWIN_VZ_NIX_CONFIG", file);
+    }
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", support::stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    plan["commandLine"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn host_store_cache_is_on_by_default_and_off_by_flag_environment_or_file() {
+    let on = "darwin_vz_nix.host_cache=1";
+    let off = "darwin_vz_nix.host_cache=0";
+    assert!(dry_run_line(&[], &[], None).contains(on));
+    assert!(dry_run_line(&["--no-host-store-cache"], &[], None).contains(off));
+    assert!(dry_run_line(&[], &[("DARWIN_VZ_NIX_HOST_STORE_CACHE", "0")], None).contains(off));
+    let scratch = Scratch::new();
+    let file = scratch.path("config.json");
+    std::fs::write(&file, r#"{"hostStoreCache": false}"#).unwrap();
+    assert!(dry_run_line(&[], &[], Some(&file)).contains(off));
+    // The flag beats the file.
+    assert!(dry_run_line(&["--host-store-cache"], &[], Some(&file)).contains(on));
+
+    let fixture = support::Fixture::new();
+    let out = fixture
+        .cli_command(&["start", "--dry-run"])
+        .env("DARWIN_VZ_NIX_HOST_STORE_CACHE", "maybe")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        support::stderr(&out).contains(
+            "DARWIN_VZ_NIX_HOST_STORE_CACHE: `maybe` is not a boolean; use 1/0, true/false or yes/no"
+        ),
+        "{}",
+        support::stderr(&out)
+    );
+}
+
+/// Runs the guest's host-cache.sh; returns (exit code, stderr).
+fn host_cache_script(key_file: &Path, fragment: &Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new("bash")
+        .arg("nix/nixos/scripts/host-cache.sh")
+        .arg(key_file)
+        .arg("http://127.0.0.1:17026")
+        .arg(fragment)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_guest_trusts_only_a_well_formed_host_key_and_writes_nothing_else_into_nix_conf() {
+    let scratch = Scratch::new();
+    let key_file = scratch.path("host-cache-key.pub");
+    let fragment = scratch.path("run/nix-host-cache.conf");
+    let key = CacheKey::generate().unwrap();
+    std::fs::write(&key_file, key.public_text()).unwrap();
+    let (code, err) = host_cache_script(&key_file, &fragment);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&fragment).unwrap(),
+        format!(
+            "extra-substituters = http://127.0.0.1:17026\nextra-trusted-public-keys = {}\n",
+            key.public_text()
+        )
+    );
+
+    // A key that would smuggle a setting in, a wrong length, nothing at all: no
+    // fragment (an earlier one is removed), and the unit fails visibly.
+    for bad in [
+        format!("{}\nrequire-sigs = false", key.public_text()),
+        "name:c2hvcnQ=".to_string(),
+        "no colon".to_string(),
+        String::new(),
+    ] {
+        std::fs::write(&key_file, &bad).unwrap();
+        let (code, err) = host_cache_script(&key_file, &fragment);
+        assert_eq!(code, Some(1), "{bad:?}: {err}");
+        assert!(!fragment.exists(), "{bad:?} left a fragment");
+    }
+    std::fs::remove_file(&key_file).unwrap();
+    let (code, err) = host_cache_script(&key_file, &fragment);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("did not arrive"), "{err}");
+}

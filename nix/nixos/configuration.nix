@@ -89,6 +89,7 @@ in
     ./ssh.nix
     ./builder.nix
     ./rosetta.nix
+    ./hostcache.nix
     ./boot-speed.nix
   ];
 

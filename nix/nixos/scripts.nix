@@ -70,4 +70,5 @@ rec {
     pkgs.coreutils
     pkgs.util-linux
   ];
+  host-cache = app "host-cache" ./scripts/host-cache.sh [ pkgs.coreutils ];
 }

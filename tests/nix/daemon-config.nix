@@ -41,6 +41,7 @@ in
       systems = [ "aarch64-linux" ];
       supportedFeatures = [ "big-parallel" ];
       mandatoryFeatures = [ "dvn" ];
+      hostStoreCache = false;
     }
   );
 
@@ -66,5 +67,6 @@ in
     kernelParams = null;
     logLevel = null;
     group = null;
+    hostStoreCache = null;
   };
 }
