@@ -350,3 +350,238 @@ fn copy_body(
     }
     Some(())
 }
+
+/// The client ("host") side of a remote build: a store holding the input closure,
+/// with its own nix.conf (`builders-use-substitutes`, as the nix-darwin module sets
+/// it), in a directory without spaces (sshd's SetEnv and NIX_SSHOPTS split on them).
+pub struct Client {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub conf: PathBuf,
+    pub closure: Closure,
+}
+
+impl Client {
+    /// Builds a chain of `count` paths of `size` bytes in a new client store.
+    pub fn new(count: usize, size: u64) -> Client {
+        let dir = tempfile::Builder::new()
+            .prefix("dvn-client-")
+            .tempdir()
+            .unwrap();
+        let home = dir.path().to_path_buf();
+        let store = home.join("store");
+        let conf = nix_conf(&home.join("conf"), "builders-use-substitutes = true\n");
+        let closure = build_closure(&store, &conf, &home, "input", count, size);
+        Client {
+            dir,
+            store,
+            conf,
+            closure,
+        }
+    }
+
+    pub fn home(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A second store holding a copy of the closure.
+    pub fn copy_of_the_closure(&self, name: &str) -> PathBuf {
+        let copy = self.home().join(name);
+        check(
+            nix_tool("nix", &self.conf, self.home())
+                .args(["copy", "--no-check-sigs", "--from"])
+                .arg(&self.store)
+                .arg("--to")
+                .arg(&copy)
+                .arg(&self.closure.top)
+                .output()
+                .unwrap(),
+            "copying the closure into another store",
+        );
+        copy
+    }
+}
+
+/// How the builder side is set up.
+pub struct RemoteOptions {
+    /// The supervisor serves the host store cache (`hostStoreCache`), and the
+    /// guest's Nix uses it.
+    pub cache: bool,
+    /// The store the cache serves: the client's own when `None`.
+    pub served: Option<PathBuf>,
+    /// What the guest's forwarder does to the traffic.
+    pub tamper: Tamper,
+}
+
+/// The builder ("guest") side: the supervisor with the fake VM, whose `sshd -i`
+/// runs the builder's Nix on a fresh chroot store of its own, and the test's
+/// stand-in for the guest's forwarder to the host cache.
+pub struct Remote {
+    // Dropped first: the supervisor stops while its state directory still exists.
+    pub harness: super::Harness,
+    pub forwarder: Forwarder,
+    pub fixture: super::Fixture,
+    pub dir: tempfile::TempDir,
+    pub guest_store: PathBuf,
+    pub guest_conf: PathBuf,
+    ssh_config: PathBuf,
+    client_store: PathBuf,
+    client_conf: PathBuf,
+    client_home: PathBuf,
+    closure_expression: PathBuf,
+}
+
+impl Remote {
+    pub fn new(client: &Client, options: RemoteOptions) -> Remote {
+        use darwin_vz_nix::contract;
+        let fixture = super::Fixture::new();
+        let dir = tempfile::Builder::new()
+            .prefix("dvn-guest-")
+            .tempdir()
+            .unwrap();
+        let home = dir.path().to_path_buf();
+        let guest_store = home.join("store");
+        let fragment = home.join("run/nix-host-cache.conf");
+        let guest_conf = nix_conf(
+            &home.join("conf"),
+            &format!("!include {}\n", fragment.display()),
+        );
+        let behaviour = super::FakeVmBehaviour {
+            sshd_extra: vec![format!(
+                "SetEnv NIX_REMOTE={} NIX_CONF_DIR={} NIX_USER_CONF_FILES={} XDG_CACHE_HOME={}",
+                guest_store.display(),
+                guest_conf.display(),
+                guest_conf.join("nix.conf").display(),
+                home.join("cache").display(),
+            )],
+            count_ssh_bytes: true,
+            listen_delay: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        let served = options.served.unwrap_or_else(|| client.store.clone());
+        let mut daemon_options = fixture.options(None);
+        daemon_options.host_store = served.join("nix/store");
+        daemon_options.host_store_db = served.join("nix/var/nix/db/db.sqlite");
+        let config = fixture.config(darwin_vz_nix::config::ConfigLayer {
+            host_store_cache: Some(options.cache),
+            ..Default::default()
+        });
+        let harness = super::Harness::start_with(&fixture, config, behaviour, daemon_options);
+        let vm = harness.vm.clone();
+        let forwarder = Forwarder::start(
+            move || vm.connect_to_host(contract::HOST_CACHE_VSOCK_PORT),
+            options.tamper,
+        );
+
+        // Boot, so that the supervisor makes the cache's key and puts its public
+        // half in the guest's share; then the guest's own script configures Nix.
+        let out = fixture.cli(&["start"]);
+        assert_eq!(out.status.code(), Some(0), "{}", super::stderr(&out));
+        if options.cache {
+            let key_file = fixture
+                .state_dir
+                .join("keys/guest")
+                .join(contract::KEY_FILE_HOST_CACHE_KEY);
+            check(
+                Command::new("bash")
+                    .arg(concat!(
+                        env!("CARGO_MANIFEST_DIR"),
+                        "/nix/nixos/scripts/host-cache.sh"
+                    ))
+                    .arg(&key_file)
+                    .arg(forwarder.url())
+                    .arg(&fragment)
+                    .output()
+                    .unwrap(),
+                "the guest's host-cache.sh",
+            );
+        }
+        let out = fixture.cli(&["ssh-config"]);
+        assert_eq!(out.status.code(), Some(0), "{}", super::stderr(&out));
+        let ssh_config = home.join("ssh_config");
+        std::fs::write(&ssh_config, &out.stdout).unwrap();
+        Remote {
+            harness,
+            forwarder,
+            fixture,
+            dir,
+            guest_store,
+            guest_conf,
+            ssh_config,
+            client_store: client.store.clone(),
+            client_conf: client.conf.clone(),
+            client_home: client.home().to_path_buf(),
+            closure_expression: client.closure.expression.clone(),
+        }
+    }
+
+    /// Builds, on the builder only, a derivation named `uses-the-inputs-<tag>`
+    /// whose inputs are the closure. Its output's first line is the builder's clock
+    /// when the build began (every input present), its second the input's size.
+    pub fn build(&self, tag: &str) -> Output {
+        let expression = self.dir.path().join(format!("remote-{tag}.nix"));
+        std::fs::write(
+            &expression,
+            format!(
+                r#"let inputs = import {}; in
+derivation {{
+  name = "uses-the-inputs-{tag}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "PATH=/usr/bin:/bin; date +%s.%N > $out; wc -c < ${{inputs}}/data >> $out" ];
+}}
+"#,
+                self.closure_expression.display()
+            ),
+        )
+        .unwrap();
+        nix_tool("nix", &self.client_conf, &self.client_home)
+            .env("NIX_SSHOPTS", format!("-F {}", self.ssh_config.display()))
+            .args(["build", "--print-build-logs", "--no-link", "--json"])
+            .args(["--max-jobs", "0", "--store"])
+            .arg(&self.client_store)
+            .args([
+                "--builders",
+                "ssh-ng://darwin-vz-nix x86_64-linux - 1 1",
+                "-f",
+            ])
+            .arg(&expression)
+            .output()
+            .unwrap()
+    }
+
+    /// The output a successful `build` printed, read from the client's store.
+    pub fn output_text(&self, out: &Output) -> String {
+        let built: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let path = built[0]["outputs"]["out"].as_str().unwrap();
+        std::fs::read_to_string(self.client_store.join(path.trim_start_matches('/'))).unwrap()
+    }
+
+    /// Whether the builder's copy of `path` was signed by the host cache's key.
+    pub fn came_from_the_host_cache(&self, path: &str) -> bool {
+        let key = std::fs::read_to_string(
+            self.fixture
+                .state_dir
+                .join("keys/guest")
+                .join(darwin_vz_nix::contract::KEY_FILE_HOST_CACHE_KEY),
+        )
+        .unwrap();
+        let name = key.split(':').next().unwrap();
+        signatures(&self.guest_store, &self.guest_conf, self.dir.path(), path)
+            .iter()
+            .any(|sig| sig.starts_with(&format!("{name}:")))
+    }
+
+    /// What `status` says about the cache; `None` when it is not served.
+    pub fn cache_report(&self) -> Option<darwin_vz_nix::control::protocol::HostCacheReport> {
+        use darwin_vz_nix::control::protocol::{Reply, Request};
+        match darwin_vz_nix::control::ControlClient::connect(&self.fixture.state_dir)
+            .unwrap()
+            .call(Request::Status, std::time::Duration::from_secs(5))
+            .unwrap()
+        {
+            Reply::Status(report) => report.host_cache,
+            other => panic!("{other:?}"),
+        }
+    }
+}
