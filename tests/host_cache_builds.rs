@@ -22,11 +22,7 @@ use support::*;
 const MIB: u64 = 1024 * 1024;
 
 fn honest(cache: bool) -> RemoteOptions {
-    RemoteOptions {
-        cache,
-        served: None,
-        tamper: Tamper::None,
-    }
+    RemoteOptions::honest(cache)
 }
 
 fn assert_built(out: &Output) -> String {
@@ -123,9 +119,9 @@ fn a_path_collected_between_its_narinfo_and_its_nar_comes_over_ssh_and_the_build
     let remote = Remote::new(
         &client,
         RemoteOptions {
-            cache: true,
             served: Some(served),
             tamper: collect,
+            ..RemoteOptions::honest(true)
         },
     );
     let log = assert_built(&remote.build("a"));
@@ -155,9 +151,8 @@ fn a_tampered_nar_is_refused_by_the_builder_and_the_inputs_come_over_ssh() {
     let remote = Remote::new(
         &client,
         RemoteOptions {
-            cache: true,
-            served: None,
             tamper: Tamper::FlipNarByte,
+            ..RemoteOptions::honest(true)
         },
     );
     let log = assert_built(&remote.build("a"));
@@ -190,9 +185,8 @@ fn an_unsigned_narinfo_is_refused_by_the_builder_and_the_inputs_come_over_ssh() 
     let remote = Remote::new(
         &client,
         RemoteOptions {
-            cache: true,
-            served: None,
             tamper: Tamper::StripSignatures,
+            ..RemoteOptions::honest(true)
         },
     );
     let log = assert_built(&remote.build("a"));

@@ -85,7 +85,8 @@ in
     systemd.services."darwin-vz-nix-host-cache@" = {
       description = "One connection to the host's store cache";
       serviceConfig = {
-        ExecStart = "${pkgs.socat}/bin/socat STDIO VSOCK-CONNECT:2:${toString contract.vsock.hostCachePort}";
+        # -b: NARs are large; socat's default 8 KiB buffer means many more syscalls.
+        ExecStart = "${pkgs.socat}/bin/socat -b 262144 STDIO VSOCK-CONNECT:2:${toString contract.vsock.hostCachePort}";
         StandardInput = "socket";
         StandardError = "journal";
         DynamicUser = true;

@@ -58,38 +58,40 @@ pub fn check(out: Output, what: &str) -> Output {
     out
 }
 
-/// A chain of input-addressed paths built in a store: each holds `size` random bytes
-/// and refers to the one before, so the last one's closure is all of them.
+/// Input-addressed paths built in a store: `count - 1` independent ones and a last
+/// one that refers to all of them, so that its closure is all of them (and Nix may
+/// fetch the independent ones at once). Each holds `size` random bytes, an
+/// executable file, a symbolic link and a reference.
 #[derive(Debug, Clone)]
 pub struct Closure {
-    /// The last path, whose closure is the whole chain.
+    /// The last path, whose closure is all of them.
     pub top: String,
     /// Every path of the closure.
     pub paths: Vec<String>,
     /// The sum of their NAR sizes.
     pub nar_bytes: u64,
-    /// The expression that builds the chain (`closure.nix`).
+    /// The expression that builds them (its value is the last path).
     pub expression: PathBuf,
 }
 
-/// The Nix expression of a chain of `count` paths of `size` bytes, named `tag-…`.
+/// The Nix expression of `count` paths of `size` bytes, named `tag-…`.
 pub fn closure_expression(tag: &str, count: usize, size: u64) -> String {
     format!(
         r#"let
-  step = n: previous: derivation {{
+  path = n: refers: derivation {{
     name = "{tag}-${{toString n}}";
     system = builtins.currentSystem;
     builder = "/bin/sh";
-    args = [ "-c" "PATH=/usr/bin:/bin; mkdir $out; echo ${{previous}} > $out/previous; head -c {size} /dev/urandom > $out/data; chmod +x $out/data; ln -s previous $out/link" ];
+    args = [ "-c" "PATH=/usr/bin:/bin; mkdir $out; echo ${{toString refers}} > $out/refers; head -c {size} /dev/urandom > $out/data; chmod +x $out/data; ln -s refers $out/link" ];
   }};
-  chain = n: if n == 0 then "none" else step n (chain (n - 1));
+  leaves = builtins.genList (n: path (n + 1) [ ]) ({count} - 1);
 in
-chain {count}
+path {count} leaves
 "#
     )
 }
 
-/// Builds the chain in the store at `root`.
+/// Builds the paths in the store at `root`.
 pub fn build_closure(
     root: &Path,
     conf_dir: &Path,
@@ -325,30 +327,38 @@ fn copy_body(
 ) -> Option<()> {
     let mut done: u64 = 0;
     let mut scratch = vec![0u8; 256 * 1024];
-    while done < length {
-        let mut chunk = if buffer.is_empty() {
-            let n = from.read(&mut scratch).ok()?;
-            if n == 0 {
-                return None; // cut short upstream: cut it short here too
-            }
-            scratch[..n].to_vec()
-        } else {
-            std::mem::take(buffer)
-        };
-        let wanted = usize::try_from(length - done).unwrap_or(usize::MAX);
-        if chunk.len() > wanted {
-            *buffer = chunk.split_off(wanted);
+    let wanted = |done: u64| usize::try_from(length - done).unwrap_or(usize::MAX);
+    // What was read with the head first, then straight from the stream.
+    if !buffer.is_empty() {
+        let mut chunk = std::mem::take(buffer);
+        if chunk.len() > wanted(done) {
+            *buffer = chunk.split_off(wanted(done));
         }
-        if let Some(at) = flip_at
-            && at >= done
-            && at < done + chunk.len() as u64
-        {
-            chunk[usize::try_from(at - done).unwrap()] ^= 0x01;
-        }
+        flip(&mut chunk, done, flip_at);
         to.write_all(&chunk).ok()?;
         done += chunk.len() as u64;
     }
+    while done < length {
+        let limit = scratch.len().min(wanted(done));
+        let n = from.read(&mut scratch[..limit]).ok()?;
+        if n == 0 {
+            return None; // cut short upstream: cut it short here too
+        }
+        flip(&mut scratch[..n], done, flip_at);
+        to.write_all(&scratch[..n]).ok()?;
+        done += n as u64;
+    }
     Some(())
+}
+
+/// Flips the byte at stream offset `at`, if `chunk` (starting at `offset`) holds it.
+fn flip(chunk: &mut [u8], offset: u64, at: Option<u64>) {
+    if let Some(at) = at
+        && at >= offset
+        && at < offset + chunk.len() as u64
+    {
+        chunk[usize::try_from(at - offset).unwrap()] ^= 0x01;
+    }
 }
 
 /// The client ("host") side of a remote build: a store holding the input closure,
@@ -411,6 +421,24 @@ pub struct RemoteOptions {
     pub served: Option<PathBuf>,
     /// What the guest's forwarder does to the traffic.
     pub tamper: Tamper,
+    /// Relay the SSH streams through counting threads (`FakeVm::ssh_bytes`); off
+    /// for measurements, where the copy would slow the SSH path down.
+    pub count_ssh_bytes: bool,
+    /// More lines for the builder's nix.conf.
+    pub guest_nix_conf: String,
+}
+
+impl RemoteOptions {
+    /// The cache on or off, served honestly, SSH bytes counted.
+    pub fn honest(cache: bool) -> RemoteOptions {
+        RemoteOptions {
+            cache,
+            served: None,
+            tamper: Tamper::None,
+            count_ssh_bytes: true,
+            guest_nix_conf: String::new(),
+        }
+    }
 }
 
 /// The builder ("guest") side: the supervisor with the fake VM, whose `sshd -i`
@@ -444,7 +472,11 @@ impl Remote {
         let fragment = home.join("run/nix-host-cache.conf");
         let guest_conf = nix_conf(
             &home.join("conf"),
-            &format!("!include {}\n", fragment.display()),
+            &format!(
+                "{}\n!include {}\n",
+                options.guest_nix_conf,
+                fragment.display()
+            ),
         );
         let behaviour = super::FakeVmBehaviour {
             sshd_extra: vec![format!(
@@ -454,7 +486,7 @@ impl Remote {
                 guest_conf.join("nix.conf").display(),
                 home.join("cache").display(),
             )],
-            count_ssh_bytes: true,
+            count_ssh_bytes: options.count_ssh_bytes,
             listen_delay: std::time::Duration::ZERO,
             ..Default::default()
         };
