@@ -564,6 +564,16 @@ pub fn reset_state(state: &StateDir, keys_only: bool) -> Result<Vec<PathBuf>, Re
         }
     }
     removed.extend(staged.install().map_err(ResetError::Unfinished)?);
+    // The host cache's signing key goes with the SSH keys; the next boot makes a new
+    // one and hands its public half to the guest.
+    for path in [
+        hostcache::key::secret_key_path(state),
+        hostcache::key::public_key_path(state),
+    ] {
+        if std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
     Ok(removed)
 }
 

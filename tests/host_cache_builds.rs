@@ -209,6 +209,25 @@ fn an_unsigned_narinfo_is_refused_by_the_builder_and_the_inputs_come_over_ssh() 
 }
 
 #[test]
+fn rotate_keys_replaces_the_host_cache_key_and_the_next_boot_shares_the_new_one() {
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    let public = fixture
+        .state_dir
+        .join("keys/guest")
+        .join(contract::KEY_FILE_HOST_CACHE_KEY);
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    let before = std::fs::read_to_string(&public).unwrap();
+    let out = fixture.cli(&["rotate-keys"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!public.exists(), "deleted with the SSH keys");
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    let after = std::fs::read_to_string(&public).unwrap();
+    assert_ne!(after, before);
+    assert!(after.starts_with("darwin-vz-nix-"), "{after}");
+}
+
+#[test]
 fn with_the_cache_off_nothing_listens_for_the_guest_and_status_shows_no_cache() {
     let fixture = Fixture::new();
     let config = fixture.config(ConfigLayer {

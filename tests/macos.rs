@@ -116,3 +116,32 @@ fn cold_boot_figures() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("guest sshd ready"));
 }
+
+#[test]
+fn the_guest_substitutes_a_host_path_from_the_host_store_cache_over_vsock() {
+    let Some(mac) = mac() else {
+        return;
+    };
+    assert!(mac.run(&["start"]).status.success());
+    // The guest directory is a host store path the guest's own database does not
+    // know (only its system closure is registered there).
+    let guest_dir = std::fs::canonicalize(&mac.guest).unwrap();
+    let path = guest_dir.display().to_string();
+    assert_eq!(
+        mac.ssh(&format!("nix-store --realise {path} 2>&1 | tail -n 1")),
+        path
+    );
+    let sigs = mac.ssh(&format!(
+        "nix --extra-experimental-features nix-command path-info --sigs {path}"
+    ));
+    assert!(
+        sigs.contains(" darwin-vz-nix-"),
+        "signed by the host cache: {sigs}"
+    );
+    let out = mac.run(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        status["hostCache"]["narsServed"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+}

@@ -147,7 +147,8 @@ pub enum Command {
     /// The guest's disk (its Nix store upper layer and database) is lost; new keys are
     /// made at once. Stops the VM first.
     Destroy(DestroyArgs),
-    /// Replace the SSH keys (client and guest host key); the VM stops first.
+    /// Replace the SSH keys (client and guest host key) and the host cache's signing key;
+    /// the VM stops first.
     RotateKeys,
     /// Print shell completions, e.g. `darwin-vz-nix completions zsh > _darwin-vz-nix`.
     Completions {
