@@ -43,9 +43,10 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A database answer later than this is a miss.
 const LOOKUP_TIMEOUT: Duration = Duration::from_millis(2500);
-/// Streams served at once; more are closed at once (Nix opens at most 25 per
-/// process, a few processes at a time).
-pub const MAX_CONNECTIONS: usize = 256;
+/// Streams served at once; more are closed at once. The guest's forwarding socket
+/// accepts as many (hostcache.nix, MaxConnections); Nix opens at most 25 per process,
+/// one process per build the host sends.
+pub const MAX_CONNECTIONS: usize = 1024;
 /// NARs made at once; further NAR requests wait their turn.
 const NAR_JOBS: usize = 8;
 /// The unit in which a NAR travels from the file system to the stream.
