@@ -428,6 +428,19 @@ in
         and closing the lid or choosing Sleep still sleeps the Mac.
       '';
     };
+
+    hostStoreCache = mkOption {
+      type = types.bool;
+      default = defaults.hostStoreCache;
+      example = false;
+      description = ''
+        Serve this Mac's /nix/store to the VM as its first binary cache, over vsock
+        and signed with a key made on this Mac: build inputs the Mac already has
+        reach the VM without crossing the SSH session or the network. Takes effect
+        through `builders-use-substitutes`, which this module sets. Off: the VM takes
+        inputs from its other caches, then from the Mac over SSH.
+      '';
+    };
   };
 
   config = lib.mkIf cfg.enable (

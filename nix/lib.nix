@@ -217,6 +217,7 @@ in
     group = "_darwin-vz";
     nestedVirtualization = "auto";
     preventSleep = true;
+    hostStoreCache = true;
   };
 
   # Defaults of the options that shape the builder's machines line; the CLI has
@@ -298,6 +299,7 @@ in
         in
         if settings == { } then null else settings;
       preventSleep = optionalValue cfg "preventSleep";
+      hostStoreCache = optionalValue cfg "hostStoreCache";
     };
 
   # The daemon settings for the bootstrap builder (src/bootstrap): its VM runner

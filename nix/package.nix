@@ -5,6 +5,8 @@
   rustPlatform,
   darwin,
   openssh,
+  pkg-config,
+  sqlite,
 }:
 
 let
@@ -35,11 +37,19 @@ rustPlatform.buildRustPackage {
 
   # No SDK input: the Darwin stdenv brings Apple's SDK (Virtualization.framework
   # included), and the crate links the framework itself.
-  nativeBuildInputs = lib.optionals stdenv.hostPlatform.isDarwin [
+  nativeBuildInputs = [
+    # libsqlite3-sys finds sqlite through it.
+    pkg-config
+  ]
+  ++ lib.optionals stdenv.hostPlatform.isDarwin [
     # `codesign` that works in the build sandbox (/usr/bin/codesign is not there);
     # ad-hoc signatures only, which is all an entitlement for a local binary needs.
     darwin.sigtool
   ];
+
+  # The host store cache reads Nix's database (read-only) through SQLite; linked,
+  # not compiled into the crate (rusqlite without `bundled`).
+  buildInputs = [ sqlite ];
 
   # The unit tests only. The integration tests drive real sshd, ssh and nix
   # processes, sockets and a test backend; they run in the project's CI, not in the

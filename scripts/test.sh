@@ -2,7 +2,7 @@
 # Every test this repository has that runs without a Mac, in the order a failure is
 # cheapest to find. `.ci/run` calls this after installing what it needs; on a fresh
 # Debian 12 machine: apt install nix-bin openssh-server openssh-client rustc-web
-# cargo-web rust-web-src shellcheck python3-fusepy, then run it.
+# cargo-web rust-web-src shellcheck python3 python3-fusepy libsqlite3-dev, then run it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

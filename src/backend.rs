@@ -11,6 +11,10 @@ use std::pin::Pin;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+/// Where a backend hands the guest's connections to a host port (see
+/// [`Backend::listen`]).
+pub type GuestConnections = UnboundedSender<GuestStream>;
+
 use crate::plan::BootPlan;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -141,4 +145,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Opens a stream to a guest vsock port of the current VM. Fails with `Connect`
     /// while nothing listens.
     fn connect(&self, port: u32) -> BoxFuture<'_, Result<GuestStream, BackendError>>;
+
+    /// Accepts the guest's connections to host vsock `port` (the guest dials CID 2)
+    /// on every VM started from now on, for the VM's whole life, and hands each to
+    /// `connections` as a stream. Call it before the first `start`. The host listens
+    /// on vsock only, never on TCP or UDP. By default a backend cannot do this.
+    fn listen(&self, port: u32, connections: GuestConnections) -> Result<(), BackendError> {
+        drop(connections);
+        Err(BackendError::Unsupported(format!(
+            "the {} backend cannot accept guest connections (host port {port})",
+            self.name()
+        )))
+    }
 }

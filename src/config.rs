@@ -30,6 +30,7 @@ pub mod defaults {
     pub const IDLE_TIMEOUT_MINUTES: u64 = 180;
     pub const STOP_TIMEOUT_SECONDS: u64 = 15;
     pub const PREVENT_SLEEP: bool = true;
+    pub const HOST_STORE_CACHE: bool = true;
 }
 
 /// Below this the NixOS guest does not reliably boot and build.
@@ -158,6 +159,8 @@ pub struct ConfigLayer {
     /// The bootstrap builder's public SSH host key (`ssh-ed25519 AAAA…`), from
     /// the same nixpkgs; set together with `bootstrapDrv`.
     pub bootstrap_host_key: Option<String>,
+    /// Serve the host's store to the guest as its first binary cache.
+    pub host_store_cache: Option<bool>,
 }
 
 /// Where a setting's value came from.
@@ -220,6 +223,11 @@ const FIELDS: &[FieldNames] = &[
         "bootstrapHostKey",
         "BOOTSTRAP_HOST_KEY",
         "--bootstrap-host-key",
+    ),
+    field(
+        "hostStoreCache",
+        "HOST_STORE_CACHE",
+        "--host-store-cache/--no-host-store-cache",
     ),
 ];
 
@@ -318,6 +326,7 @@ pub struct Config {
     /// The bootstrap builder (`bootstrapDrv`, `bootstrapHostKey`).
     pub bootstrap_drv: Option<PathBuf>,
     pub bootstrap_host_key: Option<String>,
+    pub host_store_cache: bool,
     #[serde(skip)]
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -379,6 +388,8 @@ impl Config {
         let guest_out = pick!(guest_out, "guestOut");
         let bootstrap_drv = pick!(bootstrap_drv, "bootstrapDrv");
         let bootstrap_host_key = pick!(bootstrap_host_key, "bootstrapHostKey");
+        let host_store_cache =
+            pick!(host_store_cache, "hostStoreCache").unwrap_or(defaults::HOST_STORE_CACHE);
 
         let Some(state_dir) = state_dir else {
             return Err(ConfigErrors(vec![Problem {
@@ -440,6 +451,7 @@ impl Config {
             guest_out,
             bootstrap_drv,
             bootstrap_host_key,
+            host_store_cache,
             origins,
         };
         problems.extend(config.check_values());
@@ -876,6 +888,7 @@ fn set_from_text(layer: &mut ConfigLayer, key: &str, text: &str) -> Result<(), S
         "guestOut" => layer.guest_out = Some(text.into()),
         "bootstrapDrv" => layer.bootstrap_drv = Some(text.into()),
         "bootstrapHostKey" => layer.bootstrap_host_key = Some(text.into()),
+        "hostStoreCache" => layer.host_store_cache = Some(parse_bool_setting(text)?),
         // It has a name in FIELDS only so that messages can name it.
         "builder" => {
             return Err(
@@ -1086,6 +1099,7 @@ mod tests {
         assert_eq!(config.idle_timeout(), Some(Duration::from_secs(180 * 60)));
         assert_eq!(config.ssh_user, "builder");
         assert!(config.prevent_sleep);
+        assert!(config.host_store_cache);
         assert_eq!(config.state_dir, PathBuf::from("/state"));
         assert_eq!(config.origin("cores"), Origin::Default);
     }

@@ -13,6 +13,8 @@ pub const SSH_VSOCK_PORT: u32 = 22;
 /// Guest vsock port on which a systemd socket starts the clock setter: the host
 /// sends its time at every boot and after every wake (`crate::clock`).
 pub const CLOCK_VSOCK_PORT: u32 = 1025;
+/// Host vsock port of the host store's binary cache: the guest connects to it (CID 2).
+pub const HOST_CACHE_VSOCK_PORT: u32 = 1026;
 
 /// virtiofs tag of the host's `/nix/store` (read-only lower layer of the guest's store).
 pub const TAG_HOST_STORE: &str = "nix-store";
@@ -40,6 +42,9 @@ pub const KEY_FILE_AUTHORIZED_KEYS: &str = "authorized_keys";
 /// The CA bundle the host's Nix uses, copied into the keys share when there is one
 /// (`cacerts`); the guest's Nix trusts it besides NixOS's own.
 pub const KEY_FILE_CA_BUNDLE: &str = "ca-bundle.crt";
+/// The public half of the host cache's signing key (`name:base64`), which the
+/// guest's Nix adds to `trusted-public-keys`.
+pub const KEY_FILE_HOST_CACHE_KEY: &str = "nix-cache-key.pub";
 
 /// File names inside a guest directory (one Nix derivation per guest).
 pub const ARTIFACT_KERNEL: &str = "kernel";
@@ -53,6 +58,8 @@ pub const ARTIFACT_REGISTRATION: &str = "registration";
 pub const PARAM_REGISTRATION: &str = "darwin_vz_nix.registration";
 pub const PARAM_ROSETTA: &str = "darwin_vz_nix.rosetta";
 pub const PARAM_ROSETTA_PRESERVE_ARGV0: &str = "darwin_vz_nix.rosetta_preserve_argv0";
+/// `=1` when the host serves its store as a binary cache on `HOST_CACHE_VSOCK_PORT`.
+pub const PARAM_HOST_CACHE: &str = "darwin_vz_nix.host_cache";
 
 /// Starts the console line on which the guest prints systemd's boot timing
 /// (`guest_timing` reads the last one from the console log).

@@ -25,6 +25,7 @@ use crate::control::access::Owner;
 use crate::control::protocol::ConfigSummary;
 use crate::control::server::{ServerContext, ServerOptions};
 use crate::host::HostInfo;
+use crate::hostcache::{self, HostCache, StoreSource};
 use crate::logfile::LogFile;
 use crate::mac::{MacAddress, MacOrigin};
 use crate::nested::{self, GuestReport};
@@ -60,6 +61,8 @@ pub enum DaemonError {
 /// runs. Tests shrink the durations; production derives them from `Config`.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
+    /// The host store's directory: shared with the guest, and read by the host
+    /// store cache.
     pub host_store: PathBuf,
     pub boot_timeout: Duration,
     pub idle_timeout: Option<Duration>,
@@ -87,6 +90,12 @@ pub struct DaemonOptions {
     pub guest: crate::guest::GuestOptions,
     /// Bounds of the bootstrap builder.
     pub bootstrap: crate::bootstrap::BootstrapOptions,
+    /// The host store's Nix database, which the host store cache reads (a chroot
+    /// store's in tests).
+    pub host_store_db: PathBuf,
+    /// Whether the host store cache undoes Nix's macOS case hack (as the host's Nix
+    /// does by default on macOS only).
+    pub host_store_case_hack: bool,
 }
 
 impl DaemonOptions {
@@ -106,6 +115,8 @@ impl DaemonOptions {
             nix_store: crate::guest::nix::NixStore::find(std::env::var_os("PATH").as_deref()),
             guest: crate::guest::GuestOptions::default(),
             bootstrap: crate::bootstrap::BootstrapOptions::default(),
+            host_store_db: PathBuf::from(hostcache::HOST_DB),
+            host_store_case_hack: StoreSource::host().case_hack,
         }
     }
 }
@@ -194,10 +205,14 @@ struct DaemonKeeper {
     host_store: PathBuf,
     /// The lazy guest, whose realised (or earlier) directory each boot uses.
     guests: Option<crate::guest::Guests>,
+    /// The host store cache, when it is served.
+    host_cache: Option<Arc<HostCache>>,
 }
 
-impl StateKeeper for DaemonKeeper {
-    fn plan_boot(&self) -> Result<PlannedBoot, String> {
+impl DaemonKeeper {
+    /// The boot plan of the guest to boot now: the configured one, or the lazy
+    /// guest's realised (or earlier) directory.
+    fn plan_guest_boot(&self) -> Result<PlannedBoot, String> {
         let Some(guests) = &self.guests else {
             return plan_boot(&self.config, &self.host, &self.state, &self.host_store);
         };
@@ -225,6 +240,16 @@ impl StateKeeper for DaemonKeeper {
                 dir.display(),
                 guests.spec().out.display()
             );
+        }
+        Ok(planned)
+    }
+}
+
+impl StateKeeper for DaemonKeeper {
+    fn plan_boot(&self) -> Result<PlannedBoot, String> {
+        let mut planned = self.plan_guest_boot()?;
+        if let Some(cache) = &self.host_cache {
+            prepare_host_cache(cache, &self.state, &mut planned);
         }
         Ok(planned)
     }
@@ -335,12 +360,17 @@ pub async fn serve(
         guests.kick(false);
         guests
     });
+    let host_cache = start_host_cache(&config, &options, backend.as_ref());
+    let mut config = config;
+    // Without a listener the guest must not add the cache: it would be refused.
+    config.host_store_cache = host_cache.is_some();
     let keeper = DaemonKeeper {
         config,
         host,
         state: state.clone(),
         host_store: options.host_store.clone(),
         guests: guests.clone(),
+        host_cache: host_cache.clone(),
     };
     let supervisor = Supervisor::with_guests(backend, Box::new(keeper), supervisor_options, guests);
 
@@ -352,6 +382,7 @@ pub async fn serve(
         supervisor: supervisor.clone(),
         summary,
         owner: Owner::current(),
+        host_cache,
     });
     server.serve(context, shutdown).await;
 
@@ -380,6 +411,61 @@ pub async fn serve(
         ),
     }
     Ok(())
+}
+
+/// Serves the host store as a binary cache on the guest's connections to host port
+/// `hostCachePort`, when the configuration asks for it and the backend can listen.
+fn start_host_cache(
+    config: &Config,
+    options: &DaemonOptions,
+    backend: &dyn Backend,
+) -> Option<Arc<HostCache>> {
+    if !config.host_store_cache {
+        tracing::info!("the host store cache is off (hostStoreCache = false)");
+        return None;
+    }
+    let cache = HostCache::new(StoreSource {
+        store_dir: options.host_store.clone(),
+        db: options.host_store_db.clone(),
+        case_hack: options.host_store_case_hack,
+    });
+    let (connections, streams) = tokio::sync::mpsc::unbounded_channel();
+    if let Err(e) = backend.listen(contract::HOST_CACHE_VSOCK_PORT, connections) {
+        tracing::warn!("the host store cache is off: {e}");
+        return None;
+    }
+    tracing::info!(
+        "serving {} (database {}) to the guest on host vsock port {}",
+        options.host_store.display(),
+        options.host_store_db.display(),
+        contract::HOST_CACHE_VSOCK_PORT
+    );
+    tokio::spawn(cache.clone().serve(streams));
+    Some(cache)
+}
+
+/// Gives the cache the signing key whose public half this boot's guest receives.
+/// Without a key the guest is told that no cache is served: the build then takes
+/// the inputs from its other sources, as without the cache.
+fn prepare_host_cache(cache: &HostCache, state: &StateDir, planned: &mut PlannedBoot) {
+    match hostcache::key::ensure(state) {
+        Ok((key, notices)) => {
+            cache.set_key(key);
+            planned.notices.extend(notices);
+        }
+        Err(e) => {
+            let off = format!("{}=0", contract::PARAM_HOST_CACHE);
+            let on = format!("{}=1", contract::PARAM_HOST_CACHE);
+            for param in &mut planned.plan.command_line {
+                if *param == on {
+                    param.clone_from(&off);
+                }
+            }
+            let notice = format!("the host store cache is off for this boot: {e}");
+            tracing::warn!("{notice}");
+            planned.notices.push(notice);
+        }
+    }
 }
 
 /// The signals that would end the daemon and that it can catch. Each leads to the
@@ -642,6 +728,16 @@ pub fn reset_state(state: &StateDir, keys_only: bool) -> Result<Vec<PathBuf>, Re
         }
     }
     removed.extend(staged.install().map_err(ResetError::Unfinished)?);
+    // The host cache's signing key goes with the SSH keys; the next boot makes a new
+    // one and hands its public half to the guest.
+    for path in [
+        hostcache::key::secret_key_path(state),
+        hostcache::key::public_key_path(state),
+    ] {
+        if std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
     Ok(removed)
 }
 

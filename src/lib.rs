@@ -24,6 +24,7 @@ pub mod files;
 pub mod guest;
 pub mod guest_timing;
 pub mod host;
+pub mod hostcache;
 pub mod keys;
 pub mod limits;
 pub mod logfile;

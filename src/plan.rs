@@ -311,6 +311,13 @@ pub fn command_line(config: &Config, artifacts: &GuestArtifacts, host: &HostInfo
         contract::PARAM_ROSETTA_PRESERVE_ARGV0,
         flag(config.rosetta && host.rosetta_preserves_argv0())
     ));
+    // The guest adds the host's cache to its substituters only when it is served:
+    // a substituter that refuses connections fails remote builds on Nix < 2.32.
+    params.push(format!(
+        "{}={}",
+        contract::PARAM_HOST_CACHE,
+        flag(config.host_store_cache)
+    ));
     params.extend(config.kernel_params.iter().cloned());
     params
 }
@@ -443,7 +450,8 @@ mod tests {
             plan.command_line_string(),
             "console=hvc0 panic=-1 init=/g/system/init loglevel=4 \
              darwin_vz_nix.registration=/g/registration darwin_vz_nix.rosetta=1 \
-             darwin_vz_nix.rosetta_preserve_argv0=1 systemd.log_level=debug"
+             darwin_vz_nix.rosetta_preserve_argv0=1 darwin_vz_nix.host_cache=1 \
+             systemd.log_level=debug"
         );
     }
 
@@ -523,6 +531,26 @@ mod tests {
         assert_eq!(
             plan.console_log(),
             Some(Path::new("/state/logs/console.log"))
+        );
+    }
+
+    #[test]
+    fn the_guest_is_told_whether_the_host_serves_its_store_cache() {
+        let on = plan(ConfigLayer::default(), (14, 0));
+        assert!(
+            on.command_line
+                .contains(&"darwin_vz_nix.host_cache=1".to_string())
+        );
+        let off = plan(
+            ConfigLayer {
+                host_store_cache: Some(false),
+                ..Default::default()
+            },
+            (14, 0),
+        );
+        assert!(
+            off.command_line
+                .contains(&"darwin_vz_nix.host_cache=0".to_string())
         );
     }
 

@@ -855,6 +855,7 @@ fn a_variable_that_is_set_but_unusable_is_an_error_and_destroy_deletes_nothing()
         "GUEST_OUT",
         "BOOTSTRAP_DRV",
         "BOOTSTRAP_HOST_KEY",
+        "HOST_STORE_CACHE",
         "CONFIG",
     ] {
         let name = format!("DARWIN_VZ_NIX_{name}");

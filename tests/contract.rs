@@ -25,6 +25,10 @@ fn contract_json_matches_the_rust_constants() {
         ("/hostKeyAlias", contract::HOST_KEY_ALIAS.into()),
         ("/vsock/sshPort", contract::SSH_VSOCK_PORT.into()),
         ("/vsock/clockPort", contract::CLOCK_VSOCK_PORT.into()),
+        (
+            "/vsock/hostCachePort",
+            contract::HOST_CACHE_VSOCK_PORT.into(),
+        ),
         ("/tags/hostStore", contract::TAG_HOST_STORE.into()),
         ("/tags/keys", contract::TAG_KEYS.into()),
         ("/tags/rosetta", contract::TAG_ROSETTA.into()),
@@ -50,6 +54,10 @@ fn contract_json_matches_the_rust_constants() {
             "/guest/keyFiles/caBundle",
             contract::KEY_FILE_CA_BUNDLE.into(),
         ),
+        (
+            "/guest/keyFiles/hostCacheKey",
+            contract::KEY_FILE_HOST_CACHE_KEY.into(),
+        ),
         ("/artifacts/kernel", contract::ARTIFACT_KERNEL.into()),
         ("/artifacts/initrd", contract::ARTIFACT_INITRD.into()),
         ("/artifacts/system", contract::ARTIFACT_SYSTEM.into()),
@@ -66,6 +74,7 @@ fn contract_json_matches_the_rust_constants() {
             "/kernelParams/rosettaPreserveArgv0",
             contract::PARAM_ROSETTA_PRESERVE_ARGV0.into(),
         ),
+        ("/kernelParams/hostCache", contract::PARAM_HOST_CACHE.into()),
         (
             "/consoleMarkers/bootTiming",
             contract::CONSOLE_MARKER_BOOT_TIMING.into(),
@@ -157,6 +166,11 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     assert_eq!(module.control_group.as_deref(), Some("_darwin-vz"));
     assert_eq!(module.prevent_sleep, defaults::PREVENT_SLEEP);
     assert_eq!(cases["defaults"]["preventSleep"], true);
+    assert_eq!(module.host_store_cache, defaults::HOST_STORE_CACHE);
+    assert!(
+        !load("chosen").host_store_cache,
+        "the module's hostStoreCache = false reaches the daemon"
+    );
     assert!(module.guest.dir.as_ref().unwrap().starts_with("/nix/store"));
 
     assert_eq!(module.nested_virtualization, NestedVirtualization::Auto);
@@ -183,6 +197,7 @@ fn the_module_daemon_config_loads_with_the_rust_loader() {
     assert!(minimal.prevent_sleep);
     assert!(!load("no-prevent-sleep").prevent_sleep);
     assert_eq!(minimal.control_group, None);
+    assert!(minimal.host_store_cache);
 
     // A guest given as a derivation reaches the daemon as the guest it realises.
     let lazy = load("lazy").lazy_guest().expect("a lazy guest");

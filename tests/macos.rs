@@ -490,3 +490,32 @@ fn bootstrap_builder_from_the_cache_answers_ssh_on_loopback_with_the_pinned_key_
         .unwrap();
     assert!(!String::from_utf8_lossy(&lsof.stdout).contains("qemu"));
 }
+
+/// Issue 15: a host store path the guest's database does not know comes from the
+/// host store cache over vsock, signed with the host's cache key, and `status` counts it.
+#[test]
+#[ignore = "needs Apple Silicon: the guest substitutes from the host store cache over vsock (DARWIN_VZ_NIX_TEST_GUEST)"]
+fn the_guest_substitutes_a_host_path_from_the_host_store_cache_over_vsock() {
+    let mac = mac();
+    assert!(mac.run(&["start"]).status.success());
+    // The guest directory is a host store path the guest's own database does not
+    // know (only its system closure is registered there).
+    let guest_dir = std::fs::canonicalize(&mac.guest).unwrap();
+    let path = guest_dir.display().to_string();
+    assert_eq!(
+        mac.ssh(&format!("nix-store --realise {path} 2>&1 | tail -n 1")),
+        path
+    );
+    let sigs = mac.ssh(&format!(
+        "nix --extra-experimental-features nix-command path-info --sigs {path}"
+    ));
+    assert!(
+        sigs.contains(" darwin-vz-nix-"),
+        "signed by the host cache: {sigs}"
+    );
+    let status = mac.status();
+    assert!(
+        status["hostCache"]["narsServed"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+}

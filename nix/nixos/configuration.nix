@@ -95,6 +95,7 @@ in
     ./ssh.nix
     ./builder.nix
     ./rosetta.nix
+    ./hostcache.nix
     ./boot-speed.nix
     ./kvm.nix
     ./clock.nix

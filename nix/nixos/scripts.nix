@@ -72,4 +72,5 @@ rec {
     pkgs.util-linux
   ];
   clock-set = app "clock-set" ./scripts/clock-set.sh [ pkgs.coreutils ];
+  host-cache = app "host-cache" ./scripts/host-cache.sh [ pkgs.coreutils ];
 }

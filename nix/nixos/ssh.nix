@@ -130,6 +130,8 @@ in
         keyFiles.caBundle
         config.security.pki.caBundle
         caNixConf
+        keyFiles.hostCacheKey
+        config.darwin-vz-nix.hostCache.keyFile
       ];
     };
   };

@@ -166,7 +166,8 @@ pub enum Command {
     /// The guest's disk (its Nix store upper layer and database) is lost; new keys are
     /// made at once. Stops the VM first.
     Destroy(DestroyArgs),
-    /// Replace the SSH keys (client and guest host key); the VM stops first.
+    /// Replace the SSH keys (client and guest host key) and the host cache's signing key;
+    /// the VM stops first.
     RotateKeys,
     /// Print shell completions, e.g. `darwin-vz-nix completions zsh > _darwin-vz-nix`.
     Completions {
@@ -258,6 +259,13 @@ pub struct VmArgs {
     /// [env: DARWIN_VZ_NIX_BOOTSTRAP_HOST_KEY].
     #[arg(long, value_name = "KEY")]
     pub bootstrap_host_key: Option<String>,
+    /// Serve this Mac's /nix/store to the guest as its first binary cache, over vsock
+    /// [default: on].
+    #[arg(long, overrides_with = "no_host_store_cache")]
+    pub host_store_cache: bool,
+    /// Do not: build inputs reach the guest through Nix's SSH push or other caches.
+    #[arg(long, overrides_with = "host_store_cache")]
+    pub no_host_store_cache: bool,
 }
 
 impl VmArgs {
@@ -296,6 +304,11 @@ impl VmArgs {
             guest_out: self.guest_out.clone(),
             bootstrap_drv: self.bootstrap_drv.clone(),
             bootstrap_host_key: self.bootstrap_host_key.clone(),
+            host_store_cache: if self.no_host_store_cache {
+                Some(false)
+            } else {
+                self.host_store_cache.then_some(true)
+            },
         }
     }
 
@@ -353,6 +366,11 @@ impl VmArgs {
             args.push("--no-prevent-sleep".into());
         } else if self.prevent_sleep {
             args.push("--prevent-sleep".into());
+        }
+        if self.no_host_store_cache {
+            args.push("--no-host-store-cache".into());
+        } else if self.host_store_cache {
+            args.push("--host-store-cache".into());
         }
         args
     }

@@ -776,6 +776,22 @@ pub fn format_status(r: &StatusReport) -> String {
             format!("{} ago: {}", duration_text(notice.age_secs), notice.message),
         );
     }
+    if let Some(cache) = &r.host_cache {
+        line(
+            "host cache",
+            format!(
+                "{} NARs sent ({} MiB), {} narinfo hits, {} misses, {} NARs cut short",
+                cache.nars_served,
+                cache.nar_bytes / (1024 * 1024),
+                cache.narinfo_hits,
+                cache.narinfo_misses,
+                cache.nars_aborted
+            ),
+        );
+        if let Some(problem) = &cache.last_problem {
+            line("cache problem", problem.clone());
+        }
+    }
     out
 }
 

@@ -267,6 +267,9 @@ pub struct StatusReport {
     /// itself; what a booted guest says about itself is `guest_report`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestLifecycle>,
+    /// The host store's binary cache for the guest, when it is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cache: Option<HostCacheReport>,
 }
 
 /// Nested virtualization and `/dev/kvm` in the guest of one boot.
@@ -360,6 +363,23 @@ pub struct GuestLifecycle {
     /// The bootstrap builder, while it is not off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<BootstrapReport>,
+}
+
+/// What the host store's cache has served since the supervisor started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostCacheReport {
+    /// Narinfo queries answered with a path / with "not here".
+    pub narinfo_hits: u64,
+    pub narinfo_misses: u64,
+    pub nars_served: u64,
+    pub nar_bytes: u64,
+    /// NARs cut short or refused: the path vanished or changed on the host.
+    pub nars_aborted: u64,
+    /// Guest streams closed at once because too many were open.
+    pub streams_refused: u64,
+    /// The latest problem (the database unreadable, a path that changed), if any.
+    pub last_problem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -28,8 +28,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::access::{self, Owner, Peer};
 use super::protocol::{
     self, AssertionReport, BootTiming, BootstrapReport, ClockSyncReport, ConfigSummary, ErrorCode,
-    GuestLifecycle, GuestSummary, MAX_LINE_BYTES, NoticeReport, Reply, Request, SleepReport,
-    StatusReport, StopOutcome, VmState,
+    GuestLifecycle, GuestSummary, HostCacheReport, MAX_LINE_BYTES, NoticeReport, Reply, Request,
+    SleepReport, StatusReport, StopOutcome, VmState,
 };
 use crate::state::Access;
 use crate::supervisor::{self, StopRequest, Supervisor, SupervisorError};
@@ -81,6 +81,8 @@ pub struct ServerContext {
     pub summary: ConfigSummary,
     /// The daemon's own user: with root, the only peer that may stop or reset.
     pub owner: Owner,
+    /// The host store's cache, when it is served (for `status`).
+    pub host_cache: Option<std::sync::Arc<crate::hostcache::HostCache>>,
 }
 
 pub struct ControlServer {
@@ -385,10 +387,13 @@ async fn answer(context: &ServerContext, request: Request) -> (Reply, bool) {
     let supervisor = &context.supervisor;
     match request {
         Request::Status => (
-            Reply::Status(Box::new(status_report(
-                supervisor.snapshot(),
-                &context.summary,
-            ))),
+            Reply::Status(Box::new(StatusReport {
+                host_cache: context
+                    .host_cache
+                    .as_ref()
+                    .map(|c| host_cache_report(c.stats())),
+                ..status_report(supervisor.snapshot(), &context.summary)
+            })),
             false,
         ),
         Request::Start { wait: false, .. } => {
@@ -533,6 +538,7 @@ fn status_report(snapshot: supervisor::Snapshot, summary: &ConfigSummary) -> Sta
         clock_sync,
         host_woke_secs_ago: snapshot.host_woke.map(age),
         guest: snapshot.guest.map(guest_lifecycle),
+        host_cache: None,
     }
 }
 
@@ -554,6 +560,18 @@ fn guest_lifecycle(status: crate::guest::GuestStatus) -> GuestLifecycle {
             console_log: b.console_log,
             error: b.error,
         }),
+    }
+}
+
+fn host_cache_report(stats: crate::hostcache::CacheStats) -> HostCacheReport {
+    HostCacheReport {
+        narinfo_hits: stats.narinfo_hits,
+        narinfo_misses: stats.narinfo_misses,
+        nars_served: stats.nars_served,
+        nar_bytes: stats.nar_bytes,
+        nars_aborted: stats.nars_aborted,
+        streams_refused: stats.streams_refused,
+        last_problem: stats.last_problem,
     }
 }
 

@@ -93,6 +93,8 @@ struct Running {
     vm: Retained<VZVirtualMachine>,
     /// VZ holds its delegate weakly; this is the strong reference.
     _delegate: Retained<VmDelegate>,
+    /// The guest → host listeners, with their (weakly held) delegates.
+    _listeners: super::listener::Listeners,
 }
 
 /// What the backend, the delegate and queued closures share.
@@ -234,6 +236,7 @@ pub unsafe fn start(
     plan: BootPlan,
     events: UnboundedSender<BackendEvent>,
     generation: u64,
+    host_ports: Vec<super::listener::HostPort>,
     reply: oneshot::Sender<Result<(), StartRefusal>>,
 ) {
     // SAFETY: guaranteed by the caller.
@@ -276,11 +279,16 @@ pub unsafe fn start(
     // SAFETY: on the VM queue; the delegate outlives the VM because `Running`
     // holds both.
     unsafe { vm.setDelegate(Some(ProtocolObject::from_ref(&*delegate))) };
+    // The guest → host listeners, set before the VM starts so that a guest never
+    // finds a host port refusing.
+    // SAFETY: on the VM queue, before the VM starts.
+    let listeners = unsafe { super::listener::install(&vm, &host_ports) };
     *shared.slot() = Some(OnQueue::new(
         Running {
             generation,
             vm: vm.clone(),
             _delegate: delegate,
+            _listeners: listeners,
         },
         &shared.queue,
     ));

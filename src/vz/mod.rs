@@ -2,8 +2,10 @@
 //!
 //! It translates an already checked [`BootPlan`] into VZ objects (`config`), runs the
 //! VM on its own serial dispatch queue (`machine`), and reports what the VM does on
-//! its own through a delegate (`delegate`). Decisions that need no VZ object live in
-//! `crate::limits`, as plain functions over plain numbers tested on every platform.
+//! its own through a delegate (`delegate`); the guest's connections to host ports arrive
+//! through socket listeners set before each VM starts (`listener`). Decisions that need
+//! no VZ object live in `crate::limits`, as plain functions over plain numbers tested
+//! on every platform.
 //!
 //! # Availability
 //!
@@ -39,6 +41,7 @@
 //! | `VZLinuxRosettaDirectoryShare`: `availability`, `initWithError:` | 13.0 |
 //! | `VZVirtioSocketDeviceConfiguration`; `VZVirtioSocketDevice`: `connectToPort:completionHandler:`; `VZVirtioSocketConnection`: `fileDescriptor`, `close` | 11.0 |
 //! | `NSError`: `domain`, `code`, `localizedFailureReason` (to tell the missing entitlement) | Foundation |
+//! | `VZVirtioSocketDevice`: `setSocketListener:forPort:`; `VZVirtioSocketListener`: `new`, `setDelegate:`; `VZVirtioSocketListenerDelegate`: `listener:shouldAcceptNewConnection:fromSocketDevice:` (`listener`) | 11.0 |
 //! | `VZVirtioEntropyDeviceConfiguration` | 11.0 |
 //! | `VZVirtioConsoleDeviceSerialPortConfiguration`, `VZSerialPortConfiguration.setAttachment:`, `VZFileSerialPortAttachment`: `initWithURL:append:error:` | 11.0 |
 //! | `VZVirtioTraditionalMemoryBalloonDeviceConfiguration` | 11.0 |
@@ -46,9 +49,10 @@
 
 mod config;
 mod delegate;
+mod listener;
 mod machine;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use objc2::available;
@@ -56,7 +60,7 @@ use objc2_virtualization::VZVirtualMachine;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::{
-    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestStream, StopCall,
+    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestConnections, GuestStream, StopCall,
 };
 use crate::doctor::PlatformFacts;
 use crate::limits;
@@ -74,6 +78,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// callback or a late stop of an old boot never touches a newer VM.
 pub struct VzBackend {
     shared: Arc<Shared>,
+    /// Host ports the guest may connect to (`listen`), set on every VM at its start.
+    host_ports: Mutex<Vec<listener::HostPort>>,
 }
 
 impl VzBackend {
@@ -85,6 +91,7 @@ impl VzBackend {
         }
         Ok(VzBackend {
             shared: Shared::new(),
+            host_ports: Mutex::new(Vec::new()),
         })
     }
 }
@@ -102,18 +109,19 @@ fn unanswered(what: &str) -> String {
 }
 
 impl VzBackend {
-    /// Starts the VM of `generation`, bounded by `VZ_CALLBACK_TIMEOUT`. A start
-    /// that does not call back in time is reported as failed and its VM stays in
-    /// the slot, where the next start finds it.
+    /// Starts the VM of `generation`, with a listener for each of `host_ports`,
+    /// bounded by `VZ_CALLBACK_TIMEOUT`. A start that does not call back in time is
+    /// reported as failed and its VM stays in the slot, where the next start finds it.
     async fn start_once(
         &self,
         generation: u64,
         plan: BootPlan,
         events: UnboundedSender<BackendEvent>,
+        host_ports: Vec<listener::HostPort>,
     ) -> Result<(), StartRefusal> {
         let attempt = machine::on_queue(&self.shared, move |shared, reply| {
             // SAFETY: `on_queue` runs this closure on the VM queue.
-            unsafe { machine::start(shared, plan, events, generation, reply) }
+            unsafe { machine::start(shared, plan, events, generation, host_ports, reply) }
         });
         match tokio::time::timeout(limits::VZ_CALLBACK_TIMEOUT, attempt).await {
             Ok(Some(result)) => result,
@@ -153,9 +161,14 @@ impl Backend for VzBackend {
         events: UnboundedSender<BackendEvent>,
     ) -> BoxFuture<'_, Result<(), BackendError>> {
         let generation = boot.0;
+        let host_ports = self
+            .host_ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
         Box::pin(async move {
             let refusal = match self
-                .start_once(generation, plan.clone(), events.clone())
+                .start_once(generation, plan.clone(), events.clone(), host_ports.clone())
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -167,7 +180,7 @@ impl Backend for VzBackend {
             let (leftover, state) = refusal;
             tracing::warn!("the VM of boot {leftover} is still {state}; stopping it first");
             let why = match self.force_stop_bounded(leftover).await {
-                Ok(_) => match self.start_once(generation, plan, events).await {
+                Ok(_) => match self.start_once(generation, plan, events, host_ports).await {
                     Ok(()) => return Ok(()),
                     Err(StartRefusal::Failed(error)) => return Err(error),
                     Err(StartRefusal::Leftover { .. }) => {
@@ -210,6 +223,17 @@ impl Backend for VzBackend {
             };
             Err(BackendError::Connect { port, reason })
         })
+    }
+
+    fn listen(&self, port: u32, connections: GuestConnections) -> Result<(), BackendError> {
+        let mut ports = self
+            .host_ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // One listener per port, as VZ has it: the latest call wins.
+        ports.retain(|p| p.port != port);
+        ports.push(listener::HostPort { port, connections });
+        Ok(())
     }
 }
 

@@ -42,6 +42,7 @@ in
       supportedFeatures = [ "big-parallel" ];
       mandatoryFeatures = [ "dvn" ];
       nestedVirtualization = "off";
+      hostStoreCache = false;
     }
   );
 
@@ -85,5 +86,6 @@ in
     group = null;
     nestedVirtualization = null;
     preventSleep = null;
+    hostStoreCache = null;
   };
 }

@@ -9,6 +9,8 @@
 mod fake_nix;
 pub use fake_nix::*;
 
+pub mod hoststore;
+
 use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -18,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use darwin_vz_nix::backend::{
-    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestStream, StopCall,
+    Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestConnections, GuestStream, StopCall,
 };
 use darwin_vz_nix::config::{Config, ConfigLayer, Origin, Source};
 use darwin_vz_nix::daemon::{self, DaemonOptions};
@@ -59,6 +61,9 @@ pub struct FakeVmBehaviour {
     /// What the guest's clock setter (vsock port 1025) answers; `None`: nothing
     /// listens there, as in a guest without one.
     pub clock_reply: Option<String>,
+    /// Relay every SSH stream through a copying thread that counts its bytes
+    /// (`FakeVm::ssh_bytes`): what crossed the SSH session, in each direction.
+    pub count_ssh_bytes: bool,
 }
 
 impl Default for FakeVmBehaviour {
@@ -74,6 +79,7 @@ impl Default for FakeVmBehaviour {
             start_hangs: false,
             force_stop_hangs: false,
             clock_reply: Some("OK +0.000000000\n".into()),
+            count_ssh_bytes: false,
         }
     }
 }
@@ -142,6 +148,17 @@ pub struct FakeVm {
     sshd_log: PathBuf,
     /// Every line the guest's clock setter received, in order.
     clock_requests: Arc<Mutex<Vec<String>>>,
+    /// Host ports the guest may connect to (`Backend::listen`).
+    host_ports: Mutex<Vec<(u32, GuestConnections)>>,
+    /// Bytes relayed over SSH streams when `count_ssh_bytes` is on.
+    ssh_bytes: Arc<SshBytes>,
+}
+
+/// What crossed the SSH streams of a `count_ssh_bytes` VM.
+#[derive(Debug, Default)]
+pub struct SshBytes {
+    pub to_guest: std::sync::atomic::AtomicU64,
+    pub from_guest: std::sync::atomic::AtomicU64,
 }
 
 impl FakeVm {
@@ -153,12 +170,49 @@ impl FakeVm {
             state_dir: state_dir.to_path_buf(),
             sshd_log: state_dir.join("logs/fake-sshd.log"),
             clock_requests: Arc::new(Mutex::new(Vec::new())),
+            host_ports: Mutex::new(Vec::new()),
+            ssh_bytes: Arc::new(SshBytes::default()),
         })
     }
 
     /// The lines the guest's clock setter (port 1025) received so far.
     pub fn clock_requests(&self) -> Vec<String> {
         self.clock_requests.lock().unwrap().clone()
+    }
+
+    /// (to the guest, from the guest): bytes relayed over SSH streams so far, when
+    /// the VM counts them (`count_ssh_bytes`).
+    pub fn ssh_bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.ssh_bytes.to_guest.load(Ordering::SeqCst),
+            self.ssh_bytes.from_guest.load(Ordering::SeqCst),
+        )
+    }
+
+    /// What a guest program gets when it connects to host vsock `port` (CID 2): a
+    /// stream whose other end the backend hands to whoever listens there. Refused
+    /// while the VM is not running or nothing listens, as vsock refuses.
+    pub fn connect_to_host(&self, port: u32) -> std::io::Result<UnixStream> {
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        if self.state.lock().unwrap().running_since.is_none() {
+            return Err(refused());
+        }
+        let connections = self
+            .host_ports
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(refused)?;
+        let (guest, host) = UnixStream::pair()?;
+        // A stopping VM ends the stream, as VZ does.
+        self.remember_end(GuestEnd::Socket(guest.try_clone()?));
+        connections
+            .send(GuestStream::new(host.into(), None))
+            .map_err(|_| refused())?;
+        Ok(guest)
     }
 
     pub fn boots(&self) -> u32 {
@@ -288,7 +342,52 @@ impl FakeVm {
             key,
             ends: self.guest_ends.clone(),
         };
+        let ours = if self.behaviour.lock().unwrap().count_ssh_bytes {
+            self.counting_relay(ours)
+                .map_err(|e| connect_error(22, e))?
+        } else {
+            ours
+        };
         Ok(GuestStream::new(ours.into(), Some(Box::new(reaper))))
+    }
+
+    /// Puts two counting copy threads between the host's end of an SSH stream and
+    /// sshd's; returns the new host end. Either side ending ends both (vsock has no
+    /// half-close).
+    fn counting_relay(&self, sshd_side: UnixStream) -> std::io::Result<UnixStream> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (host_side, relay) = UnixStream::pair()?;
+        let copy = |from: UnixStream, to: UnixStream, count: Arc<SshBytes>, to_guest: bool| {
+            std::thread::spawn(move || {
+                let counter: &AtomicU64 = if to_guest {
+                    &count.to_guest
+                } else {
+                    &count.from_guest
+                };
+                let mut buffer = vec![0u8; 64 * 1024];
+                let (mut reader, mut writer) = (&from, &to);
+                loop {
+                    let n = match std::io::Read::read(&mut reader, &mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    counter.fetch_add(n as u64, Ordering::SeqCst);
+                    if std::io::Write::write_all(&mut writer, &buffer[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = from.shutdown(std::net::Shutdown::Both);
+                let _ = to.shutdown(std::net::Shutdown::Both);
+            });
+        };
+        copy(
+            relay.try_clone()?,
+            sshd_side.try_clone()?,
+            self.ssh_bytes.clone(),
+            true,
+        );
+        copy(sshd_side, relay, self.ssh_bytes.clone(), false);
+        Ok(host_side)
     }
 
     /// An echo "service": the guest side closes when the stream is shut down.
@@ -520,6 +619,13 @@ impl Backend for FakeVm {
             }
         })
     }
+
+    fn listen(&self, port: u32, connections: GuestConnections) -> Result<(), BackendError> {
+        let mut ports = self.host_ports.lock().unwrap();
+        ports.retain(|(p, _)| *p != port);
+        ports.push((port, connections));
+        Ok(())
+    }
 }
 
 /// A call the supervisor made to the host's power management.
@@ -669,6 +775,10 @@ impl Fixture {
                 stop_timeout: Duration::from_secs(5),
                 drain_timeout: Duration::from_secs(60),
             },
+            // No database there: the host store cache answers every query with 404
+            // unless a test points it at a store it made.
+            host_store_db: self.dir.path().join("no-host-db/db.sqlite"),
+            host_store_case_hack: false,
         }
     }
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Takes what the host hands over on its one-shot share: the guest's SSH host
-# key, the client's authorized key and, when the host has one, the CA bundle
-# its Nix uses. Copies them into /run (virtiofs under VZ shows every file as
+# key, the client's authorized key, the public key of the host's store cache
+# when the host serves one and, when the host has one, the CA bundle its Nix
+# uses. Copies them into /run (virtiofs under VZ shows every file as
 # owned by whoever reads it, so nothing is used in place) and unmounts the
 # share again.
 #
 #   host-handover TAG SHARE RUNTIME USER HOST_KEY AUTHORIZED_KEYS CA_FILE \
-#     NIXOS_CA_BUNDLE CA_NIX_CONF
+#     NIXOS_CA_BUNDLE CA_NIX_CONF CACHE_KEY CACHE_KEY_COPY
 #
 # TAG, SHARE        the share's virtiofs tag and where to mount it
 # RUNTIME           where the keys go (sshd reads them there)
@@ -17,12 +18,15 @@
 # NIXOS_CA_BUNDLE   the guest's own bundle, kept first in the combined one
 # CA_NIX_CONF       nix.conf fragment pointing ssl-cert-file at the combined
 #                   bundle; removed when the host passed none
+# CACHE_KEY         the host store cache's public key's name on the share
+# CACHE_KEY_COPY    where it is copied (hostcache.nix reads it there);
+#                   removed when the share has none
 #
 # Needs on PATH: mount, umount, install.
 set -euo pipefail
 
-if (($# != 9)); then
-  echo "usage: host-handover TAG SHARE RUNTIME USER HOST_KEY AUTHORIZED_KEYS CA_FILE NIXOS_CA_BUNDLE CA_NIX_CONF" >&2
+if (($# != 11)); then
+  echo "usage: host-handover TAG SHARE RUNTIME USER HOST_KEY AUTHORIZED_KEYS CA_FILE NIXOS_CA_BUNDLE CA_NIX_CONF CACHE_KEY CACHE_KEY_COPY" >&2
   exit 2
 fi
 tag=$1
@@ -34,6 +38,8 @@ authorized_keys=$6
 ca_file=$7
 nixos_bundle=$8
 ca_conf=$9
+cache_key=${10}
+cache_key_copy=${11}
 
 # The host caps what it copies at 4 MiB (src/cacerts.rs); so does the guest.
 max_ca_bytes=$((4 * 1024 * 1024))
@@ -52,6 +58,14 @@ done
 install -D -o root -g root -m 0600 -- "$share/$host_key" "$runtime/$host_key"
 install -o root -g root -m 0644 -- "$share/$host_key.pub" "$runtime/$host_key.pub"
 install -D -o root -g root -m 0644 -- "$share/$authorized_keys" "$runtime/authorized_keys.d/$user"
+
+# A public key: not secret, but only the host's copy may be trusted, and it is
+# checked again where it is used (scripts/host-cache.sh).
+if [[ -f $share/$cache_key ]] && (($(stat --format=%s -- "$share/$cache_key") <= 1024)); then
+  install -D -o root -g root -m 0644 -- "$share/$cache_key" "$cache_key_copy"
+else
+  rm -f -- "$cache_key_copy"
+fi
 
 bundle=$runtime/ca-bundle.crt
 if [[ -f $share/$ca_file ]]; then
