@@ -309,3 +309,74 @@ fn a_guest_that_refuses_the_time_or_has_no_clock_setter_is_reported_in_status() 
     assert_eq!(status(&fixture).connections, 0);
     assert_eq!(harness.power.calls(), []);
 }
+
+/// A build connection on the aarch64-linux alias while no guest exists: it reaches
+/// the bootstrap builder (issue 12), not the VM.
+fn bootstrap_connection(fixture: &Fixture) -> Connection {
+    let mut proxy = fixture
+        .cli_command(&["proxy", "--alias", "darwin-vz-nix"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(first_line(&mut proxy), "SSH-2.0-fake-bootstrap\r\n");
+    Connection(proxy)
+}
+
+#[test]
+fn build_connections_to_the_bootstrap_builder_hold_the_assertion_until_they_end_or_it_goes_away() {
+    let fixture = Fixture::new();
+    let nix = FakeNix::install(&fixture);
+    let guest = nix.guest("darwin-vz-nix-guest", "");
+    guest.hold();
+    let bootstrap = nix.bootstrap_vm();
+    let mut options = fixture.options(None);
+    // Open sessions keep the builder only this long after the guest's build ended.
+    options.bootstrap.drain_timeout = Duration::from_secs(1);
+    let harness = Harness::start_with(
+        &fixture,
+        fixture.lazy_config(&guest, bootstrap.layer()),
+        FakeVmBehaviour::default(),
+        options,
+    );
+    let bootstrap_phase = || {
+        status(&fixture)
+            .guest
+            .and_then(|g| g.bootstrap)
+            .map_or_else(|| "off".to_string(), |b| b.phase)
+    };
+    wait_for(Duration::from_secs(20), "the bootstrap builder", || {
+        bootstrap_phase() == "running"
+    });
+    // Running with no build on it keeps nothing awake.
+    assert_eq!(harness.power.held(), None);
+
+    let first = bootstrap_connection(&fixture);
+    wait_held(&harness, Some(ONE));
+    let second = bootstrap_connection(&fixture);
+    wait_held(&harness, Some(TWO));
+    first.close();
+    wait_held(&harness, Some(ONE));
+
+    // The guest is built; the builder goes after the drain bound, its last session
+    // with it, and so does the assertion.
+    guest.release();
+    wait_for(
+        Duration::from_secs(30),
+        "the bootstrap builder to go",
+        || bootstrap_phase() == "off",
+    );
+    wait_held(&harness, None);
+    assert_eq!(harness.vm.boots(), 0, "no guest VM was involved");
+    assert_eq!(
+        harness.power.calls(),
+        [
+            PowerCall::Hold(ONE.into()),
+            PowerCall::Hold(TWO.into()),
+            PowerCall::Hold(ONE.into()),
+            PowerCall::Release,
+        ]
+    );
+    drop(second);
+}

@@ -264,6 +264,17 @@ impl Bootstrap {
         }
     }
 
+    /// Build connections open to it while it runs or stops; none once it is off or
+    /// failed (its sessions ended with it). The supervisor keeps the Mac awake
+    /// for these as for the guest's own.
+    pub fn open_sessions(&self) -> usize {
+        let life = self.inner.life();
+        match life.phase {
+            LifePhase::Running { .. } | LifePhase::Stopping => life.sessions,
+            _ => 0,
+        }
+    }
+
     /// Brings the builder up: fetched, booted, its sshd answering (a builder still
     /// running for an earlier realisation is reused). Fails with one line saying
     /// why. Called by the guest's realisation only, one at a time; hand the claim to

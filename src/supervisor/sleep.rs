@@ -1,14 +1,16 @@
 //! Keeping the Mac awake while builds run: the power assertion's bookkeeping.
 //!
-//! The assertion is held exactly while at least one build connection is open (a
-//! session: see `session`) to a VM that is booting or running, and it is named
-//! after how many there are ("darwin-vz-nix: 2 Linux build connections"), so
+//! The assertion is held exactly while at least one build connection is open —
+//! a session (see `session`) to a VM that is booting or running, or one relayed
+//! to the bootstrap builder while the first guest is built (`crate::bootstrap`) —
+//! and it is named after how many there are ("darwin-vz-nix: 2 Linux build connections"), so
 //! `pmset -g assertions` tells the user why the Mac stays up. It goes when the last
 //! connection closes, when the VM stops (its sessions end with it), and when the
 //! supervisor shuts down ([`SleepGuard::close`]); if the process dies instead, the
 //! system drops it (see `crate::power`). `preventSleep = false` never takes it.
 //!
-//! One task per supervisor follows the state machine's changes, like the idle timer;
+//! One task per supervisor follows the state machine's changes (and the bootstrap
+//! builder's), like the idle timer;
 //! the calls themselves go through a [`SleepGuard`] under a lock, so the task and
 //! the shutdown never interleave them.
 
@@ -110,27 +112,59 @@ impl SleepGuard {
 }
 
 /// The assertion the state machine asks for: one while a build connection is open
-/// to a VM that is booting or running.
-fn wanted(life: &Life) -> Option<String> {
+/// to a VM that is booting or running, or to the bootstrap builder
+/// (`bootstrap_sessions`: none unless it runs).
+fn wanted(life: &Life, bootstrap_sessions: usize) -> Option<String> {
     let up = matches!(life.vm, VmState::Starting | VmState::Running);
-    (up && life.connections > 0).then(|| assertion_name(life.connections))
+    let guest_sessions = if up { life.connections } else { 0 };
+    let open = guest_sessions.saturating_add(bootstrap_sessions);
+    (open > 0).then(|| assertion_name(open))
 }
 
-/// Follows the state machine until the supervisor is dropped.
+/// Follows the state machine, and the bootstrap builder when there is one, until
+/// the supervisor is dropped.
 pub(super) async fn run(inner: Weak<Inner>, mut changes: watch::Receiver<u64>) {
+    let mut bootstrap_changes = inner.upgrade().and_then(|inner| {
+        let bootstrap = inner.guests.as_ref()?.bootstrap()?;
+        Some(bootstrap.subscribe())
+    });
     loop {
-        // Mark the current version seen before reading, so no change is missed.
+        // Mark the current versions seen before reading, so no change is missed.
         changes.borrow_and_update();
+        if let Some(bootstrap_changes) = &mut bootstrap_changes {
+            bootstrap_changes.borrow_and_update();
+        }
         {
             let Some(inner) = inner.upgrade() else {
                 return;
             };
-            let want = wanted(&inner.life());
+            let bootstrap_sessions = inner
+                .guests
+                .as_ref()
+                .and_then(|guests| guests.bootstrap())
+                .map_or(0, |bootstrap| bootstrap.open_sessions());
+            let want = wanted(&inner.life(), bootstrap_sessions);
             inner.sleep_guard().apply(want);
         }
-        if changes.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            changed = changed_or_never(bootstrap_changes.as_mut()) => {
+                // The bootstrap builder is gone for good: follow the VM alone.
+                if changed.is_err() {
+                    bootstrap_changes = None;
+                }
+            }
         }
+    }
+}
+
+/// The next change, or never when there is nothing to follow.
+async fn changed_or_never(
+    changes: Option<&mut watch::Receiver<u64>>,
+) -> Result<(), watch::error::RecvError> {
+    match changes {
+        Some(changes) => changes.changed().await,
+        None => std::future::pending().await,
     }
 }
 
