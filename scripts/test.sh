@@ -28,6 +28,9 @@ fi
 step "every .nix file is nixfmt-formatted ($("$nixfmt" --version | head -n1))"
 find . -name '*.nix' -not -path './target*' -not -path './.ci/tools/*' -print0 | xargs -0 "$nixfmt" --check
 
+step "every test docs/claims.md cites exists"
+python3 scripts/check_claims.py
+
 step "cargo fmt --check"
 cargo fmt --check
 
