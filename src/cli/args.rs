@@ -116,14 +116,22 @@ pub enum Command {
     /// The supervisor keeps running (and boots again on the next connection) unless
     /// --daemon is given.
     Stop(StopArgs),
-    /// Show the VM's state, uptime, connections, idle time left and last boot time.
+    /// Show the VM's state, the guest's build, connections, idle time left and the last boot.
+    ///
+    /// Also the configuration, nested virtualization, whether builds keep the Mac awake
+    /// (`sleep`), the guest's clock, the host store cache and notices. Exit status 3 when
+    /// no supervisor runs. --json prints the supervisor's status reply (`guest`: the
+    /// guest's build; `guestReport`: what the booted guest said about /dev/kvm).
+    #[command(
+        after_help = "Examples:\n  darwin-vz-nix status\n  darwin-vz-nix status --json | jq .guest"
+    )]
     Status(JsonArg),
     /// Open a shell on the builder, or run a command: `darwin-vz-nix ssh -- CMD…`.
     ///
     /// Runs OpenSSH with the generated configuration (pinned host key, the state
     /// directory's identity, `proxy` as ProxyCommand) and returns the remote exit code.
     #[command(
-        after_help = "Examples:\n  darwin-vz-nix ssh\n  darwin-vz-nix ssh -- nix-store --verify --check-contents\n  darwin-vz-nix ssh -- sudo journalctl -b"
+        after_help = "Examples:\n  darwin-vz-nix ssh\n  darwin-vz-nix ssh -- nix-store --verify --check-contents\n  darwin-vz-nix ssh -- sudo journalctl -b\n  sudo darwin-vz-nix ssh --state-dir /var/lib/darwin-vz   (nix-darwin: the key is the service account's)"
     )]
     Ssh(SshArgs),
     /// Print the ssh_config `Host darwin-vz-nix darwin-vz-nix-x86` block that reaches the builder.
@@ -153,18 +161,24 @@ pub enum Command {
     /// Run the supervisor in the foreground (what launchd runs).
     ///
     /// Owns the VM and serves the control socket; boots on demand and powers off when
-    /// idle. SIGTERM/SIGINT power the VM off gracefully before exit.
+    /// idle. SIGTERM, SIGINT, SIGHUP and every other catchable ending signal power the VM
+    /// off gracefully (forced after stopTimeout) before exit.
     Daemon(DaemonArgs),
     /// Check this machine, the configuration and the state directory; one line per check.
     Doctor(DoctorArgs),
-    /// Show the supervisor's log or the guest's console.
+    /// Show the supervisor's log (<state>/logs/daemon.log) or the guest's console
+    /// (logs/console.log).
+    #[command(
+        after_help = "Examples:\n  darwin-vz-nix logs -n 200\n  darwin-vz-nix logs --console -f\n  darwin-vz-nix logs --console --previous"
+    )]
     Logs(LogsArgs),
     /// Measure cold boots or control round-trips against the running supervisor.
     Bench(BenchArgs),
-    /// Delete the disk image, MAC address and SSH keys, to start over.
+    /// Delete the disk image, MAC address, console logs and keys, to start over.
     ///
-    /// The guest's disk (its Nix store upper layer and database) is lost; new keys are
-    /// made at once. Stops the VM first.
+    /// The guest's disk (its Nix store upper layer and database) is lost; new SSH keys
+    /// are made first (nothing is deleted if that fails), the host cache's signing key at
+    /// the next boot. Stops the VM first.
     Destroy(DestroyArgs),
     /// Replace the SSH keys (client and guest host key) and the host cache's signing key;
     /// the VM stops first.
@@ -179,14 +193,17 @@ pub enum Command {
 /// Settings of the VM, shared by `start` and `daemon`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct VmArgs {
-    /// Virtual CPUs [default: 4; at most the host's CPU count].
+    /// Virtual CPUs [default: 4, or the host's CPU count if lower; 1 to 1024, at most
+    /// the host's].
     #[arg(long, value_name = "N")]
     pub cores: Option<u64>,
-    /// Guest memory in MiB [default: 6144; at least 1024].
+    /// Guest memory in MiB [default: 6144; at least 1024], e.g. 8192 for 8 GiB. The
+    /// default is half the host's memory where that is less; more than the host has is
+    /// refused.
     #[arg(long, value_name = "MIB")]
     pub memory: Option<u64>,
-    /// Disk image size, e.g. 100G, 512M, 1T [default: 100G]. Grows an existing image;
-    /// never shrinks it.
+    /// Disk image size, e.g. 100G, 512M, 1T [default: 100G; 512M to 64T]. Grows an
+    /// existing image; never shrinks it.
     #[arg(long, value_name = "SIZE")]
     pub disk_size: Option<ByteSize>,
     /// Run x86_64-linux builds through Rosetta 2 [default: on].
@@ -218,13 +235,15 @@ pub struct VmArgs {
     /// Store registration (closure info), instead of the guest directory's.
     #[arg(long, value_name = "FILE")]
     pub registration: Option<PathBuf>,
-    /// Extra kernel parameter, appended last; repeat for more.
+    /// Extra kernel parameter, appended last; repeat for more, e.g.
+    /// --kernel-param systemd.log_level=debug.
     #[arg(long = "kernel-param", value_name = "PARAM")]
     pub kernel_params: Vec<String>,
     /// Daemon log level [default: info].
     #[arg(long, value_enum, value_name = "LEVEL")]
     pub log_level: Option<LogLevel>,
-    /// Group allowed to use the control socket besides the owner.
+    /// Group whose members may use the control socket (0660 then): status, start and
+    /// builds, not stop [default: none].
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,
     /// User to log in as on the guest [default: builder].
@@ -395,8 +414,8 @@ pub struct StartArgs {
     #[arg(long)]
     pub no_wait: bool,
     /// Seconds to wait for the guest's SSH, including building a guest that is not
-    /// in the store yet (minutes, the first time) [default: 3600; 1 to 86400].
-    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = boot_wait_seconds)]
+    /// in the store yet (minutes, the first time) [default: 3600, an hour; 1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "3600", hide_default_value = true, value_parser = boot_wait_seconds)]
     pub timeout: u64,
 }
 
@@ -408,8 +427,8 @@ pub struct BootstrapArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Seconds to wait for the guest to be built and to answer SSH
-    /// [default: 3600; 1 to 86400].
-    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = boot_wait_seconds)]
+    /// [default: 3600, an hour; 1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "3600", hide_default_value = true, value_parser = boot_wait_seconds)]
     pub timeout: u64,
 }
 
@@ -458,12 +477,12 @@ pub struct SshConfigArgs {
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// Guest vsock port.
-    #[arg(long, default_value_t = crate::contract::SSH_VSOCK_PORT)]
+    /// Guest vsock port [default: 22, the guest's sshd].
+    #[arg(long, value_name = "PORT", default_value_t = crate::contract::SSH_VSOCK_PORT, hide_default_value = true)]
     pub port: u32,
     /// Seconds to wait for an on-demand boot, including building a guest that is not
-    /// in the store yet [1 to 86400].
-    #[arg(long, value_name = "SECONDS", default_value = "3600", value_parser = boot_wait_seconds)]
+    /// in the store yet [default: 3600, an hour; 1 to 86400].
+    #[arg(long, value_name = "SECONDS", default_value = "3600", hide_default_value = true, value_parser = boot_wait_seconds)]
     pub timeout: u64,
     /// Hand the stream's descriptor to ssh (needs `ProxyUseFdpass yes`) instead of
     /// copying bytes; falls back to copying when stdout is not a socket.
@@ -509,8 +528,8 @@ them. nix-darwin runs this command again whenever that report changes."
 /// configuration does not change it.
 #[derive(Debug, Args)]
 pub struct MachinesArgs {
-    /// The daemon's virtual CPUs; maxJobs follows them [default: 4; at most the
-    /// host's CPU count].
+    /// The daemon's virtual CPUs; maxJobs follows them [default: 4, or the host's CPU
+    /// count if lower].
     #[arg(long, value_name = "N")]
     pub cores: Option<u64>,
     /// The daemon runs with Rosetta: the line lists x86_64-linux [default: on].
@@ -570,8 +589,8 @@ pub struct LogsArgs {
     /// The console of the boot before this one (with --console).
     #[arg(long, requires = "console")]
     pub previous: bool,
-    /// Lines to show from the end [0 to 100000].
-    #[arg(long, short = 'n', value_name = "N", default_value = "50", value_parser = log_lines)]
+    /// Lines to show from the end [default: 50; 0 to 100000].
+    #[arg(long, short = 'n', value_name = "N", default_value = "50", hide_default_value = true, value_parser = log_lines)]
     pub lines: usize,
     /// Keep printing what is appended.
     #[arg(long, short = 'f')]
@@ -592,15 +611,15 @@ pub struct BenchArgs {
 pub enum BenchKind {
     /// Cold boots: force-stop, then boot and wait for SSH; prints min/median/max.
     Boot {
-        /// Number of boots [1 to 100].
-        #[arg(long, default_value = "5", value_parser = boot_runs)]
+        /// Number of cold boots [default: 5; 1 to 100].
+        #[arg(long, default_value = "5", hide_default_value = true, value_parser = boot_runs)]
         runs: usize,
     },
     /// Control round-trip latency (`status`) and connect-to-first-byte from a stopped VM.
     Control {
         /// Number of round-trips; connect-to-first-byte runs a fortieth as many cold
-        /// boots (1 to 10) [1 to 100000].
-        #[arg(long, default_value = "200", value_parser = control_runs)]
+        /// boots (1 to 10) [default: 200; 1 to 100000].
+        #[arg(long, default_value = "200", hide_default_value = true, value_parser = control_runs)]
         runs: usize,
     },
 }

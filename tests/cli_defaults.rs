@@ -1,7 +1,9 @@
-//! The clients' default waits, as the real binary sends them: `start`, `bootstrap`
-//! and `proxy` wait an hour by default (`timeoutMs` 3600000), long enough for a
-//! first guest that is built before it boots. A stand-in control socket records the
-//! requests; nothing boots.
+//! The CLI's defaults as the real binary states and uses them:
+//!
+//! * `start`, `bootstrap` and `proxy` wait an hour by default (`timeoutMs` 3600000),
+//!   long enough for a first guest that is built before it boots: a stand-in control
+//!   socket records the requests; nothing boots;
+//! * every subcommand's `--help` states each default once, with its unit and range.
 
 mod support;
 
@@ -121,4 +123,85 @@ fn an_explicit_timeout_replaces_the_default_wait() {
     let out = fixture.cli(&["start", "--timeout", "90"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stand_in.waits(), [Some(90_000)]);
+}
+
+/// The subcommands `--help` lists.
+fn subcommands(fixture: &Fixture) -> Vec<String> {
+    let help = stdout(&fixture.cli(&["--help"]));
+    let commands = help
+        .split("Commands:\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .expect("a Commands section");
+    commands
+        .lines()
+        .filter(|line| line.starts_with("  ") && !line.starts_with("   "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Each option's text in a help page: from its flag line to the next flag line.
+fn options(help: &str) -> Vec<String> {
+    let mut options: Vec<String> = Vec::new();
+    for line in help.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if (2..=6).contains(&indent) && line.trim_start().starts_with('-') {
+            options.push(String::new());
+        }
+        if let Some(option) = options.last_mut() {
+            option.push_str(line);
+            option.push('\n');
+        }
+    }
+    options
+}
+
+#[test]
+fn every_subcommands_help_states_each_default_once() {
+    let fixture = Fixture::new();
+    let names = subcommands(&fixture);
+    for expected in ["start", "bootstrap", "proxy", "machines", "rotate-keys"] {
+        assert!(names.iter().any(|n| n == expected), "{expected}: {names:?}");
+    }
+    let mut helps: Vec<(String, String)> = Vec::new();
+    for name in &names {
+        let out = fixture.cli(&[name, "--help"]);
+        assert_eq!(out.status.code(), Some(0), "{name} --help");
+        helps.push((name.clone(), stdout(&out)));
+    }
+    for sub in ["boot", "control"] {
+        helps.push((
+            format!("bench {sub}"),
+            stdout(&fixture.cli(&["bench", sub, "--help"])),
+        ));
+    }
+    for (name, help) in &helps {
+        assert!(help.contains("Usage: darwin-vz-nix"), "{name}:\n{help}");
+        // Clap would add a second `[default: …]` after our own.
+        for option in options(help) {
+            assert!(
+                option.matches("[default:").count() <= 1,
+                "{name} states a default twice:\n{option}"
+            );
+        }
+    }
+    // Words as they read, whatever the line breaks.
+    let help = |name: &str| {
+        let text = &helps.iter().find(|(n, _)| n == name).unwrap().1;
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    for name in ["start", "bootstrap", "proxy"] {
+        assert!(
+            help(name).contains("[default: 3600, an hour; 1 to 86400]"),
+            "{name}:\n{}",
+            help(name)
+        );
+    }
+    assert!(help("start").contains("[default: 100G; 512M to 64T]"));
+    assert!(help("logs").contains("[default: 50; 0 to 100000]"));
+    assert!(help("bench boot").contains("[default: 5; 1 to 100]"));
+    assert!(help("proxy").contains("[default: 22, the guest's sshd]"));
+    assert!(help("status").contains("`guestReport`"));
 }
