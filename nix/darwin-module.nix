@@ -410,8 +410,9 @@ in
       example = [ "alice" ];
       description = ''
         Existing users to add to {option}`services.darwin-vz.group`: they may use
-        the daemon's control socket (`darwin-vz-nix status`, `start`, `stop`)
-        without sudo, from their next login. The accounts themselves are not
+        the daemon's control socket (`darwin-vz-nix status`, `start`, and builds
+        through it; not `stop`, `destroy` or `rotate-keys`) without sudo, from their
+        next login. The accounts themselves are not
         managed. `darwin-vz-nix ssh` still needs sudo: the client key is readable by
         the service account only.
       '';
