@@ -694,6 +694,29 @@ mod tests {
     }
 
     #[test]
+    fn a_public_key_file_is_read_up_to_64_kib_and_refused_beyond() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("k.pub");
+        let line =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        // The key line, then a long comment: as large as a key file may be.
+        let at_limit = format!("{line} {}\n", "c".repeat(64 * 1024 - line.len() - 2));
+        assert_eq!(at_limit.len(), 64 * 1024);
+        fs::write(&path, &at_limit).unwrap();
+        assert_eq!(read_public_key(&path).unwrap(), line);
+
+        fs::write(&path, format!("{at_limit}x")).unwrap();
+        let err = read_public_key(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::File(FileError::TooLarge { limit: 65536, .. })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn a_corrupt_public_key_is_reported_without_its_content() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("k.pub");
