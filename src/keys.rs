@@ -717,6 +717,31 @@ mod tests {
     }
 
     #[test]
+    fn only_an_ssh_key_type_with_a_long_base64_key_is_a_public_key() {
+        let key = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        let fields = |text: &str| public_key_fields(text.as_bytes());
+        assert_eq!(
+            fields(&format!("ssh-ed25519 {key} comment\nsecond line")),
+            Some(format!("ssh-ed25519 {key}")),
+            "the first line's type and key, without the comment"
+        );
+        assert_eq!(fields(&format!("rsa-sha2-256 {key}")), None, "not ssh-…");
+        assert_eq!(
+            fields("ssh-ed25519 AAAAC3NzaC1lZDI1"),
+            None,
+            "16 characters"
+        );
+        assert_eq!(
+            fields("ssh-ed25519 AAAAC3NzaC1lZDI1N"),
+            Some("ssh-ed25519 AAAAC3NzaC1lZDI1N".into()),
+            "17 characters"
+        );
+        assert_eq!(fields(&format!("ssh-ed25519 {key}$")), None, "not base64");
+        assert_eq!(fields("two words"), None);
+        assert_eq!(fields(key), None, "one field");
+    }
+
+    #[test]
     fn a_corrupt_public_key_is_reported_without_its_content() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("k.pub");
