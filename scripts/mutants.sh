@@ -49,10 +49,11 @@ lifecycle \`ssh -l\`, machines the key path in the machines line, ssh every real
 keys are made by \`daemon\` (prepare) and replaced by destroy/rotate-keys/reset: state \
 the repairs, state_commands and cli destroy/rotate-keys, root the owner's keys made \
 by root, ssh the pinned host key, supervisor reset through the control socket"
-  "state|src/state.rs|--lib --test cli --test configuration --test root --test state --test state_commands --test supervisor|\
-the state directory, its modes, lock and owner: state the lock, state_commands \
+  "state|src/state.rs|--lib --test bootstrap --test cli --test configuration --test guest --test root --test state --test state_commands --test supervisor|\
+the state directory, its paths, modes, lock and owner: state the lock, state_commands \
 controlGroup and logs, root acting as the owner, supervisor the socket and modes, \
-cli and configuration the checks before anything is created (dry run, socket length)"
+cli and configuration the checks before anything is created (dry run, socket length), \
+guest and bootstrap the paths of the lazy guest and the temporary builder (gcroots, logs)"
   "control|src/control/*.rs|--lib --test bootstrap --test copying_proxy --test lifecycle --test root --test state_commands --test supervisor|\
 the control protocol, server, client and access table: every command that talks to \
 the supervisor; supervisor the protocol's edge cases and the access table (as root), \

@@ -569,6 +569,86 @@ mod tests {
     }
 
     #[test]
+    fn a_public_half_of_another_key_is_re_derived_from_the_private_key() {
+        let (_tmp, state) = state();
+        ensure(&state).unwrap();
+        let public = read_public_key(&state.client_key_pub()).unwrap();
+        fs::copy(state.guest_host_key_pub(), state.client_key_pub()).unwrap();
+        let report = ensure(&state).unwrap();
+        assert_eq!(
+            report.notices,
+            [format!(
+                "the public half of the client key ({}) did not match the private key; re-derived it from the private key",
+                state.client_key_pub().display()
+            )]
+        );
+        assert_eq!(read_public_key(&state.client_key_pub()).unwrap(), public);
+    }
+
+    /// Set in the copy of this test binary that `ensure_without_keygen` runs.
+    const NO_KEYGEN_CHILD: &str = "DARWIN_VZ_NIX_TEST_ENSURE_WITHOUT_KEYGEN";
+
+    /// What `ensure(state)` returns in a copy of this test binary whose PATH has no
+    /// ssh-keygen (PATH belongs to the whole process: changing it here would reach
+    /// the tests running beside this one).
+    fn ensure_without_keygen(state: &StateDir) -> String {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "keys::tests::without_ssh_keygen_an_intact_looking_public_half_is_trusted_and_a_broken_one_is_an_error",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(NO_KEYGEN_CHILD, state.root())
+            .env("PATH", state.root().join("no-such-dir"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .find_map(|line| line.split_once("outcome: ").map(|(_, outcome)| outcome))
+            .unwrap_or_else(|| panic!("the child said nothing: {stdout}"))
+            .to_string()
+    }
+
+    #[test]
+    fn without_ssh_keygen_an_intact_looking_public_half_is_trusted_and_a_broken_one_is_an_error() {
+        if let Some(root) = std::env::var_os(NO_KEYGEN_CHILD) {
+            let outcome = match ensure(&StateDir::new(root)) {
+                Ok(report) => format!("ok {report:?}"),
+                Err(e) => format!("error {e}"),
+            };
+            println!("outcome: {outcome}");
+            return;
+        }
+        let (_tmp, state) = state();
+        ensure(&state).unwrap();
+        fs::set_permissions(state.client_key_pub(), fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            ensure_without_keygen(&state),
+            format!("ok {:?}", KeysCreated::default()),
+            "kept as they are"
+        );
+        assert_eq!(mode(&state.client_key_pub()), 0o644, "with its mode fixed");
+
+        fs::write(state.client_key_pub(), "garbage\n").unwrap();
+        assert_eq!(
+            ensure_without_keygen(&state),
+            "error ssh-keygen was not found on PATH; install OpenSSH (it ships with macOS) or fix PATH"
+        );
+        assert_eq!(
+            fs::read_to_string(state.client_key_pub()).unwrap(),
+            "garbage\n",
+            "nothing is replaced without ssh-keygen"
+        );
+    }
+
+    #[test]
     fn a_deleted_or_corrupt_private_key_is_replaced_with_a_notice() {
         let (_tmp, state) = state();
         ensure(&state).unwrap();
