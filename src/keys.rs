@@ -721,6 +721,32 @@ mod tests {
     }
 
     #[test]
+    fn a_key_path_that_cannot_be_looked_at_is_an_error_not_a_reason_for_new_keys() {
+        // A state directory whose path is so long that keys/guest still fits in
+        // PATH_MAX but keys/client_ed25519 does not: looking at the private key fails
+        // with ENAMETOOLONG, which must not count as "missing".
+        let tmp = tempfile::tempdir().unwrap();
+        let path_max = usize::try_from(nix::libc::PATH_MAX).unwrap();
+        let mut root = tmp.path().to_path_buf();
+        while root.as_os_str().len() + "/keys/client_ed25519".len() < path_max {
+            let room = path_max - "/keys/client_ed25519".len() - root.as_os_str().len();
+            root.push("d".repeat(room.clamp(1, 200)));
+        }
+        fs::create_dir_all(&root).unwrap();
+        let state = StateDir::new(&root);
+        let err = ensure(&state).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                KeyError::File(FileError::Io { path, source })
+                    if *path == state.client_key()
+                        && source.raw_os_error() == Some(nix::libc::ENAMETOOLONG)
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn a_linked_private_key_is_refused() {
         let (tmp, state) = state();
         let secret = tmp.path().join("secret");
