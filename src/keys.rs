@@ -569,6 +569,86 @@ mod tests {
     }
 
     #[test]
+    fn a_public_half_of_another_key_is_re_derived_from_the_private_key() {
+        let (_tmp, state) = state();
+        ensure(&state).unwrap();
+        let public = read_public_key(&state.client_key_pub()).unwrap();
+        fs::copy(state.guest_host_key_pub(), state.client_key_pub()).unwrap();
+        let report = ensure(&state).unwrap();
+        assert_eq!(
+            report.notices,
+            [format!(
+                "the public half of the client key ({}) did not match the private key; re-derived it from the private key",
+                state.client_key_pub().display()
+            )]
+        );
+        assert_eq!(read_public_key(&state.client_key_pub()).unwrap(), public);
+    }
+
+    /// Set in the copy of this test binary that `ensure_without_keygen` runs.
+    const NO_KEYGEN_CHILD: &str = "DARWIN_VZ_NIX_TEST_ENSURE_WITHOUT_KEYGEN";
+
+    /// What `ensure(state)` returns in a copy of this test binary whose PATH has no
+    /// ssh-keygen (PATH belongs to the whole process: changing it here would reach
+    /// the tests running beside this one).
+    fn ensure_without_keygen(state: &StateDir) -> String {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "keys::tests::without_ssh_keygen_an_intact_looking_public_half_is_trusted_and_a_broken_one_is_an_error",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(NO_KEYGEN_CHILD, state.root())
+            .env("PATH", state.root().join("no-such-dir"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .find_map(|line| line.split_once("outcome: ").map(|(_, outcome)| outcome))
+            .unwrap_or_else(|| panic!("the child said nothing: {stdout}"))
+            .to_string()
+    }
+
+    #[test]
+    fn without_ssh_keygen_an_intact_looking_public_half_is_trusted_and_a_broken_one_is_an_error() {
+        if let Some(root) = std::env::var_os(NO_KEYGEN_CHILD) {
+            let outcome = match ensure(&StateDir::new(root)) {
+                Ok(report) => format!("ok {report:?}"),
+                Err(e) => format!("error {e}"),
+            };
+            println!("outcome: {outcome}");
+            return;
+        }
+        let (_tmp, state) = state();
+        ensure(&state).unwrap();
+        fs::set_permissions(state.client_key_pub(), fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            ensure_without_keygen(&state),
+            format!("ok {:?}", KeysCreated::default()),
+            "kept as they are"
+        );
+        assert_eq!(mode(&state.client_key_pub()), 0o644, "with its mode fixed");
+
+        fs::write(state.client_key_pub(), "garbage\n").unwrap();
+        assert_eq!(
+            ensure_without_keygen(&state),
+            "error ssh-keygen was not found on PATH; install OpenSSH (it ships with macOS) or fix PATH"
+        );
+        assert_eq!(
+            fs::read_to_string(state.client_key_pub()).unwrap(),
+            "garbage\n",
+            "nothing is replaced without ssh-keygen"
+        );
+    }
+
+    #[test]
     fn a_deleted_or_corrupt_private_key_is_replaced_with_a_notice() {
         let (_tmp, state) = state();
         ensure(&state).unwrap();
@@ -641,6 +721,32 @@ mod tests {
     }
 
     #[test]
+    fn a_key_path_that_cannot_be_looked_at_is_an_error_not_a_reason_for_new_keys() {
+        // A state directory whose path is so long that keys/guest still fits in
+        // PATH_MAX but keys/client_ed25519 does not: looking at the private key fails
+        // with ENAMETOOLONG, which must not count as "missing".
+        let tmp = tempfile::tempdir().unwrap();
+        let path_max = usize::try_from(nix::libc::PATH_MAX).unwrap();
+        let mut root = tmp.path().to_path_buf();
+        while root.as_os_str().len() + "/keys/client_ed25519".len() < path_max {
+            let room = path_max - "/keys/client_ed25519".len() - root.as_os_str().len();
+            root.push("d".repeat(room.clamp(1, 200)));
+        }
+        fs::create_dir_all(&root).unwrap();
+        let state = StateDir::new(&root);
+        let err = ensure(&state).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                KeyError::File(FileError::Io { path, source })
+                    if *path == state.client_key()
+                        && source.raw_os_error() == Some(nix::libc::ENAMETOOLONG)
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn a_linked_private_key_is_refused() {
         let (tmp, state) = state();
         let secret = tmp.path().join("secret");
@@ -691,6 +797,54 @@ mod tests {
         ensure(&state).unwrap();
         assert!(!state.guest_keys_dir().join("authorized_keys.tmp").exists());
         assert!(!state.keys_dir().join(".tmp-1-2-keygen").exists());
+    }
+
+    #[test]
+    fn a_public_key_file_is_read_up_to_64_kib_and_refused_beyond() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("k.pub");
+        let line =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        // The key line, then a long comment: as large as a key file may be.
+        let at_limit = format!("{line} {}\n", "c".repeat(64 * 1024 - line.len() - 2));
+        assert_eq!(at_limit.len(), 64 * 1024);
+        fs::write(&path, &at_limit).unwrap();
+        assert_eq!(read_public_key(&path).unwrap(), line);
+
+        fs::write(&path, format!("{at_limit}x")).unwrap();
+        let err = read_public_key(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::File(FileError::TooLarge { limit: 65536, .. })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn only_an_ssh_key_type_with_a_long_base64_key_is_a_public_key() {
+        let key = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        let fields = |text: &str| public_key_fields(text.as_bytes());
+        assert_eq!(
+            fields(&format!("ssh-ed25519 {key} comment\nsecond line")),
+            Some(format!("ssh-ed25519 {key}")),
+            "the first line's type and key, without the comment"
+        );
+        assert_eq!(fields(&format!("rsa-sha2-256 {key}")), None, "not ssh-…");
+        assert_eq!(
+            fields("ssh-ed25519 AAAAC3NzaC1lZDI1"),
+            None,
+            "16 characters"
+        );
+        assert_eq!(
+            fields("ssh-ed25519 AAAAC3NzaC1lZDI1N"),
+            Some("ssh-ed25519 AAAAC3NzaC1lZDI1N".into()),
+            "17 characters"
+        );
+        assert_eq!(fields(&format!("ssh-ed25519 {key}$")), None, "not base64");
+        assert_eq!(fields("two words"), None);
+        assert_eq!(fields(key), None, "one field");
     }
 
     #[test]

@@ -216,19 +216,23 @@ fn become_user(user: &User) -> nix::Result<()> {
     Ok(())
 }
 
-#[cfg(not(target_os = "macos"))]
+/// Sets the supplementary groups of `name`. One function with a body per platform
+/// (not one function per platform), so that a mutation test on Linux changes the
+/// code that runs there.
 fn init_groups(name: &std::ffi::CStr, gid: Gid) -> nix::Result<()> {
-    nix::unistd::initgroups(name, gid)
-}
-
-#[cfg(target_os = "macos")]
-fn init_groups(name: &std::ffi::CStr, gid: Gid) -> nix::Result<()> {
-    // The nix crate leaves initgroups out on Apple targets, whose libc takes the
-    // group as an int.
-    let base = libc::c_int::try_from(gid.as_raw()).map_err(|_| nix::Error::EINVAL)?;
-    // SAFETY: `name` is a NUL-terminated string that outlives the call.
-    let rc = unsafe { libc::initgroups(name.as_ptr(), base) };
-    nix::Error::result(rc).map(drop)
+    #[cfg(not(target_os = "macos"))]
+    {
+        nix::unistd::initgroups(name, gid)
+    }
+    #[cfg(target_os = "macos")]
+    {
+        // The nix crate leaves initgroups out on Apple targets, whose libc takes the
+        // group as an int.
+        let base = libc::c_int::try_from(gid.as_raw()).map_err(|_| nix::Error::EINVAL)?;
+        // SAFETY: `name` is a NUL-terminated string that outlives the call.
+        let rc = unsafe { libc::initgroups(name.as_ptr(), base) };
+        nix::Error::result(rc).map(drop)
+    }
 }
 
 /// The paths of the state directory. Creating nothing by itself.
