@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{oneshot, watch};
 
-use crate::guest::nix::{self, DryRun, NixStore};
+use crate::guest::nix::{self, NixStore};
 use crate::guest::progress::Progress;
 use crate::guest::run;
 use crate::state::StateDir;
@@ -355,7 +355,7 @@ impl Bootstrap {
                 .await
                 .map_err(|e| format!("planning the bootstrap builder failed: {e}"))??
         };
-        let linux: Vec<PathBuf> = linux_builds(&dry);
+        let linux = dry.aarch64_linux_builds();
         if let Some(first) = linux.first() {
             return Err(format!(
                 "the bootstrap builder {} is not on cache.nixos.org: it would need {} aarch64-linux build(s) ({} …), which need the Linux builder it is meant to be; keep the flake's own nixpkgs for the guest (services.darwin-vz.guestNixpkgs), or build the first guest on another aarch64-linux builder",
@@ -617,15 +617,6 @@ fn clean_up(state: &StateDir) {
     let _ = std::fs::remove_dir_all(state.bootstrap_dir());
     let _ = std::fs::remove_file(state.bootstrap_known_hosts());
     let _ = std::fs::remove_file(state.bootstrap_root());
-}
-
-/// The derivations of a dry run that build for aarch64-linux.
-fn linux_builds(dry: &DryRun) -> Vec<PathBuf> {
-    dry.to_build
-        .iter()
-        .filter(|drv| nix::derivation_system(drv).is_ok_and(|system| system == "aarch64-linux"))
-        .cloned()
-        .collect()
 }
 
 /// `<out>/bin/run-<name>-vm`, the one script nixpkgs' `system.build.vm` holds.

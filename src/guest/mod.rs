@@ -445,11 +445,7 @@ async fn realise_steps(inner: &Arc<Inner>) -> Result<(), String> {
     };
     let (plan_text, preamble, linux_builds) = match plan {
         Ok((dry, said)) => {
-            let linux = dry
-                .to_build
-                .iter()
-                .filter(|drv| nix::derivation_system(drv).is_ok_and(|s| s == "aarch64-linux"))
-                .count();
+            let linux = dry.aarch64_linux_builds().len();
             (Some(describe_plan(&dry)), said, linux)
         }
         // Realising says the same, in more words; the dry run only informs.
