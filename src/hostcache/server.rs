@@ -175,12 +175,13 @@ impl HostCache {
             self.open_streams.fetch_add(1, Ordering::Relaxed);
             let cache = self.clone();
             tokio::spawn(async move {
-                let (fd, keepalive) = stream.into_parts();
-                match unix_stream(fd) {
-                    Ok(io) => cache.serve_connection(io).await,
+                match stream.into_tokio() {
+                    Ok((io, keepalive)) => {
+                        cache.serve_connection(io).await;
+                        drop(keepalive);
+                    }
                     Err(e) => tracing::warn!("host cache: cannot use a guest stream: {e}"),
                 }
-                drop(keepalive);
                 cache.open_streams.fetch_sub(1, Ordering::Relaxed);
             });
         }
@@ -569,13 +570,4 @@ impl std::io::Write for ChunkWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// A guest stream's descriptor as a Tokio stream. Both backends hand out Unix stream
-/// sockets (VZ's connection descriptor is an AF_UNIX socket to the framework; the
-/// test backend uses a socketpair).
-fn unix_stream(fd: std::os::fd::OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
-    let stream = std::os::unix::net::UnixStream::from(fd);
-    stream.set_nonblocking(true)?;
-    tokio::net::UnixStream::from_std(stream)
 }
