@@ -570,18 +570,31 @@ impl Config {
         {
             problems.push(self.problem("bootstrapHostKey", message));
         }
-        match (&self.bootstrap_drv, &self.bootstrap_host_key) {
-            (Some(_), None) => problems.push(self.problem(
-                "bootstrapDrv",
-                "is set without bootstrapHostKey; give both (the nix-darwin module does)",
-            )),
-            (None, Some(_)) => problems.push(self.problem(
-                "bootstrapHostKey",
-                "is set without bootstrapDrv; give both (the nix-darwin module does)",
-            )),
-            _ => {}
-        }
+        problems.extend(self.set_together(
+            ("bootstrapDrv", self.bootstrap_drv.is_some()),
+            ("bootstrapHostKey", self.bootstrap_host_key.is_some()),
+            "the nix-darwin module does",
+        ));
         problems
+    }
+
+    /// Two settings that mean something only together: a problem for the one that
+    /// is set without the other. `who` sets both, e.g. "the nix-darwin module does".
+    fn set_together(
+        &self,
+        (a, a_set): (&str, bool),
+        (b, b_set): (&str, bool),
+        who: &str,
+    ) -> Option<Problem> {
+        match (a_set, b_set) {
+            (true, false) => {
+                Some(self.problem(a, format!("is set without {b}; give both ({who})")))
+            }
+            (false, true) => {
+                Some(self.problem(b, format!("is set without {a}; give both ({who})")))
+            }
+            _ => None,
+        }
     }
 
     /// The bootstrap builder, when configured: its VM runner's derivation and host key.
@@ -627,17 +640,11 @@ impl Config {
                 ),
             ));
         }
-        match (&self.guest_drv, &self.guest_out) {
-            (Some(_), None) => problems.push(self.problem(
-                "guestDrv",
-                "is set without guestOut; give both (the nix-darwin module and `nix run` do)",
-            )),
-            (None, Some(_)) => problems.push(self.problem(
-                "guestOut",
-                "is set without guestDrv; give both (the nix-darwin module and `nix run` do)",
-            )),
-            _ => {}
-        }
+        problems.extend(self.set_together(
+            ("guestDrv", self.guest_drv.is_some()),
+            ("guestOut", self.guest_out.is_some()),
+            "the nix-darwin module and `nix run` do",
+        ));
         problems
     }
 
