@@ -1010,14 +1010,19 @@ fn check_public_key(key: &str) -> Result<(), String> {
     }
 }
 
-/// A group name as `controlGroup` takes it.
-fn check_group_name(name: &str) -> Result<(), String> {
-    let shape_ok = !name.is_empty()
-        && name.len() <= ranges::GROUP_NAME_BYTES
+/// An account name (user or group) of 1 to `max` letters, digits, `_`, `-` and `.`:
+/// the portable shape, which needs no quoting anywhere it is written.
+pub(crate) fn is_account_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if shape_ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// A group name as `controlGroup` takes it.
+fn check_group_name(name: &str) -> Result<(), String> {
+    if is_account_name(name, ranges::GROUP_NAME_BYTES) {
         Ok(())
     } else {
         Err(format!(
