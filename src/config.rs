@@ -398,41 +398,10 @@ impl Config {
             }]));
         };
 
-        // Range checks on the numbers as given, before any is narrowed.
-        let input = |key: &str| origins.get(key).unwrap_or(&Origin::Default).describe(key);
-        let mut problems = Vec::new();
-        let mut out_of_range = |key: &str, message: Option<String>| {
-            if let Some(message) = message {
-                problems.push(Problem {
-                    input: input(key),
-                    message,
-                });
-            }
-        };
-        out_of_range("cores", check_range(cores, &ranges::CORES, "virtual CPUs"));
-        out_of_range("memory", check_memory(memory_mib));
-        out_of_range("diskSize", check_disk_size(disk_size));
-        out_of_range(
-            "idleTimeout",
-            check_range(
-                idle_timeout_minutes,
-                &ranges::IDLE_TIMEOUT_MINUTES,
-                IDLE_UNIT,
-            ),
-        );
-        out_of_range(
-            "stopTimeout",
-            check_range(
-                stop_timeout_seconds,
-                &ranges::STOP_TIMEOUT_SECONDS,
-                "seconds",
-            ),
-        );
-        // In range means it fits; the placeholder is never used (problems are reported).
-        let cores = u32::try_from(cores).unwrap_or(defaults::CORES);
-
         let config = Config {
-            cores,
+            // In range means it fits; the placeholder is never used (the range
+            // check below reports the number as given).
+            cores: u32::try_from(cores).unwrap_or(defaults::CORES),
             memory_mib,
             disk_size,
             rosetta,
@@ -454,6 +423,33 @@ impl Config {
             host_store_cache,
             origins,
         };
+
+        // Range checks on the numbers as given, before any is narrowed.
+        let mut problems = Vec::new();
+        let mut out_of_range = |key: &str, message: Option<String>| {
+            if let Some(message) = message {
+                problems.push(config.problem(key, message));
+            }
+        };
+        out_of_range("cores", check_range(cores, &ranges::CORES, "virtual CPUs"));
+        out_of_range("memory", check_memory(memory_mib));
+        out_of_range("diskSize", check_disk_size(disk_size));
+        out_of_range(
+            "idleTimeout",
+            check_range(
+                idle_timeout_minutes,
+                &ranges::IDLE_TIMEOUT_MINUTES,
+                IDLE_UNIT,
+            ),
+        );
+        out_of_range(
+            "stopTimeout",
+            check_range(
+                stop_timeout_seconds,
+                &ranges::STOP_TIMEOUT_SECONDS,
+                "seconds",
+            ),
+        );
         problems.extend(config.check_values());
         if problems.is_empty() {
             Ok(config)
