@@ -23,6 +23,8 @@ use darwin_vz_nix::backend::{
     Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestConnections, GuestStream, StopCall,
 };
 use darwin_vz_nix::config::{Config, ConfigLayer, Origin, Source};
+use darwin_vz_nix::control::ControlClient;
+use darwin_vz_nix::control::protocol::{Reply, Request, StatusReport, VmState};
 use darwin_vz_nix::daemon::{self, DaemonOptions};
 use darwin_vz_nix::host::HostInfo;
 use darwin_vz_nix::plan::BootPlan;
@@ -827,6 +829,53 @@ impl Fixture {
             .env("DARWIN_VZ_NIX_SSH_USER", current_user());
         command
     }
+}
+
+/// The supervisor's `status`, through the control socket.
+pub fn status(fixture: &Fixture) -> StatusReport {
+    let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
+    match client
+        .call(Request::Status, Duration::from_secs(5))
+        .unwrap()
+    {
+        Reply::Status(report) => *report,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// The VM's state, as `status` reports it.
+pub fn vm_state(fixture: &Fixture) -> VmState {
+    status(fixture).state
+}
+
+/// Polls `status` until the VM is in `state`, or panics naming it.
+pub fn wait_state(fixture: &Fixture, state: VmState, timeout: Duration) {
+    wait_for(timeout, state.as_str(), || status(fixture).state == state);
+}
+
+/// `darwin-vz-nix proxy` with stdin, stdout and stderr piped (stdin kept open).
+pub fn spawn_proxy(fixture: &Fixture) -> Child {
+    spawn_proxy_with(fixture, &[])
+}
+
+/// `darwin-vz-nix proxy ARGS`, piped like [`spawn_proxy`].
+pub fn spawn_proxy_with(fixture: &Fixture, args: &[&str]) -> Child {
+    fixture
+        .cli_command(&[&["proxy"], args].concat())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `darwin-vz-nix proxy ARGS` with no stdin, run to its end (e.g. to see it fail).
+pub fn run_proxy(fixture: &Fixture, args: &[&str]) -> Output {
+    fixture
+        .cli_command(&[&["proxy"], args].concat())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 pub fn current_user() -> String {
