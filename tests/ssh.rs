@@ -164,34 +164,10 @@ fn ssh_config_file(fixture: &Fixture) -> PathBuf {
     path
 }
 
-/// A Nix configuration of the test's own, so that no machine's `/etc/nix/nix.conf`,
-/// `~/.config/nix` or users and groups change what the test does. Nix run as root
-/// defaults `build-users-group` to `nixbld`, a group a clean machine does not have;
-/// an empty value builds as the calling user. No binary cache: CI has no network.
-fn own_nix_conf(dir: &Path, extra: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("nix.conf"),
-        format!("build-users-group =\nsubstituters =\n{extra}"),
-    )
-    .unwrap();
-    dir.to_path_buf()
-}
-
 /// Runs Debian's `nix` with the generated ssh configuration and its own nix.conf.
 fn nix(fixture: &Fixture, config: &Path, args: &[&str]) -> Output {
     let conf_dir = own_nix_conf(&fixture.dir.path().join("client-nix-conf"), "");
-    Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command"])
-        .args(args)
-        .env("NIX_SSHOPTS", format!("-F {}", config.display()))
-        .env("HOME", fixture.dir.path())
-        .env("NIX_CONF_DIR", &conf_dir)
-        .env("NIX_USER_CONF_FILES", conf_dir.join("nix.conf"))
-        .env_remove("NIX_CONFIG")
-        .env_remove("NIX_REMOTE")
-        .output()
-        .expect("nix is installed (apt install nix-bin)")
+    nix_over_ssh(fixture, &conf_dir, config, args)
 }
 
 #[test]
@@ -234,15 +210,7 @@ fn nix_builds_a_derivation_on_the_builder_and_copies_the_output_back() {
         &guest.path().join("nix-conf"),
         "sandbox = true\nextra-sandbox-paths = /usr /bin /lib /lib64\n",
     );
-    let behaviour = FakeVmBehaviour {
-        sshd_extra: vec![format!(
-            "SetEnv NIX_REMOTE={} NIX_CONF_DIR={} NIX_USER_CONF_FILES={}",
-            guest_store.display(),
-            guest_conf_dir.display(),
-            guest_conf_dir.join("nix.conf").display()
-        )],
-        ..Default::default()
-    };
+    let behaviour = builder_on_own_store(&guest_store, &guest_conf_dir);
     let _harness = Harness::start(&fixture, behaviour, None);
     let config = ssh_config_file(&fixture);
     let client_store = fixture.dir.path().join("client-store");

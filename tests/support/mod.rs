@@ -878,6 +878,56 @@ pub fn run_proxy(fixture: &Fixture, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A Nix configuration directory of the test's own, so that no machine's
+/// `/etc/nix/nix.conf`, `~/.config/nix` or users and groups change what the test
+/// does. Nix run as root defaults `build-users-group` to `nixbld`, a group a clean
+/// machine does not have; an empty value builds as the calling user. No binary
+/// cache unless `extra` names one: CI has no network.
+pub fn own_nix_conf(dir: &Path, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("nix.conf"),
+        format!("build-users-group =\nsubstituters =\n{extra}"),
+    )
+    .unwrap();
+    dir.to_path_buf()
+}
+
+/// A fake VM whose `sshd -i` runs the builder's Nix on the chroot store `store`
+/// with the configuration in `conf_dir`: the "guest" builds into a store of its own.
+pub fn builder_on_own_store(store: &Path, conf_dir: &Path) -> FakeVmBehaviour {
+    FakeVmBehaviour {
+        sshd_extra: vec![format!(
+            "SetEnv NIX_REMOTE={} NIX_CONF_DIR={} NIX_USER_CONF_FILES={}",
+            store.display(),
+            conf_dir.display(),
+            conf_dir.join("nix.conf").display()
+        )],
+        ..Default::default()
+    }
+}
+
+/// Runs Debian's `nix` with `ssh_config` for its ssh and `conf_dir` as its only
+/// configuration, at home in the fixture's directory.
+pub fn nix_over_ssh(
+    fixture: &Fixture,
+    conf_dir: &Path,
+    ssh_config: &Path,
+    args: &[&str],
+) -> Output {
+    Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command"])
+        .args(args)
+        .env("NIX_SSHOPTS", format!("-F {}", ssh_config.display()))
+        .env("HOME", fixture.dir.path())
+        .env("NIX_CONF_DIR", conf_dir)
+        .env("NIX_USER_CONF_FILES", conf_dir.join("nix.conf"))
+        .env_remove("NIX_CONFIG")
+        .env_remove("NIX_REMOTE")
+        .output()
+        .expect("nix is installed (apt install nix-bin)")
+}
+
 pub fn current_user() -> String {
     nix::unistd::User::from_uid(nix::unistd::getuid())
         .unwrap()
