@@ -22,14 +22,7 @@ fn fixture_without_spaces() -> Fixture {
         .prefix("dvn-machines-")
         .tempdir()
         .unwrap();
-    let state_dir = dir.path().join("state");
-    let guest_dir = dir.path().join("guest");
-    darwin_vz_nix::artifacts::write_fake_guest(&guest_dir, "loglevel=4\n").unwrap();
-    Fixture {
-        dir,
-        state_dir,
-        guest_dir,
-    }
+    Fixture::in_dir(dir, "state")
 }
 
 /// `darwin-vz-nix --state-dir <fixture's> machines ARGS…`, with none of the

@@ -712,7 +712,13 @@ impl Fixture {
             .tempdir()
             .unwrap();
         // A space in the path proves quoting all the way through ssh.
-        let state_dir = dir.path().join("state dir");
+        Fixture::in_dir(dir, "state dir")
+    }
+
+    /// A fixture in `dir`: the state directory `dir/<state_name>` (not made yet),
+    /// and a fake guest in `dir/guest`.
+    pub fn in_dir(dir: tempfile::TempDir, state_name: &str) -> Fixture {
+        let state_dir = dir.path().join(state_name);
         let guest_dir = dir.path().join("guest");
         darwin_vz_nix::artifacts::write_fake_guest(&guest_dir, "loglevel=4\n").unwrap();
         Fixture {
@@ -725,27 +731,9 @@ impl Fixture {
     pub fn config(&self, extra: ConfigLayer) -> Config {
         let base = ConfigLayer {
             guest: Some(self.guest_dir.clone()),
-            state_dir: Some(self.state_dir.clone()),
-            cores: Some(1),
-            memory: Some(1024),
-            disk_size: Some("1G".parse().unwrap()),
-            ssh_user: Some(current_user()),
-            ..Default::default()
+            ..self.base_layer()
         };
-        Config::resolve(
-            &[
-                Source {
-                    origin: Origin::File("test".into()),
-                    layer: base,
-                },
-                Source {
-                    origin: Origin::Flag,
-                    layer: extra,
-                },
-            ],
-            None,
-        )
-        .unwrap()
+        resolve_layers(base, extra)
     }
 
     /// Options that make tests fast: idle and stop in milliseconds.
@@ -790,27 +778,22 @@ impl Fixture {
         let base = ConfigLayer {
             guest_drv: Some(guest.drv.clone()),
             guest_out: Some(guest.out.clone()),
+            ..self.base_layer()
+        };
+        resolve_layers(base, extra)
+    }
+
+    /// What every test configuration has: this state directory, a small VM, and
+    /// the caller as the guest's user.
+    fn base_layer(&self) -> ConfigLayer {
+        ConfigLayer {
             state_dir: Some(self.state_dir.clone()),
             cores: Some(1),
             memory: Some(1024),
             disk_size: Some("1G".parse().unwrap()),
             ssh_user: Some(current_user()),
             ..Default::default()
-        };
-        Config::resolve(
-            &[
-                Source {
-                    origin: Origin::File("test".into()),
-                    layer: base,
-                },
-                Source {
-                    origin: Origin::Flag,
-                    layer: extra,
-                },
-            ],
-            None,
-        )
-        .unwrap()
+        }
     }
 
     /// Runs the binary with this fixture's state directory and guest.
@@ -829,6 +812,24 @@ impl Fixture {
             .env("DARWIN_VZ_NIX_SSH_USER", current_user());
         command
     }
+}
+
+/// `base` as a config file's layer under `extra` as flags, resolved.
+fn resolve_layers(base: ConfigLayer, extra: ConfigLayer) -> Config {
+    Config::resolve(
+        &[
+            Source {
+                origin: Origin::File("test".into()),
+                layer: base,
+            },
+            Source {
+                origin: Origin::Flag,
+                layer: extra,
+            },
+        ],
+        None,
+    )
+    .unwrap()
 }
 
 /// The supervisor's `status`, through the control socket.
