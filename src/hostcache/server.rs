@@ -246,14 +246,7 @@ impl HostCache {
                     // since replaced by different content is not served.
                     Some(info) if info.nar_hash == nar_hash => {
                         if request.method == Method::Head {
-                            let head = http::response_head(
-                                200,
-                                "OK",
-                                "application/x-nix-nar",
-                                info.nar_size,
-                                request.keep_alive,
-                            );
-                            return write(io, head.as_bytes()).await;
+                            return write(io, nar_head(&info, request).as_bytes()).await;
                         }
                         self.send_nar(io, request, info).await
                     }
@@ -320,14 +313,7 @@ impl HostCache {
             bump(&self.counters.nars_aborted, 1);
             return not_found(io, request).await;
         };
-        let head = http::response_head(
-            200,
-            "OK",
-            "application/x-nix-nar",
-            info.nar_size,
-            request.keep_alive,
-        );
-        write(io, head.as_bytes()).await?;
+        write(io, nar_head(&info, request).as_bytes()).await?;
         let mut next = Some(first);
         while let Some(chunk) = next.take() {
             match chunk {
@@ -450,6 +436,17 @@ async fn send<S: AsyncWrite + Unpin>(
         response.extend_from_slice(body);
     }
     write(io, &response).await
+}
+
+/// The head of a NAR response: the same for HEAD and for GET, whose body follows.
+fn nar_head(info: &PathInfo, request: &Request) -> String {
+    http::response_head(
+        200,
+        "OK",
+        "application/x-nix-nar",
+        info.nar_size,
+        request.keep_alive,
+    )
 }
 
 async fn not_found<S: AsyncWrite + Unpin>(io: &mut S, request: &Request) -> Result<(), Cut> {
