@@ -48,6 +48,18 @@ impl GuestStream {
     pub fn into_parts(self) -> (OwnedFd, Option<Box<dyn Any + Send>>) {
         (self.fd, self.keepalive)
     }
+
+    /// The stream as a Tokio stream, and the object that keeps it alive (hold it as
+    /// long as the stream). Both backends hand out Unix stream sockets (VZ's
+    /// connection descriptor is an AF_UNIX socket to the framework; the test backend
+    /// uses a socketpair). Must be called inside a Tokio runtime.
+    pub fn into_tokio(
+        self,
+    ) -> std::io::Result<(tokio::net::UnixStream, Option<Box<dyn Any + Send>>)> {
+        let stream = std::os::unix::net::UnixStream::from(self.fd);
+        stream.set_nonblocking(true)?;
+        Ok((tokio::net::UnixStream::from_std(stream)?, self.keepalive))
+    }
 }
 
 impl AsFd for GuestStream {

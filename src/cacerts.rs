@@ -13,12 +13,11 @@
 //! nix-darwin's /etc/ssl/certs/ca-certificates.crt, the Nix installer's profile
 //! bundle, macOS's /etc/ssl/cert.pem.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::contract::KEY_FILE_CA_BUNDLE;
+use crate::files::{self, FileError};
 use crate::state::{StateError, write_file_atomic};
 
 /// Larger than any real bundle (Mozilla's is about 220 KiB); the guest refuses more
@@ -209,26 +208,18 @@ enum ReadError {
     Io(std::io::Error),
 }
 
-/// Reads a regular file of at most `cap` bytes. Opens non-blocking, so a FIFO put
-/// where a file is expected cannot hang the boot.
+/// Reads a regular file of at most `cap` bytes, through `files::open_input`: a FIFO
+/// put where a file is expected cannot hang the boot.
 fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
-    let file: File = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)
-        .map_err(ReadError::Io)?;
-    let meta = file.metadata().map_err(ReadError::Io)?;
-    if !meta.is_file() {
-        return Err(ReadError::Io(std::io::Error::other("not a regular file")));
-    }
-    let mut bytes = Vec::new();
-    file.take(cap.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(ReadError::Io)?;
-    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > cap {
-        return Err(ReadError::TooLarge);
-    }
-    Ok(bytes)
+    files::open_input(path)
+        .and_then(|file| files::read_capped(file, path, cap))
+        .map_err(|error| match error {
+            FileError::TooLarge { .. } => ReadError::TooLarge,
+            FileError::Io { source, .. } => ReadError::Io(source),
+            FileError::NotRegular { .. } => {
+                ReadError::Io(std::io::Error::other("not a regular file"))
+            }
+        })
 }
 
 #[cfg(test)]

@@ -398,41 +398,10 @@ impl Config {
             }]));
         };
 
-        // Range checks on the numbers as given, before any is narrowed.
-        let input = |key: &str| origins.get(key).unwrap_or(&Origin::Default).describe(key);
-        let mut problems = Vec::new();
-        let mut out_of_range = |key: &str, message: Option<String>| {
-            if let Some(message) = message {
-                problems.push(Problem {
-                    input: input(key),
-                    message,
-                });
-            }
-        };
-        out_of_range("cores", check_range(cores, &ranges::CORES, "virtual CPUs"));
-        out_of_range("memory", check_memory(memory_mib));
-        out_of_range("diskSize", check_disk_size(disk_size));
-        out_of_range(
-            "idleTimeout",
-            check_range(
-                idle_timeout_minutes,
-                &ranges::IDLE_TIMEOUT_MINUTES,
-                IDLE_UNIT,
-            ),
-        );
-        out_of_range(
-            "stopTimeout",
-            check_range(
-                stop_timeout_seconds,
-                &ranges::STOP_TIMEOUT_SECONDS,
-                "seconds",
-            ),
-        );
-        // In range means it fits; the placeholder is never used (problems are reported).
-        let cores = u32::try_from(cores).unwrap_or(defaults::CORES);
-
         let config = Config {
-            cores,
+            // In range means it fits; the placeholder is never used (the range
+            // check below reports the number as given).
+            cores: u32::try_from(cores).unwrap_or(defaults::CORES),
             memory_mib,
             disk_size,
             rosetta,
@@ -454,6 +423,33 @@ impl Config {
             host_store_cache,
             origins,
         };
+
+        // Range checks on the numbers as given, before any is narrowed.
+        let mut problems = Vec::new();
+        let mut out_of_range = |key: &str, message: Option<String>| {
+            if let Some(message) = message {
+                problems.push(config.problem(key, message));
+            }
+        };
+        out_of_range("cores", check_range(cores, &ranges::CORES, "virtual CPUs"));
+        out_of_range("memory", check_memory(memory_mib));
+        out_of_range("diskSize", check_disk_size(disk_size));
+        out_of_range(
+            "idleTimeout",
+            check_range(
+                idle_timeout_minutes,
+                &ranges::IDLE_TIMEOUT_MINUTES,
+                IDLE_UNIT,
+            ),
+        );
+        out_of_range(
+            "stopTimeout",
+            check_range(
+                stop_timeout_seconds,
+                &ranges::STOP_TIMEOUT_SECONDS,
+                "seconds",
+            ),
+        );
         problems.extend(config.check_values());
         if problems.is_empty() {
             Ok(config)
@@ -570,18 +566,31 @@ impl Config {
         {
             problems.push(self.problem("bootstrapHostKey", message));
         }
-        match (&self.bootstrap_drv, &self.bootstrap_host_key) {
-            (Some(_), None) => problems.push(self.problem(
-                "bootstrapDrv",
-                "is set without bootstrapHostKey; give both (the nix-darwin module does)",
-            )),
-            (None, Some(_)) => problems.push(self.problem(
-                "bootstrapHostKey",
-                "is set without bootstrapDrv; give both (the nix-darwin module does)",
-            )),
-            _ => {}
-        }
+        problems.extend(self.set_together(
+            ("bootstrapDrv", self.bootstrap_drv.is_some()),
+            ("bootstrapHostKey", self.bootstrap_host_key.is_some()),
+            "the nix-darwin module does",
+        ));
         problems
+    }
+
+    /// Two settings that mean something only together: a problem for the one that
+    /// is set without the other. `who` sets both, e.g. "the nix-darwin module does".
+    fn set_together(
+        &self,
+        (a, a_set): (&str, bool),
+        (b, b_set): (&str, bool),
+        who: &str,
+    ) -> Option<Problem> {
+        match (a_set, b_set) {
+            (true, false) => {
+                Some(self.problem(a, format!("is set without {b}; give both ({who})")))
+            }
+            (false, true) => {
+                Some(self.problem(b, format!("is set without {a}; give both ({who})")))
+            }
+            _ => None,
+        }
     }
 
     /// The bootstrap builder, when configured: its VM runner's derivation and host key.
@@ -627,17 +636,11 @@ impl Config {
                 ),
             ));
         }
-        match (&self.guest_drv, &self.guest_out) {
-            (Some(_), None) => problems.push(self.problem(
-                "guestDrv",
-                "is set without guestOut; give both (the nix-darwin module and `nix run` do)",
-            )),
-            (None, Some(_)) => problems.push(self.problem(
-                "guestOut",
-                "is set without guestDrv; give both (the nix-darwin module and `nix run` do)",
-            )),
-            _ => {}
-        }
+        problems.extend(self.set_together(
+            ("guestDrv", self.guest_drv.is_some()),
+            ("guestOut", self.guest_out.is_some()),
+            "the nix-darwin module and `nix run` do",
+        ));
         problems
     }
 
@@ -1003,14 +1006,19 @@ fn check_public_key(key: &str) -> Result<(), String> {
     }
 }
 
-/// A group name as `controlGroup` takes it.
-fn check_group_name(name: &str) -> Result<(), String> {
-    let shape_ok = !name.is_empty()
-        && name.len() <= ranges::GROUP_NAME_BYTES
+/// An account name (user or group) of 1 to `max` letters, digits, `_`, `-` and `.`:
+/// the portable shape, which needs no quoting anywhere it is written.
+pub(crate) fn is_account_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if shape_ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// A group name as `controlGroup` takes it.
+fn check_group_name(name: &str) -> Result<(), String> {
+    if is_account_name(name, ranges::GROUP_NAME_BYTES) {
         Ok(())
     } else {
         Err(format!(

@@ -41,13 +41,8 @@ pub enum SshConfigError {
 /// The message starts with the value, to follow the name of the input it came from.
 pub fn check_user(user: &str) -> Result<(), String> {
     let max = crate::config::ranges::SSH_USER_BYTES;
-    let shape_ok = !user.is_empty()
-        && user.len() <= max
-        && !user.starts_with('-')
-        && user
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if shape_ok {
+    // Not `-…`: ssh would read it as an option.
+    if crate::config::is_account_name(user, max) && !user.starts_with('-') {
         Ok(())
     } else {
         Err(format!(

@@ -5,24 +5,11 @@
 
 mod support;
 
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use darwin_vz_nix::config::ConfigLayer;
-use darwin_vz_nix::control::ControlClient;
-use darwin_vz_nix::control::protocol::{Reply, Request, StatusReport};
 use support::*;
-
-fn status(fixture: &Fixture) -> StatusReport {
-    let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
-    match client
-        .call(Request::Status, Duration::from_secs(5))
-        .unwrap()
-    {
-        Reply::Status(report) => *report,
-        other => panic!("unexpected {other:?}"),
-    }
-}
 
 /// The bootstrap builder's phase in `status`, `off` when not shown.
 fn bootstrap_phase(fixture: &Fixture) -> String {
@@ -33,13 +20,7 @@ fn bootstrap_phase(fixture: &Fixture) -> String {
 }
 
 fn proxy(fixture: &Fixture, alias: &str) -> Child {
-    fixture
-        .cli_command(&["proxy", "--alias", alias])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    spawn_proxy_with(fixture, &["--alias", alias])
 }
 
 fn close(mut child: Child) {
@@ -269,11 +250,7 @@ fn a_bootstrap_builder_missing_from_the_cache_fails_the_build_with_one_line_and_
     bootstrap.not_cached(&linux);
     let harness = harness(&fixture, &guest, &bootstrap);
 
-    let out = fixture
-        .cli_command(&["proxy", "--alias", "darwin-vz-nix"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_proxy(&fixture, &["--alias", "darwin-vz-nix"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         stderr(&out),
@@ -502,11 +479,7 @@ fn an_aarch64_connect_that_times_out_while_the_bootstrap_builder_comes_up_says_s
     );
 
     let t0 = std::time::Instant::now();
-    let out = fixture
-        .cli_command(&["proxy", "--alias", "darwin-vz-nix", "--timeout", "1"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_proxy(&fixture, &["--alias", "darwin-vz-nix", "--timeout", "1"]);
     assert!(t0.elapsed() < Duration::from_secs(10), "one bound, not two");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(

@@ -10,23 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use darwin_vz_nix::control::ControlClient;
-use darwin_vz_nix::control::protocol::{Reply, Request, StatusReport};
 use support::*;
 
 /// Generous on a loaded 2-core machine: the transfers take a second or two.
 const SESSION_LIMIT: Duration = Duration::from_secs(60);
-
-fn status(fixture: &Fixture) -> StatusReport {
-    match ControlClient::connect(&fixture.state_dir)
-        .unwrap()
-        .call(Request::Status, Duration::from_secs(5))
-        .unwrap()
-    {
-        Reply::Status(report) => *report,
-        other => panic!("{other:?}"),
-    }
-}
 
 /// `len` bytes of a fixed pseudo-random sequence (xorshift): no pattern a lost or
 /// repeated chunk could hide in.
@@ -198,13 +185,7 @@ fn proxy_relays_every_byte_both_ways_in_order() {
     let fixture = Fixture::new();
     let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
     let port = ECHO_PORT.to_string();
-    let mut proxy = fixture
-        .cli_command(&["proxy", "--port", &port])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut proxy = spawn_proxy_with(&fixture, &["--port", &port]);
     // The guest's echo service sends every byte back; the proxy must pass each one
     // on in both directions, whatever the sizes of the writes.
     let data = pseudo_random(8 << 20, 0xabcdef);
@@ -249,13 +230,7 @@ fn proxy_relays_every_byte_both_ways_in_order() {
 fn the_copying_proxy_ends_when_the_guest_side_ends() {
     let fixture = Fixture::new();
     let harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
-    let mut proxy = fixture
-        .cli_command(&["proxy"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut proxy = spawn_proxy(&fixture);
     assert!(first_line(&mut proxy).starts_with("SSH-2.0-"));
     // The guest powers off: its sshd goes, and with it the stream. The proxy must
     // not wait for ssh (its stdin stays open) to notice.

@@ -8,8 +8,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use darwin_vz_nix::config::ConfigLayer;
-use darwin_vz_nix::control::ControlClient;
-use darwin_vz_nix::control::protocol::{Reply, Request, StatusReport, VmState};
+use darwin_vz_nix::control::protocol::VmState;
 use support::*;
 
 /// Nix's progress while it builds 3 of 41 derivations and fetches 120 of 800
@@ -30,32 +29,9 @@ const FAILED_BUILD: &str = r#"@nix {"action":"start","fields":["/nix/store/5y5s1
 @nix {"action":"msg","column":null,"file":null,"level":0,"line":null,"msg":"\u001b[31;1merror:\u001b[0m builder for '\u001b[35;1m/nix/store/5y5s1mmz6m3hyq9x4k3i0fg0395ymljf-etc.drv\u001b[0m' failed with exit code 1","raw_msg":"builder for '\u001b[35;1m/nix/store/5y5s1mmz6m3hyq9x4k3i0fg0395ymljf-etc.drv\u001b[0m' failed with exit code 1"}
 "#;
 
-fn status(fixture: &Fixture) -> StatusReport {
-    let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
-    match client
-        .call(Request::Status, Duration::from_secs(5))
-        .unwrap()
-    {
-        Reply::Status(report) => *report,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
 /// `darwin-vz-nix status`, as text.
 fn status_text(fixture: &Fixture) -> String {
     stdout(&fixture.cli(&["status"]))
-}
-
-fn spawn_proxy(fixture: &Fixture, args: &[&str]) -> Child {
-    let mut all = vec!["proxy"];
-    all.extend_from_slice(args);
-    fixture
-        .cli_command(&all)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 fn spawn_start(fixture: &Fixture) -> Child {
@@ -185,7 +161,7 @@ fn a_proxy_connect_during_the_build_waits_for_it_then_boots_the_new_guest() {
     guest.hold();
     let harness = lazy_harness(&fixture, &guest);
 
-    let mut proxy = spawn_proxy(&fixture, &[]);
+    let mut proxy = spawn_proxy(&fixture);
     wait_for(
         Duration::from_secs(10),
         "the connection to be counted",
@@ -215,11 +191,7 @@ fn a_connect_that_times_out_while_the_guest_builds_says_how_far_it_got() {
         status_text(&fixture).contains("120 of 800")
     });
 
-    let out = fixture
-        .cli_command(&["proxy", "--timeout", "1"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_proxy(&fixture, &["--timeout", "1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert_eq!(
@@ -252,11 +224,7 @@ fn a_failed_build_is_one_line_naming_what_failed_the_log_and_the_fix_and_start_r
     );
     // A connection gets it at once (no new build within a minute of the last).
     let calls = nix.calls().len();
-    let out = fixture
-        .cli_command(&["proxy"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_proxy(&fixture, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr(&out), format!("darwin-vz-nix: {line}\n"));
     assert_eq!(nix.calls().len(), calls, "not rebuilt for each connection");
@@ -379,7 +347,7 @@ fn a_failed_newer_guest_leaves_the_previous_guest_booting() {
     });
 
     // A build connection boots the old guest, as if nothing had happened.
-    let mut proxy = spawn_proxy(&fixture, &[]);
+    let mut proxy = spawn_proxy(&fixture);
     assert!(first_line(&mut proxy).starts_with("SSH-2.0-"));
     drop(proxy.stdin.take());
     assert!(proxy.wait().unwrap().success());

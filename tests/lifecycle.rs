@@ -6,25 +6,14 @@
 
 mod support;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use darwin_vz_nix::config::ConfigLayer;
-use darwin_vz_nix::control::protocol::{ErrorCode, Reply, Request, StatusReport, VmState};
+use darwin_vz_nix::control::protocol::{ErrorCode, Reply, Request, VmState};
 use darwin_vz_nix::control::{ClientError, ControlClient};
 use darwin_vz_nix::daemon::DaemonOptions;
 use support::*;
-
-fn status(fixture: &Fixture) -> StatusReport {
-    match ControlClient::connect(&fixture.state_dir)
-        .unwrap()
-        .call(Request::Status, Duration::from_secs(5))
-        .unwrap()
-    {
-        Reply::Status(report) => *report,
-        other => panic!("{other:?}"),
-    }
-}
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(out));
@@ -53,16 +42,6 @@ fn assert_boot_line(line: &str) {
         planned <= started && started <= ready + 0.05 && answered >= 0.0,
         "{line}"
     );
-}
-
-fn spawn_proxy(fixture: &Fixture) -> Child {
-    fixture
-        .cli_command(&["proxy"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 #[test]

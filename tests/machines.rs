@@ -22,14 +22,7 @@ fn fixture_without_spaces() -> Fixture {
         .prefix("dvn-machines-")
         .tempdir()
         .unwrap();
-    let state_dir = dir.path().join("state");
-    let guest_dir = dir.path().join("guest");
-    darwin_vz_nix::artifacts::write_fake_guest(&guest_dir, "loglevel=4\n").unwrap();
-    Fixture {
-        dir,
-        state_dir,
-        guest_dir,
-    }
+    Fixture::in_dir(dir, "state")
 }
 
 /// `darwin-vz-nix --state-dir <fixture's> machines ARGS…`, with none of the
@@ -403,38 +396,12 @@ fn module_include_line(file: &Path) -> String {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// A Nix configuration of the test's own (no machine's nix.conf, users or groups
-/// change the test), with no binary cache: CI has no network.
-fn own_nix_conf(dir: &Path, extra: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("nix.conf"),
-        format!("build-users-group =\nsubstituters =\n{extra}"),
-    )
-    .unwrap();
-    dir.to_path_buf()
-}
-
 fn ssh_config_file(fixture: &Fixture) -> PathBuf {
     let out = fixture.cli(&["ssh-config"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let path = fixture.dir.path().join("ssh_config");
     std::fs::write(&path, &out.stdout).unwrap();
     path
-}
-
-fn nix(fixture: &Fixture, conf_dir: &Path, ssh_config: &Path, args: &[&str]) -> Output {
-    Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command"])
-        .args(args)
-        .env("NIX_SSHOPTS", format!("-F {}", ssh_config.display()))
-        .env("HOME", fixture.dir.path())
-        .env("NIX_CONF_DIR", conf_dir)
-        .env("NIX_USER_CONF_FILES", conf_dir.join("nix.conf"))
-        .env_remove("NIX_CONFIG")
-        .env_remove("NIX_REMOTE")
-        .output()
-        .expect("nix is installed (apt install nix-bin)")
 }
 
 #[test]
@@ -447,15 +414,7 @@ fn nix_follows_the_module_include_line_to_the_written_line_and_builds_there() {
         &root.join("guest-nix-conf"),
         "sandbox = true\nextra-sandbox-paths = /usr /bin /lib /lib64\n",
     );
-    let behaviour = FakeVmBehaviour {
-        sshd_extra: vec![format!(
-            "SetEnv NIX_REMOTE={} NIX_CONF_DIR={} NIX_USER_CONF_FILES={}",
-            guest_store.display(),
-            guest_conf.display(),
-            guest_conf.join("nix.conf").display()
-        )],
-        ..Default::default()
-    };
+    let behaviour = builder_on_own_store(&guest_store, &guest_conf);
     let _harness = Harness::start(&fixture, behaviour, None);
 
     // What activation does as root: write our line into a root-owned directory.
@@ -492,7 +451,7 @@ fn nix_follows_the_module_include_line_to_the_written_line_and_builds_there() {
     )
     .unwrap();
     let client_store = root.join("client-store");
-    let out = nix(
+    let out = nix_over_ssh(
         &fixture,
         &client_conf,
         &ssh_config_file(&fixture),

@@ -10,37 +10,19 @@
 
 mod support;
 
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, SystemTime};
 
 use darwin_vz_nix::config::ConfigLayer;
-use darwin_vz_nix::control::ControlClient;
-use darwin_vz_nix::control::protocol::{Reply, Request, StatusReport, VmState};
+use darwin_vz_nix::control::protocol::VmState;
 use support::*;
-
-fn status(fixture: &Fixture) -> StatusReport {
-    let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
-    match client
-        .call(Request::Status, Duration::from_secs(5))
-        .unwrap()
-    {
-        Reply::Status(report) => *report,
-        other => panic!("unexpected {other:?}"),
-    }
-}
 
 /// A proxied connection that has reached the guest's sshd; open until dropped.
 struct Connection(Child);
 
 impl Connection {
     fn open(fixture: &Fixture) -> Connection {
-        let mut proxy = fixture
-            .cli_command(&["proxy"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut proxy = spawn_proxy(fixture);
         assert!(first_line(&mut proxy).starts_with("SSH-2.0-"));
         Connection(proxy)
     }
@@ -313,13 +295,7 @@ fn a_guest_that_refuses_the_time_or_has_no_clock_setter_is_reported_in_status() 
 /// A build connection on the aarch64-linux alias while no guest exists: it reaches
 /// the bootstrap builder (issue 12), not the VM.
 fn bootstrap_connection(fixture: &Fixture) -> Connection {
-    let mut proxy = fixture
-        .cli_command(&["proxy", "--alias", "darwin-vz-nix"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut proxy = spawn_proxy_with(fixture, &["--alias", "darwin-vz-nix"]);
     assert_eq!(first_line(&mut proxy), "SSH-2.0-fake-bootstrap\r\n");
     Connection(proxy)
 }

@@ -9,20 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use darwin_vz_nix::control::ControlClient;
-use darwin_vz_nix::control::protocol::{Reply, Request, VmState};
+use darwin_vz_nix::control::protocol::VmState;
 use support::*;
-
-fn vm_state(fixture: &Fixture) -> VmState {
-    match ControlClient::connect(&fixture.state_dir)
-        .unwrap()
-        .call(Request::Status, Duration::from_secs(5))
-        .unwrap()
-    {
-        Reply::Status(report) => report.state,
-        other => panic!("{other:?}"),
-    }
-}
 
 #[test]
 fn ssh_runs_a_command_with_strict_host_key_checking() {
@@ -176,34 +164,10 @@ fn ssh_config_file(fixture: &Fixture) -> PathBuf {
     path
 }
 
-/// A Nix configuration of the test's own, so that no machine's `/etc/nix/nix.conf`,
-/// `~/.config/nix` or users and groups change what the test does. Nix run as root
-/// defaults `build-users-group` to `nixbld`, a group a clean machine does not have;
-/// an empty value builds as the calling user. No binary cache: CI has no network.
-fn own_nix_conf(dir: &Path, extra: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("nix.conf"),
-        format!("build-users-group =\nsubstituters =\n{extra}"),
-    )
-    .unwrap();
-    dir.to_path_buf()
-}
-
 /// Runs Debian's `nix` with the generated ssh configuration and its own nix.conf.
 fn nix(fixture: &Fixture, config: &Path, args: &[&str]) -> Output {
     let conf_dir = own_nix_conf(&fixture.dir.path().join("client-nix-conf"), "");
-    Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command"])
-        .args(args)
-        .env("NIX_SSHOPTS", format!("-F {}", config.display()))
-        .env("HOME", fixture.dir.path())
-        .env("NIX_CONF_DIR", &conf_dir)
-        .env("NIX_USER_CONF_FILES", conf_dir.join("nix.conf"))
-        .env_remove("NIX_CONFIG")
-        .env_remove("NIX_REMOTE")
-        .output()
-        .expect("nix is installed (apt install nix-bin)")
+    nix_over_ssh(fixture, &conf_dir, config, args)
 }
 
 #[test]
@@ -246,15 +210,7 @@ fn nix_builds_a_derivation_on_the_builder_and_copies_the_output_back() {
         &guest.path().join("nix-conf"),
         "sandbox = true\nextra-sandbox-paths = /usr /bin /lib /lib64\n",
     );
-    let behaviour = FakeVmBehaviour {
-        sshd_extra: vec![format!(
-            "SetEnv NIX_REMOTE={} NIX_CONF_DIR={} NIX_USER_CONF_FILES={}",
-            guest_store.display(),
-            guest_conf_dir.display(),
-            guest_conf_dir.join("nix.conf").display()
-        )],
-        ..Default::default()
-    };
+    let behaviour = builder_on_own_store(&guest_store, &guest_conf_dir);
     let _harness = Harness::start(&fixture, behaviour, None);
     let config = ssh_config_file(&fixture);
     let client_store = fixture.dir.path().join("client-store");
@@ -314,17 +270,6 @@ fn nix_builds_a_derivation_on_the_builder_and_copies_the_output_back() {
 
 // --- A session is its stream, whatever ssh does with its processes (issue 17.1). ---
 
-fn status_report(fixture: &Fixture) -> darwin_vz_nix::control::protocol::StatusReport {
-    match ControlClient::connect(&fixture.state_dir)
-        .unwrap()
-        .call(Request::Status, Duration::from_secs(5))
-        .unwrap()
-    {
-        Reply::Status(report) => *report,
-        other => panic!("{other:?}"),
-    }
-}
-
 /// Plain OpenSSH with the generated Host block, plus `options`.
 fn plain_ssh(fixture: &Fixture, config: &Path, options: &[String]) -> Command {
     let mut command = Command::new("ssh");
@@ -355,14 +300,14 @@ fn ssh_f_keeps_the_vm_up_until_its_backgrounded_command_ends() {
     let done = fixture.dir.path().join("done");
     // -f: ssh forks into the background after authentication; the process that ran
     // the ProxyCommand exits at once.
-    let status = plain_ssh(&fixture, &config, &[])
+    let exit = plain_ssh(&fixture, &config, &[])
         .args(["-f", "darwin-vz-nix"])
         .arg(format!("sleep 3; {}", touch(&done)))
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(exit.success());
     std::thread::sleep(idle * 3);
-    let report = status_report(&fixture);
+    let report = status(&fixture);
     assert_eq!(
         (report.state, report.connections),
         (VmState::Running, 1),
@@ -419,7 +364,7 @@ fn a_controlpersist_master_keeps_the_vm_up_for_its_sessions_then_it_idles_off() 
     // The process that started the master is gone; the second session runs on.
     std::thread::sleep(idle * 3);
     assert!(!second_done.exists());
-    let report = status_report(&fixture);
+    let report = status(&fixture);
     assert_eq!(
         (report.state, report.connections),
         (VmState::Running, 1),
@@ -451,7 +396,7 @@ fn an_ssh_killed_without_a_disconnect_ends_its_session_through_clientalive() {
     wait_for(Duration::from_secs(15), "the remote command", || {
         started.exists()
     });
-    assert_eq!(status_report(&fixture).connections, 1);
+    assert_eq!(status(&fixture).connections, 1);
     // SIGKILL: no disconnect reaches the guest. Its sshd's ClientAlive probes (1 s × 2
     // in the test guest, 15 s × 4 in the real one) end the session.
     ssh.kill().unwrap();

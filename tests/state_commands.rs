@@ -13,20 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use darwin_vz_nix::config::ConfigLayer;
-use darwin_vz_nix::control::ControlClient;
-use darwin_vz_nix::control::protocol::{Reply, Request, VmState};
+use darwin_vz_nix::control::protocol::VmState;
 use support::*;
-
-fn vm_state(fixture: &Fixture) -> VmState {
-    match ControlClient::connect(&fixture.state_dir)
-        .unwrap()
-        .call(Request::Status, Duration::from_secs(5))
-        .unwrap()
-    {
-        Reply::Status(report) => report.state,
-        other => panic!("{other:?}"),
-    }
-}
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))

@@ -14,32 +14,6 @@ use darwin_vz_nix::control::protocol::{ErrorCode, Reply, Request, VmState};
 use nix::sys::signal::Signal;
 use support::*;
 
-fn status(fixture: &Fixture) -> darwin_vz_nix::control::protocol::StatusReport {
-    let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
-    match client
-        .call(Request::Status, Duration::from_secs(5))
-        .unwrap()
-    {
-        Reply::Status(report) => *report,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
-fn wait_state(fixture: &Fixture, state: VmState, timeout: Duration) {
-    wait_for(timeout, state.as_str(), || status(fixture).state == state);
-}
-
-/// `darwin-vz-nix proxy` with its stdin kept open; returns the child.
-fn spawn_proxy(fixture: &Fixture) -> Child {
-    fixture
-        .cli_command(&["proxy"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 /// Opens a proxied connection, reads the guest's SSH banner, closes it.
 fn one_session_through_the_proxy(fixture: &Fixture) {
     let mut proxy = spawn_proxy(fixture);
@@ -239,11 +213,7 @@ fn boot_failures_reach_start_and_proxy_as_one_line() {
         "darwin-vz-nix: the VM failed to start: VZErrorDomain code 1: invalid kernel"
     );
 
-    let out = fixture
-        .cli_command(&["proxy"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_proxy(&fixture, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         out.stdout.is_empty(),
@@ -287,11 +257,7 @@ fn configuration_problems_found_at_boot_are_reported_to_the_client() {
     let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
     // The guest disappears after the daemon started (e.g. garbage-collected).
     std::fs::remove_file(fixture.guest_dir.join("kernel")).unwrap();
-    let out = fixture
-        .cli_command(&["proxy"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_proxy(&fixture, &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
@@ -460,11 +426,7 @@ fn commands_say_so_when_nothing_runs() {
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).ends_with("; nothing to stop\n"));
 
-    let out = fixture
-        .cli_command(&["proxy"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = run_proxy(&fixture, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert_eq!(

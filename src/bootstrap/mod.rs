@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{oneshot, watch};
 
-use crate::guest::nix::{self, DryRun, NixStore};
+use crate::guest::nix::{self, NixStore};
 use crate::guest::progress::Progress;
 use crate::guest::run;
 use crate::state::StateDir;
@@ -149,6 +149,20 @@ enum LifePhase {
     },
 }
 
+impl LifePhase {
+    /// The phase as `status` names it.
+    fn public(&self) -> Phase {
+        match self {
+            LifePhase::Off => Phase::Off,
+            LifePhase::Fetching { .. } => Phase::Fetching,
+            LifePhase::Booting => Phase::Booting,
+            LifePhase::Running { .. } => Phase::Running,
+            LifePhase::Stopping => Phase::Stopping,
+            LifePhase::Failed { .. } => Phase::Failed,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Life {
     phase: LifePhase,
@@ -185,6 +199,28 @@ impl Inner {
     fn set(&self, phase: LifePhase) {
         self.life().phase = phase;
         self.notify();
+    }
+
+    /// Waits until `done` holds for the phase, at most as long as a stop may take
+    /// (its SIGKILL included) and 10 s more.
+    async fn wait_for_phase(&self, done: impl Fn(&LifePhase) -> bool) {
+        let mut changes = self.changed.subscribe();
+        let bound = self
+            .options
+            .stop_timeout
+            .saturating_add(Duration::from_secs(10));
+        let _ = tokio::time::timeout(bound, async {
+            loop {
+                changes.borrow_and_update();
+                if done(&self.life().phase) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -235,16 +271,10 @@ impl Bootstrap {
     }
 
     pub fn phase(&self) -> Phase {
-        match self.inner.life().phase {
-            LifePhase::Off => Phase::Off,
-            LifePhase::Fetching { .. } => Phase::Fetching,
-            LifePhase::Booting => Phase::Booting,
-            LifePhase::Running { .. } => Phase::Running,
-            LifePhase::Stopping => Phase::Stopping,
-            LifePhase::Failed { .. } => Phase::Failed,
-        }
+        self.inner.life().phase.public()
     }
 
+    /// Phase, progress and sessions, read together under one lock.
     pub fn status(&self) -> BootstrapStatus {
         let life = self.inner.life();
         let (progress, endpoint, error) = match &life.phase {
@@ -253,12 +283,11 @@ impl Bootstrap {
             LifePhase::Failed { message } => (None, None, Some(message.clone())),
             _ => (None, None, None),
         };
-        drop(life);
         BootstrapStatus {
-            phase: self.phase(),
+            phase: life.phase.public(),
             progress,
             endpoint,
-            sessions: self.inner.life().sessions,
+            sessions: life.sessions,
             console_log: self.inner.state.bootstrap_console_log(),
             error,
         }
@@ -308,24 +337,9 @@ impl Bootstrap {
 
     /// A stop under way ends (bounded) before anything new starts.
     async fn wait_while_stopping(&self) {
-        let mut changes = self.inner.changed.subscribe();
-        let bound = self
-            .inner
-            .options
-            .stop_timeout
-            .saturating_add(Duration::from_secs(10));
-        let _ = tokio::time::timeout(bound, async {
-            loop {
-                changes.borrow_and_update();
-                if !matches!(self.inner.life().phase, LifePhase::Stopping) {
-                    return;
-                }
-                if changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
+        self.inner
+            .wait_for_phase(|phase| !matches!(phase, LifePhase::Stopping))
+            .await;
     }
 
     async fn up_steps(&self) -> Result<(), String> {
@@ -355,7 +369,7 @@ impl Bootstrap {
                 .await
                 .map_err(|e| format!("planning the bootstrap builder failed: {e}"))??
         };
-        let linux: Vec<PathBuf> = linux_builds(&dry);
+        let linux = dry.aarch64_linux_builds();
         if let Some(first) = linux.first() {
             return Err(format!(
                 "the bootstrap builder {} is not on cache.nixos.org: it would need {} aarch64-linux build(s) ({} …), which need the Linux builder it is meant to be; keep the flake's own nixpkgs for the guest (services.darwin-vz.guestNixpkgs), or build the first guest on another aarch64-linux builder",
@@ -522,25 +536,11 @@ impl Bootstrap {
                 tracing::info!("the guest's build is over: stopping the bootstrap builder");
                 let _ = stop.send(());
                 // The watcher stops it, cleans up and reports Off.
-                let bound = inner
-                    .options
-                    .stop_timeout
-                    .saturating_add(Duration::from_secs(10));
-                let _ = tokio::time::timeout(bound, async {
-                    loop {
-                        changes.borrow_and_update();
-                        if matches!(
-                            inner.life().phase,
-                            LifePhase::Off | LifePhase::Failed { .. }
-                        ) {
-                            return;
-                        }
-                        if changes.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                })
-                .await;
+                inner
+                    .wait_for_phase(|phase| {
+                        matches!(phase, LifePhase::Off | LifePhase::Failed { .. })
+                    })
+                    .await;
             }
             None => clean_up(&inner.state),
         }
@@ -617,15 +617,6 @@ fn clean_up(state: &StateDir) {
     let _ = std::fs::remove_dir_all(state.bootstrap_dir());
     let _ = std::fs::remove_file(state.bootstrap_known_hosts());
     let _ = std::fs::remove_file(state.bootstrap_root());
-}
-
-/// The derivations of a dry run that build for aarch64-linux.
-fn linux_builds(dry: &DryRun) -> Vec<PathBuf> {
-    dry.to_build
-        .iter()
-        .filter(|drv| nix::derivation_system(drv).is_ok_and(|system| system == "aarch64-linux"))
-        .cloned()
-        .collect()
 }
 
 /// `<out>/bin/run-<name>-vm`, the one script nixpkgs' `system.build.vm` holds.

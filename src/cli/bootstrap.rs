@@ -120,8 +120,9 @@ fn print_plan(config: &Config, state: &StateDir, spec: &GuestSpec) {
         let dry = crate::guest::run_dry(&nix_store, &spec.drv, &home);
         match dry {
             Ok(dry) => {
-                println!("     → {}", describe_dry_run(&dry));
-                linux_builds = Some(count_linux_builds(&dry));
+                let linux = dry.aarch64_linux_builds().len();
+                println!("     → {}", describe_dry_run(&dry, linux));
+                linux_builds = Some(linux);
             }
             Err(message) => println!("     → could not tell: {message}"),
         }
@@ -220,18 +221,10 @@ fn print_bootstrap_steps(step: u32, bootstrap: &BootstrapSpec, state: &StateDir)
     );
 }
 
-/// How many of a dry run's builds are for aarch64-linux.
-fn count_linux_builds(dry: &DryRun) -> usize {
-    dry.to_build
-        .iter()
-        .filter(|drv| nix::derivation_system(drv).is_ok_and(|s| s == "aarch64-linux"))
-        .count()
-}
-
-/// `5 derivations to build (3 for aarch64-linux), 812 paths to fetch`.
-fn describe_dry_run(dry: &DryRun) -> String {
+/// `5 derivations to build, 812 paths to fetch; 3 of the builds for aarch64-linux, …`;
+/// `linux`: how many of its builds are for aarch64-linux.
+fn describe_dry_run(dry: &DryRun, linux: usize) -> String {
     let mut text = describe_plan(dry);
-    let linux = count_linux_builds(dry);
     if linux > 0 {
         text.push_str(&format!(
             "; {linux} of the builds for aarch64-linux, which need a Linux builder"

@@ -143,6 +143,17 @@ struct Life {
     previous: Option<PathBuf>,
 }
 
+impl Life {
+    /// The guest directory the next boot uses: the wanted guest (`out`) once ready,
+    /// otherwise the earlier one, if any.
+    fn next_boot(&self, out: &Path) -> Option<PathBuf> {
+        match self.phase {
+            LifePhase::Ready => Some(out.to_path_buf()),
+            _ => self.previous.clone(),
+        }
+    }
+}
+
 struct Inner {
     spec: GuestSpec,
     state: StateDir,
@@ -278,11 +289,7 @@ impl Guests {
     /// The guest directory the next boot uses: the wanted guest once ready,
     /// otherwise the earlier one, if any.
     pub fn bootable(&self) -> Option<PathBuf> {
-        let life = self.inner.life();
-        match life.phase {
-            LifePhase::Ready => Some(self.inner.spec.out.clone()),
-            _ => life.previous.clone(),
-        }
+        self.inner.life().next_boot(&self.inner.spec.out)
     }
 
     /// Why no guest can boot: the failure, when the wanted guest failed and no
@@ -339,15 +346,11 @@ impl Guests {
                 Some(at.elapsed()),
             ),
         };
-        let next_boot = match life.phase {
-            LifePhase::Ready => Some(self.inner.spec.out.clone()),
-            _ => life.previous.clone(),
-        };
         GuestStatus {
             phase,
             drv: self.inner.spec.drv.clone(),
             out: self.inner.spec.out.clone(),
-            next_boot,
+            next_boot: life.next_boot(&self.inner.spec.out),
             progress,
             error,
             log: self.inner.state.guest_build_log(),
@@ -445,11 +448,7 @@ async fn realise_steps(inner: &Arc<Inner>) -> Result<(), String> {
     };
     let (plan_text, preamble, linux_builds) = match plan {
         Ok((dry, said)) => {
-            let linux = dry
-                .to_build
-                .iter()
-                .filter(|drv| nix::derivation_system(drv).is_ok_and(|s| s == "aarch64-linux"))
-                .count();
+            let linux = dry.aarch64_linux_builds().len();
             (Some(describe_plan(&dry)), said, linux)
         }
         // Realising says the same, in more words; the dry run only informs.

@@ -182,6 +182,16 @@ impl DryRun {
         }
         dry
     }
+
+    /// The derivations it would build for aarch64-linux: the builds that need a
+    /// Linux builder (the guest, or the bootstrap builder while none exists).
+    pub fn aarch64_linux_builds(&self) -> Vec<&Path> {
+        self.to_build
+            .iter()
+            .map(PathBuf::as_path)
+            .filter(|drv| derivation_system(drv).is_ok_and(|system| system == "aarch64-linux"))
+            .collect()
+    }
 }
 
 /// The system a derivation builds for (`aarch64-linux`, …), read from its `.drv`

@@ -175,12 +175,13 @@ impl HostCache {
             self.open_streams.fetch_add(1, Ordering::Relaxed);
             let cache = self.clone();
             tokio::spawn(async move {
-                let (fd, keepalive) = stream.into_parts();
-                match unix_stream(fd) {
-                    Ok(io) => cache.serve_connection(io).await,
+                match stream.into_tokio() {
+                    Ok((io, keepalive)) => {
+                        cache.serve_connection(io).await;
+                        drop(keepalive);
+                    }
                     Err(e) => tracing::warn!("host cache: cannot use a guest stream: {e}"),
                 }
-                drop(keepalive);
                 cache.open_streams.fetch_sub(1, Ordering::Relaxed);
             });
         }
@@ -245,14 +246,7 @@ impl HostCache {
                     // since replaced by different content is not served.
                     Some(info) if info.nar_hash == nar_hash => {
                         if request.method == Method::Head {
-                            let head = http::response_head(
-                                200,
-                                "OK",
-                                "application/x-nix-nar",
-                                info.nar_size,
-                                request.keep_alive,
-                            );
-                            return write(io, head.as_bytes()).await;
+                            return write(io, nar_head(&info, request).as_bytes()).await;
                         }
                         self.send_nar(io, request, info).await
                     }
@@ -319,14 +313,7 @@ impl HostCache {
             bump(&self.counters.nars_aborted, 1);
             return not_found(io, request).await;
         };
-        let head = http::response_head(
-            200,
-            "OK",
-            "application/x-nix-nar",
-            info.nar_size,
-            request.keep_alive,
-        );
-        write(io, head.as_bytes()).await?;
+        write(io, nar_head(&info, request).as_bytes()).await?;
         let mut next = Some(first);
         while let Some(chunk) = next.take() {
             match chunk {
@@ -451,6 +438,17 @@ async fn send<S: AsyncWrite + Unpin>(
     write(io, &response).await
 }
 
+/// The head of a NAR response: the same for HEAD and for GET, whose body follows.
+fn nar_head(info: &PathInfo, request: &Request) -> String {
+    http::response_head(
+        200,
+        "OK",
+        "application/x-nix-nar",
+        info.nar_size,
+        request.keep_alive,
+    )
+}
+
 async fn not_found<S: AsyncWrite + Unpin>(io: &mut S, request: &Request) -> Result<(), Cut> {
     send(
         io,
@@ -569,13 +567,4 @@ impl std::io::Write for ChunkWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// A guest stream's descriptor as a Tokio stream. Both backends hand out Unix stream
-/// sockets (VZ's connection descriptor is an AF_UNIX socket to the framework; the
-/// test backend uses a socketpair).
-fn unix_stream(fd: std::os::fd::OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
-    let stream = std::os::unix::net::UnixStream::from(fd);
-    stream.set_nonblocking(true)?;
-    tokio::net::UnixStream::from_std(stream)
 }

@@ -240,14 +240,7 @@ async fn probe_ready(backend: &dyn Backend, port: u32) -> Result<(), String> {
         .connect(port)
         .await
         .map_err(|e: BackendError| e.to_string())?;
-    let (fd, _keepalive) = stream.into_parts();
-    // Both backends hand out Unix stream sockets (VZ's connection descriptor is an
-    // AF_UNIX socket to the framework; the test backend uses a socketpair).
-    let std_stream = std::os::unix::net::UnixStream::from(fd);
-    std_stream
-        .set_nonblocking(true)
-        .map_err(|e| e.to_string())?;
-    let mut stream = tokio::net::UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
+    let (mut stream, _keepalive) = stream.into_tokio().map_err(|e| e.to_string())?;
     let read = async {
         let mut banner = Vec::new();
         let mut buf = [0u8; 256];

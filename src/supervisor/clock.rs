@@ -166,13 +166,7 @@ async fn exchange(backend: &dyn Backend, port: u32) -> Result<ClockStep, String>
             last.unwrap_or_default()
         ));
     };
-    let (fd, _keepalive) = stream.into_parts();
-    // Both backends hand out Unix stream sockets (see `boot::probe_ready`).
-    let std_stream = std::os::unix::net::UnixStream::from(fd);
-    std_stream
-        .set_nonblocking(true)
-        .map_err(|e| e.to_string())?;
-    let mut stream = tokio::net::UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
+    let (mut stream, _keepalive) = stream.into_tokio().map_err(|e| e.to_string())?;
     // The time is read as late as possible: right before it is sent.
     let request = clock::request_line(SystemTime::now()).map_err(|e| e.to_string())?;
     let talk = async {

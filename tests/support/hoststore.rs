@@ -11,20 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
-/// A Nix configuration directory of the test's own: no machine's nix.conf, users or
-/// groups change what Nix does. Nix run as root defaults `build-users-group` to
-/// `nixbld`, which a clean machine lacks; empty builds as the caller. No binary
-/// cache unless `extra` names one (CI has no network).
+/// [`super::own_nix_conf`] for a chroot store: builds in Nix's sandbox, with the
+/// host's `/bin/sh` and its libraries in it.
 pub fn nix_conf(dir: &Path, extra: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("nix.conf"),
-        format!(
-            "build-users-group =\nsubstituters =\nsandbox = true\nextra-sandbox-paths = /usr /bin /lib /lib64\n{extra}"
-        ),
+    super::own_nix_conf(
+        dir,
+        &format!("sandbox = true\nextra-sandbox-paths = /usr /bin /lib /lib64\n{extra}"),
     )
-    .unwrap();
-    dir.to_path_buf()
 }
 
 /// The environment that makes Debian's Nix use `conf_dir` and nothing else.

@@ -23,6 +23,8 @@ use darwin_vz_nix::backend::{
     Backend, BackendError, BackendEvent, BootId, BoxFuture, GuestConnections, GuestStream, StopCall,
 };
 use darwin_vz_nix::config::{Config, ConfigLayer, Origin, Source};
+use darwin_vz_nix::control::ControlClient;
+use darwin_vz_nix::control::protocol::{Reply, Request, StatusReport, VmState};
 use darwin_vz_nix::daemon::{self, DaemonOptions};
 use darwin_vz_nix::host::HostInfo;
 use darwin_vz_nix::plan::BootPlan;
@@ -710,7 +712,13 @@ impl Fixture {
             .tempdir()
             .unwrap();
         // A space in the path proves quoting all the way through ssh.
-        let state_dir = dir.path().join("state dir");
+        Fixture::in_dir(dir, "state dir")
+    }
+
+    /// A fixture in `dir`: the state directory `dir/<state_name>` (not made yet),
+    /// and a fake guest in `dir/guest`.
+    pub fn in_dir(dir: tempfile::TempDir, state_name: &str) -> Fixture {
+        let state_dir = dir.path().join(state_name);
         let guest_dir = dir.path().join("guest");
         darwin_vz_nix::artifacts::write_fake_guest(&guest_dir, "loglevel=4\n").unwrap();
         Fixture {
@@ -723,27 +731,9 @@ impl Fixture {
     pub fn config(&self, extra: ConfigLayer) -> Config {
         let base = ConfigLayer {
             guest: Some(self.guest_dir.clone()),
-            state_dir: Some(self.state_dir.clone()),
-            cores: Some(1),
-            memory: Some(1024),
-            disk_size: Some("1G".parse().unwrap()),
-            ssh_user: Some(current_user()),
-            ..Default::default()
+            ..self.base_layer()
         };
-        Config::resolve(
-            &[
-                Source {
-                    origin: Origin::File("test".into()),
-                    layer: base,
-                },
-                Source {
-                    origin: Origin::Flag,
-                    layer: extra,
-                },
-            ],
-            None,
-        )
-        .unwrap()
+        resolve_layers(base, extra)
     }
 
     /// Options that make tests fast: idle and stop in milliseconds.
@@ -788,27 +778,22 @@ impl Fixture {
         let base = ConfigLayer {
             guest_drv: Some(guest.drv.clone()),
             guest_out: Some(guest.out.clone()),
+            ..self.base_layer()
+        };
+        resolve_layers(base, extra)
+    }
+
+    /// What every test configuration has: this state directory, a small VM, and
+    /// the caller as the guest's user.
+    fn base_layer(&self) -> ConfigLayer {
+        ConfigLayer {
             state_dir: Some(self.state_dir.clone()),
             cores: Some(1),
             memory: Some(1024),
             disk_size: Some("1G".parse().unwrap()),
             ssh_user: Some(current_user()),
             ..Default::default()
-        };
-        Config::resolve(
-            &[
-                Source {
-                    origin: Origin::File("test".into()),
-                    layer: base,
-                },
-                Source {
-                    origin: Origin::Flag,
-                    layer: extra,
-                },
-            ],
-            None,
-        )
-        .unwrap()
+        }
     }
 
     /// Runs the binary with this fixture's state directory and guest.
@@ -827,6 +812,121 @@ impl Fixture {
             .env("DARWIN_VZ_NIX_SSH_USER", current_user());
         command
     }
+}
+
+/// `base` as a config file's layer under `extra` as flags, resolved.
+fn resolve_layers(base: ConfigLayer, extra: ConfigLayer) -> Config {
+    Config::resolve(
+        &[
+            Source {
+                origin: Origin::File("test".into()),
+                layer: base,
+            },
+            Source {
+                origin: Origin::Flag,
+                layer: extra,
+            },
+        ],
+        None,
+    )
+    .unwrap()
+}
+
+/// The supervisor's `status`, through the control socket.
+pub fn status(fixture: &Fixture) -> StatusReport {
+    let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
+    match client
+        .call(Request::Status, Duration::from_secs(5))
+        .unwrap()
+    {
+        Reply::Status(report) => *report,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// The VM's state, as `status` reports it.
+pub fn vm_state(fixture: &Fixture) -> VmState {
+    status(fixture).state
+}
+
+/// Polls `status` until the VM is in `state`, or panics naming it.
+pub fn wait_state(fixture: &Fixture, state: VmState, timeout: Duration) {
+    wait_for(timeout, state.as_str(), || status(fixture).state == state);
+}
+
+/// `darwin-vz-nix proxy` with stdin, stdout and stderr piped (stdin kept open).
+pub fn spawn_proxy(fixture: &Fixture) -> Child {
+    spawn_proxy_with(fixture, &[])
+}
+
+/// `darwin-vz-nix proxy ARGS`, piped like [`spawn_proxy`].
+pub fn spawn_proxy_with(fixture: &Fixture, args: &[&str]) -> Child {
+    fixture
+        .cli_command(&[&["proxy"], args].concat())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `darwin-vz-nix proxy ARGS` with no stdin, run to its end (e.g. to see it fail).
+pub fn run_proxy(fixture: &Fixture, args: &[&str]) -> Output {
+    fixture
+        .cli_command(&[&["proxy"], args].concat())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A Nix configuration directory of the test's own, so that no machine's
+/// `/etc/nix/nix.conf`, `~/.config/nix` or users and groups change what the test
+/// does. Nix run as root defaults `build-users-group` to `nixbld`, a group a clean
+/// machine does not have; an empty value builds as the calling user. No binary
+/// cache unless `extra` names one: CI has no network.
+pub fn own_nix_conf(dir: &Path, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("nix.conf"),
+        format!("build-users-group =\nsubstituters =\n{extra}"),
+    )
+    .unwrap();
+    dir.to_path_buf()
+}
+
+/// A fake VM whose `sshd -i` runs the builder's Nix on the chroot store `store`
+/// with the configuration in `conf_dir`: the "guest" builds into a store of its own.
+pub fn builder_on_own_store(store: &Path, conf_dir: &Path) -> FakeVmBehaviour {
+    FakeVmBehaviour {
+        sshd_extra: vec![format!(
+            "SetEnv NIX_REMOTE={} NIX_CONF_DIR={} NIX_USER_CONF_FILES={}",
+            store.display(),
+            conf_dir.display(),
+            conf_dir.join("nix.conf").display()
+        )],
+        ..Default::default()
+    }
+}
+
+/// Runs Debian's `nix` with `ssh_config` for its ssh and `conf_dir` as its only
+/// configuration, at home in the fixture's directory.
+pub fn nix_over_ssh(
+    fixture: &Fixture,
+    conf_dir: &Path,
+    ssh_config: &Path,
+    args: &[&str],
+) -> Output {
+    Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command"])
+        .args(args)
+        .env("NIX_SSHOPTS", format!("-F {}", ssh_config.display()))
+        .env("HOME", fixture.dir.path())
+        .env("NIX_CONF_DIR", conf_dir)
+        .env("NIX_USER_CONF_FILES", conf_dir.join("nix.conf"))
+        .env_remove("NIX_CONFIG")
+        .env_remove("NIX_REMOTE")
+        .output()
+        .expect("nix is installed (apt install nix-bin)")
 }
 
 pub fn current_user() -> String {
