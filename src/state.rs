@@ -768,6 +768,94 @@ mod tests {
     }
 
     #[test]
+    fn every_path_is_where_the_readme_says() {
+        let state = StateDir::new("/s");
+        let readme = include_str!("../README.md");
+        let layout = readme
+            .split("### State directory")
+            .nth(1)
+            .and_then(|rest| rest.split("```").nth(1))
+            .expect("the README documents the state directory in a code block");
+        let paths = [
+            (state.guest_report(), "guest-report.json"),
+            (state.guest_build_log(), "logs/guest-build.log"),
+            (state.gcroots_dir(), "gcroots"),
+            (state.guest_root(), "gcroots/guest"),
+            (state.pending_guest_root(), "gcroots/guest-pending"),
+            (state.bootstrap_root(), "gcroots/bootstrap"),
+            (state.bootstrap_dir(), "bootstrap"),
+            (state.bootstrap_known_hosts(), "keys/bootstrap_known_hosts"),
+            (state.bootstrap_console_log(), "logs/bootstrap-console.log"),
+            (state.bootstrap_build_log(), "logs/bootstrap-build.log"),
+            (state.previous_console_log(), "logs/console.previous.log"),
+        ];
+        for (path, relative) in paths {
+            assert_eq!(path, Path::new("/s").join(relative));
+            let name = relative.rsplit('/').next().unwrap();
+            assert!(
+                layout.contains(name),
+                "{name} is missing from the README's layout"
+            );
+        }
+    }
+
+    #[test]
+    fn the_gcroots_directory_is_made_private_and_never_through_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        state.create(Access::OwnerOnly).unwrap();
+        state.create_gcroots_dir().unwrap();
+        assert!(state.gcroots_dir().is_dir());
+        assert_eq!(mode(&state.gcroots_dir()), 0o700);
+
+        fs::remove_dir(state.gcroots_dir()).unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, state.gcroots_dir()).unwrap();
+        assert!(
+            state.create_gcroots_dir().is_err(),
+            "a planted link is refused"
+        );
+    }
+
+    #[test]
+    fn a_socket_path_of_exactly_the_limit_fits() {
+        // root + "/control.sock" is exactly MAX_SOCKET_PATH bytes, then one more.
+        let root_len = MAX_SOCKET_PATH - "/control.sock".len();
+        let fits = format!("/{}", "x".repeat(root_len - 1));
+        assert_eq!(
+            StateDir::new(&fits).socket().as_os_str().len(),
+            MAX_SOCKET_PATH
+        );
+        StateDir::new(&fits).check_socket_path().unwrap();
+        let too_long = format!("/{}", "x".repeat(root_len));
+        StateDir::new(&too_long).check_socket_path().unwrap_err();
+    }
+
+    #[test]
+    fn a_control_group_owns_the_shared_directories() {
+        // Only root may give a directory to a group it is not a member of: that is
+        // what shows the group is really set, not left at the creator's.
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: a_control_group_owns_the_shared_directories: it needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        let group = Gid::from_raw(54321);
+        state.create(Access::Group(group)).unwrap();
+        for dir in [state.root().to_path_buf(), state.logs_dir()] {
+            assert_eq!(
+                fs::metadata(&dir).unwrap().gid(),
+                54321,
+                "{}",
+                dir.display()
+            );
+        }
+        assert_ne!(fs::metadata(state.keys_dir()).unwrap().gid(), 54321);
+    }
+
+    #[test]
     fn atomic_writes_set_the_mode() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("f");

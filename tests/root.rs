@@ -519,3 +519,79 @@ fn a_full_disk_during_key_generation_leaves_no_half_pair() {
         "a whole pair was made"
     );
 }
+
+/// A group made for one test (`groupadd`), deleted on drop.
+struct Group {
+    name: String,
+    gid: u32,
+}
+
+impl Group {
+    /// A new group with `member` in it as a supplementary (not primary) member.
+    fn with_member(tag: &str, member: &Account) -> Group {
+        let _one_at_a_time = ACCOUNTS.lock().unwrap();
+        let name = format!("dvn-{tag}-{}", std::process::id());
+        for (program, args) in [
+            ("groupadd", vec!["--system", name.as_str()]),
+            (
+                "usermod",
+                vec!["--append", "--groups", name.as_str(), member.name.as_str()],
+            ),
+        ] {
+            for attempt in 0.. {
+                let out = Command::new(program).args(&args).output().unwrap();
+                if out.status.success() {
+                    break;
+                }
+                // 10: another process holds the passwd/group lock for a moment.
+                assert!(
+                    out.status.code() == Some(10) && attempt < 50,
+                    "{program} {args:?}: {}",
+                    stderr(&out)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let gid = nix::unistd::Group::from_name(&name)
+            .unwrap()
+            .unwrap()
+            .gid
+            .as_raw();
+        Group { name, gid }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _one_at_a_time = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = Command::new("groupdel").arg(&self.name).output();
+    }
+}
+
+#[test]
+fn root_acting_as_the_owner_has_the_owners_supplementary_groups() {
+    // The owner may give the state directory to a control group it is a member of;
+    // root acting as the owner must be able to do the same, so it must carry the
+    // owner's supplementary groups (initgroups), not its own.
+    if !running_as_root(
+        "root_acting_as_the_owner_has_the_owners_supplementary_groups",
+        SECOND_ACCOUNT,
+    ) {
+        return;
+    }
+    let account = Account::create("grp");
+    let group = Group::with_member("ctl", &account);
+    let fixture = fixture_for(&account);
+    let state = &fixture.state_dir;
+
+    let out = fixture
+        .cli_command(&["rotate-keys"])
+        .env("DARWIN_VZ_NIX_CONTROL_GROUP", &group.name)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let meta = std::fs::metadata(state).unwrap();
+    assert_eq!(meta.gid(), group.gid, "the state directory is the group's");
+    assert_eq!(meta.uid(), account.uid, "and still the owner's");
+    assert_eq!(meta.mode() & 0o777, 0o750);
+}
