@@ -11,6 +11,11 @@
 #   scripts/mutants.sh --list           the groups, their files and their test targets
 #   scripts/mutants.sh keys -- --iterate      extra arguments go to cargo mutants:
 #   scripts/mutants.sh state -- -F ensure_dir  here, only the mutants matching a regex
+#   scripts/mutants.sh --rerun keys -- -F 'ensure_pair'
+#                                       after adding tests: rerun some mutants into
+#                                       mutants.out/keys-rerun, keeping the full run
+#   scripts/mutants_summary.py          per-file figures and the missed mutants of
+#                                       every run under mutants.out (reruns override)
 #
 # Each group's report lands in mutants.out/GROUP/mutants.out/ (gitignored):
 # missed.txt, caught.txt, unviable.txt, timeout.txt, outcomes.json, and a log per mutant.
@@ -70,12 +75,14 @@ bootstrap the derivation settings"
 )
 
 list=false
+suffix=
 worst=0
 names=()
 passthrough=()
 while (($#)); do
   case $1 in
     --list) list=true ;;
+    --rerun) suffix=-rerun ;;
     --) shift; passthrough=("$@"); break ;;
     -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
     *) names+=("$1") ;;
@@ -106,9 +113,10 @@ for name in "${names[@]}"; do
     printf '\n==> %s: %s, tested by %s\n' "$gname" "$files" "$targets"
     start=$SECONDS
     status=0
-    mkdir -p "mutants.out/$gname"
+    out="mutants.out/$gname$suffix"
+    mkdir -p "$out"
     # shellcheck disable=SC2086 # $targets is a list of words on purpose
-    cargo mutants "${file_args[@]}" -o "mutants.out/$gname" "${passthrough[@]}" -- $targets || status=$?
+    cargo mutants "${file_args[@]}" -o "$out" "${passthrough[@]}" -- $targets || status=$?
     printf '==> %s: %d s, cargo mutants exited %d (2: missed mutants, 3: timeouts)\n' \
       "$gname" $((SECONDS - start)) "$status"
     ((status > worst)) && worst=$status

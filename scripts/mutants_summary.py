@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Per-file figures of the last scripts/mutants.sh run, as a Markdown table.
+
+    scripts/mutants_summary.py [mutants.out]
+
+Reads every GROUP/mutants.out/outcomes.json under the directory (cargo-mutants'
+own record) and prints, per source file: mutants caught, missed, timed out
+(the tests hung past the bound: a hang is a failure they detected) and unviable
+(the mutant did not build), then each missed mutant by name.
+
+A rerun of some mutants (`scripts/mutants.sh keys -- -F REGEX -o mutants.out/keys-rerun`,
+after tests were added) overrides the earlier outcome of the same mutants: reports
+are read oldest first, and a mutant is known by its name without line and column,
+which added tests move.
+"""
+
+import collections
+import json
+import pathlib
+import re
+import sys
+
+KINDS = {
+    "CaughtMutant": "caught",
+    "MissedMutant": "missed",
+    "Timeout": "timeout",
+    "Unviable": "unviable",
+}
+
+
+def main() -> int:
+    root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "mutants.out")
+    reports = sorted(root.glob("*/mutants.out/outcomes.json"), key=lambda p: p.stat().st_mtime)
+    if not reports:
+        print(f"no outcomes.json under {root}; run scripts/mutants.sh first", file=sys.stderr)
+        return 2
+    outcome = {}  # mutant -> (file, kind, name)
+    for report in reports:
+        this_report = collections.defaultdict(list)
+        for entry in json.loads(report.read_text())["outcomes"]:
+            mutant = entry["scenario"]
+            if not isinstance(mutant, dict) or "Mutant" not in mutant:
+                continue  # the baseline
+            mutant = mutant["Mutant"]
+            kind = KINDS.get(entry["summary"], entry["summary"])
+            key = re.sub(r":\d+:\d+:", ":", mutant["name"])
+            this_report[key].append((mutant["file"], kind, mutant["name"]))
+        outcome.update(this_report)
+    per_file = collections.defaultdict(collections.Counter)
+    for entries in outcome.values():
+        for file, kind, _ in entries:
+            per_file[file][kind] += 1
+    columns = ["caught", "missed", "timeout", "unviable"]
+    print("| file | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    total = collections.Counter()
+    for file in sorted(per_file):
+        total.update(per_file[file])
+        print(f"| {file} | " + " | ".join(str(per_file[file][c]) for c in columns) + " |")
+    print("| **all** | " + " | ".join(f"**{total[c]}**" for c in columns) + " |")
+    missed = sorted(
+        name for entries in outcome.values() for _, kind, name in entries if kind == "missed"
+    )
+    if missed:
+        print("\nMissed:")
+        for name in missed:
+            print(f"- {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
