@@ -250,3 +250,64 @@ impl ControlClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+
+    /// A "supervisor" that reads the request, then answers with `reply`, then
+    /// holds the connection open until the client goes away.
+    fn fake_supervisor(reply: Vec<u8>) -> (tempfile::TempDir, std::thread::JoinHandle<()>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = crate::state::StateDir::new(tmp.path());
+        let listener = UnixListener::bind(state.socket()).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(&reply);
+            let _ = stream.read(&mut request); // until the client closes
+        });
+        (tmp, server)
+    }
+
+    #[test]
+    fn a_reply_without_an_end_is_refused_once_it_is_too_long() {
+        // More than the client buffers, with no newline: the client must give up
+        // with a protocol error, not keep reading until its timeout.
+        let endless = vec![b'x'; MAX_LINE_BYTES * 16 + 256 * 1024];
+        let (tmp, server) = fake_supervisor(endless);
+        let mut client = ControlClient::connect(tmp.path()).unwrap();
+        let started = Instant::now();
+        let err = client
+            .call(Request::Status, Duration::from_secs(20))
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Protocol(why) if why == "reply too long"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(client);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_reply_line_is_parsed_and_an_error_reply_is_an_error() {
+        let (tmp, server) = fake_supervisor(protocol::reply_line(Reply::Error {
+            code: ErrorCode::BadRequest,
+            message: "no".into(),
+        }));
+        let mut client = ControlClient::connect(tmp.path()).unwrap();
+        let err = client
+            .call(Request::Status, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Remote { message, .. } if message == "no"),
+            "{err:?}"
+        );
+        drop(client);
+        server.join().unwrap();
+    }
+}
