@@ -29,7 +29,7 @@ use super::access::{self, Owner, Peer};
 use super::protocol::{
     self, AssertionReport, BootTiming, BootstrapReport, ClockSyncReport, ConfigSummary, ErrorCode,
     GuestLifecycle, GuestSummary, HostCacheReport, MAX_LINE_BYTES, NoticeReport, Reply, Request,
-    SleepReport, StatusReport, VmState,
+    SleepReport, StatusReport, StopOutcome, VmState,
 };
 use crate::state::Access;
 use crate::supervisor::{self, StopRequest, Supervisor, SupervisorError};
@@ -410,7 +410,7 @@ async fn answer(context: &ServerContext, request: Request) -> (Reply, bool) {
             wait: true,
             timeout_ms,
         } => {
-            let already_running = supervisor.state() == VmState::Running;
+            let already_running = supervisor.state() == supervisor::VmState::Running;
             match supervisor.ensure_running(wait_bound(timeout_ms)).await {
                 Ok(boot) => (
                     Reply::Started {
@@ -447,7 +447,12 @@ async fn answer(context: &ServerContext, request: Request) -> (Reply, bool) {
                 unless_in_use,
             };
             match supervisor.stop(request).await {
-                Ok(outcome) => (Reply::Stopped { outcome }, exit),
+                Ok(outcome) => (
+                    Reply::Stopped {
+                        outcome: stop_outcome(outcome),
+                    },
+                    exit,
+                ),
                 // A stop refused because the VM is in use leaves the daemon running.
                 Err(e @ SupervisorError::InUse { .. }) => (error_reply(e), false),
                 Err(e) => (error_reply(e), exit),
@@ -503,7 +508,7 @@ fn status_report(snapshot: supervisor::Snapshot, summary: &ConfigSummary) -> Sta
         error: sync.result.err(),
     });
     StatusReport {
-        state: snapshot.state,
+        state: vm_state(snapshot.state),
         backend: snapshot.backend.to_string(),
         supervisor_pid: std::process::id(),
         supervisor_uptime_secs: snapshot.uptime.as_secs_f64(),
@@ -570,11 +575,29 @@ fn host_cache_report(stats: crate::hostcache::CacheStats) -> HostCacheReport {
     }
 }
 
+fn vm_state(state: supervisor::VmState) -> VmState {
+    match state {
+        supervisor::VmState::Stopped => VmState::Stopped,
+        supervisor::VmState::Starting => VmState::Starting,
+        supervisor::VmState::Running => VmState::Running,
+        supervisor::VmState::Stopping => VmState::Stopping,
+        supervisor::VmState::Failed => VmState::Failed,
+    }
+}
+
 fn boot_timing(timing: supervisor::BootTiming) -> BootTiming {
     BootTiming {
         planned_secs: timing.planned.as_secs_f64(),
         vm_started_secs: timing.vm_started.as_secs_f64(),
         ready_secs: timing.ready.as_secs_f64(),
+    }
+}
+
+fn stop_outcome(outcome: supervisor::StopOutcome) -> StopOutcome {
+    match outcome {
+        supervisor::StopOutcome::AlreadyStopped => StopOutcome::AlreadyStopped,
+        supervisor::StopOutcome::Graceful => StopOutcome::Graceful,
+        supervisor::StopOutcome::Forced => StopOutcome::Forced,
     }
 }
 

@@ -47,10 +47,8 @@
 //! one booted before while a newer one is realised — and a client that times out
 //! meanwhile is told how far the realisation got.
 //!
-//! The supervisor speaks its own types ([`Snapshot`], [`BootTiming`],
-//! [`SupervisorError`]); the control layer translates them to the wire format. The
-//! VM's states and a stop's outcomes are the wire's own enums ([`VmState`],
-//! [`StopOutcome`]): the protocol reports exactly these, so one definition serves both.
+//! The supervisor speaks its own types ([`Snapshot`], [`BootTiming`], [`StopOutcome`],
+//! [`SupervisorError`]); the control layer translates them to the wire format.
 
 mod boot;
 mod clock;
@@ -68,7 +66,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 
 use crate::backend::{Backend, BootId, StopCall};
-pub use crate::control::protocol::{StopOutcome, VmState};
 use crate::nested::GuestReport;
 use crate::plan::BootPlan;
 use crate::power::PowerManager;
@@ -148,6 +145,28 @@ pub trait StateKeeper: Send + Sync + 'static {
     }
 }
 
+/// The lifecycle of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Failed => "failed",
+        }
+    }
+}
+
 /// How long a boot took, from the moment it was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootTiming {
@@ -204,6 +223,17 @@ pub struct SleepSnapshot {
     pub last_error: Option<String>,
     /// Why the host's wake-ups are not heard, if they are not.
     pub wake_error: Option<String>,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Nothing was running.
+    AlreadyStopped,
+    /// The guest powered off when asked.
+    Graceful,
+    /// The guest did not power off in time, or a forced stop was asked.
+    Forced,
 }
 
 /// How to stop.
