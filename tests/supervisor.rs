@@ -1036,6 +1036,42 @@ fn a_second_supervisor_never_removes_a_socket_that_answers() {
     assert_eq!(fixture.cli(&["status"]).status.code(), Some(0));
 }
 
+#[test]
+fn a_supervisor_removes_only_its_own_socket_when_it_exits() {
+    use std::os::unix::fs::MetadataExt;
+    let fixture = Fixture::new();
+    let socket = fixture.state_dir.join("control.sock");
+    let mut harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    harness.shut_down();
+    assert!(!socket.exists(), "its own socket is removed on exit");
+
+    // Something else took the path over (and answers there): the exiting supervisor
+    // must leave it alone. The stop goes through a connection made before.
+    let mut harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    let mut client = darwin_vz_nix::control::ControlClient::connect(&fixture.state_dir).unwrap();
+    std::fs::remove_file(&socket).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let inode = std::fs::metadata(&socket).unwrap().ino();
+    client
+        .call(
+            darwin_vz_nix::control::protocol::Request::Stop {
+                force: true,
+                timeout_ms: None,
+                exit: true,
+                unless_in_use: false,
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    harness.wait_for_exit();
+    assert_eq!(
+        std::fs::metadata(&socket).map(|m| m.ino()).ok(),
+        Some(inode),
+        "another's socket survives the supervisor's exit"
+    );
+    drop(other);
+}
+
 // --- Issue 10.5: bounded resources. ---
 
 #[test]

@@ -294,6 +294,23 @@ mod tests {
     }
 
     #[test]
+    fn a_long_reply_within_the_cap_arrives_whole() {
+        // The cap is sixteen request lines: a reply eight lines long is fine.
+        let message = "m".repeat(MAX_LINE_BYTES * 8);
+        let (tmp, server) = fake_supervisor(protocol::reply_line(Reply::Error {
+            code: ErrorCode::BadRequest,
+            message: message.clone(),
+        }));
+        let mut client = ControlClient::connect(tmp.path()).unwrap();
+        match client.call(Request::Status, Duration::from_secs(10)) {
+            Err(ClientError::Remote { message: got, .. }) => assert!(got == message),
+            other => panic!("{other:?}"),
+        }
+        drop(client);
+        server.join().unwrap();
+    }
+
+    #[test]
     fn a_reply_line_is_parsed_and_an_error_reply_is_an_error() {
         let (tmp, server) = fake_supervisor(protocol::reply_line(Reply::Error {
             code: ErrorCode::BadRequest,

@@ -1014,6 +1014,14 @@ impl Harness {
         self.stop_supervisor();
     }
 
+    /// Waits until the supervisor's thread has returned from `daemon::serve`, for a
+    /// test that ended it itself.
+    pub fn wait_for_exit(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
     fn stop_supervisor(&mut self) {
         use darwin_vz_nix::control::protocol::Request;
         if let Ok(mut client) = darwin_vz_nix::control::ControlClient::connect(&self.state_dir) {
