@@ -59,11 +59,12 @@ the state directory, its paths, modes, lock and owner: state the lock, state_com
 controlGroup and logs, root acting as the owner, supervisor the socket and modes, \
 cli and configuration the checks before anything is created (dry run, socket length), \
 guest and bootstrap the paths of the lazy guest and the temporary builder (gcroots, logs)"
-  "control|src/control/*.rs|--lib --test bootstrap --test copying_proxy --test lifecycle --test root --test state_commands --test supervisor|\
+  "control|src/control/*.rs|--lib --test bootstrap --test copying_proxy --test host_cache_builds --test lifecycle --test root --test state_commands --test supervisor|\
 the control protocol, server, client and access table: every command that talks to \
 the supervisor; supervisor the protocol's edge cases and the access table (as root), \
 lifecycle wait-ready/stop/json, bootstrap allowBootstrap, state_commands and root \
-controlGroup, copying_proxy the client of proxy"
+controlGroup, copying_proxy the client of proxy, host_cache_builds the cache's \
+figures in status"
   "supervisor|src/supervisor/*.rs|--lib --test bootstrap --test guest --test lifecycle --test sleep --test ssh --test supervisor|\
 the lifecycle state machine: supervisor and lifecycle drive it through the control \
 socket, sleep its sleep assertion and clock syncs, guest and bootstrap the boot that \

@@ -73,6 +73,12 @@ fn inputs_the_host_has_reach_the_builder_from_the_host_cache_not_over_ssh() {
     assert_eq!(report.nar_bytes, client.closure.nar_bytes);
     assert_eq!(report.nars_aborted, 0);
     assert_eq!(report.narinfo_hits, 4);
+    let text = stdout(&remote.fixture.cli(&["status"]));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("host cache") && l.contains("4 NARs sent")),
+        "{text}"
+    );
 }
 
 #[test]

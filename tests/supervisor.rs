@@ -1072,6 +1072,83 @@ fn a_supervisor_removes_only_its_own_socket_when_it_exits() {
     drop(other);
 }
 
+#[test]
+fn a_socket_replaced_by_a_dead_file_is_made_again_and_a_live_one_is_left_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let fixture = Fixture::new();
+    let mut child = spawn_child_supervisor(&fixture);
+    wait_answering(&fixture);
+    let socket = fixture.state_dir.join("control.sock");
+    let inode = || std::fs::metadata(&socket).map(|m| m.ino()).ok();
+    let log = || std::fs::read_to_string(fixture.state_dir.join("logs/daemon.log")).unwrap();
+
+    // Its own socket, over two checks: left as it is, nothing said about it.
+    let own = inode();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(inode(), own);
+    assert!(!log().contains("replaced"), "{}", log());
+
+    // A dead socket file in its place (bound, then closed): made again.
+    std::fs::remove_file(&socket).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    // (Nothing answers on it: a client connects again only once it is made again.)
+    wait_for(Duration::from_secs(8), "the socket made again", || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    assert!(log().contains("had been deleted or replaced; made it again"));
+
+    // A socket something else answers on: left alone, and said so.
+    std::fs::remove_file(&socket).unwrap();
+    let live = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let theirs = inode();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(inode(), theirs);
+    assert!(log().contains("something else answers on; leaving it"));
+    drop(live);
+    signal(&child, Signal::SIGTERM);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        inode(),
+        theirs,
+        "not its own, so not removed on exit either"
+    );
+}
+
+#[test]
+fn clients_that_hang_up_before_their_reply_cost_the_supervisor_nothing_after() {
+    use std::io::Read;
+    let fixture = Fixture::new();
+    let mut child = spawn_child_supervisor(&fixture);
+    wait_answering(&fixture);
+    let socket = fixture.state_dir.join("control.sock");
+    for _ in 0..30 {
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        stream.write_all(b"{\"v\":1,\"op\":\"status\"}\n").unwrap();
+        drop(stream); // gone before the reply: the supervisor's write fails
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // CPU time of the supervisor over two quiet seconds: a task still trying to
+    // write to a dead client would spin.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu() - before;
+    assert!(
+        ticks < 50,
+        "{ticks} clock ticks of CPU in 2 s with no client"
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stream.write_all(b"{\"v\":1,\"op\":\"status\"}\n").unwrap();
+    let mut reply = [0u8; 16];
+    assert!(stream.read(&mut reply).unwrap() > 0, "it still answers");
+    signal(&child, Signal::SIGTERM);
+    assert!(child.wait().unwrap().success());
+}
+
 // --- Issue 10.5: bounded resources. ---
 
 #[test]
