@@ -1149,6 +1149,44 @@ fn clients_that_hang_up_before_their_reply_cost_the_supervisor_nothing_after() {
     assert!(child.wait().unwrap().success());
 }
 
+#[test]
+fn a_request_line_is_refused_as_soon_as_it_is_too_long_and_one_of_exactly_the_limit_is_read() {
+    let fixture = Fixture::new();
+    let _harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+
+    // Sent in pieces that never add up to the limit exactly, with no newline and the
+    // connection kept open: refused once the limit is passed, without waiting for
+    // an end that may never come.
+    let mut slow = ControlClient::connect(&fixture.state_dir).unwrap();
+    for _ in 0..20 {
+        // Once it has refused the line it closes the connection: writes then fail.
+        if slow.send_raw(&[b' '; 5000]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    match slow.receive_raw(Duration::from_secs(10)) {
+        Err(darwin_vz_nix::control::ClientError::Remote { code, .. }) => {
+            assert_eq!(code, ErrorCode::TooLarge)
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A request of exactly MAX_LINE_BYTES (padded with spaces), its newline sent
+    // after the supervisor has read the rest: within the limit, so answered.
+    let request = br#"{"v":1,"op":"status"}"#;
+    let mut line = vec![b' '; darwin_vz_nix::control::protocol::MAX_LINE_BYTES - request.len()];
+    line.extend_from_slice(request);
+    let mut exact = ControlClient::connect(&fixture.state_dir).unwrap();
+    exact.send_raw(&line).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    exact.send_raw(b"\n").unwrap();
+    match exact.receive_raw(Duration::from_secs(10)) {
+        Ok(Reply::Status(_)) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
 // --- Issue 10.5: bounded resources. ---
 
 #[test]
