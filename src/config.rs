@@ -1183,6 +1183,29 @@ mod tests {
     }
 
     #[test]
+    fn log_levels_read_back_what_they_print_and_others_are_refused() {
+        use std::str::FromStr;
+        for level in [
+            LogLevel::Error,
+            LogLevel::Warn,
+            LogLevel::Info,
+            LogLevel::Debug,
+            LogLevel::Trace,
+        ] {
+            // `start` hands the level to the daemon it spawns as text.
+            assert_eq!(LogLevel::from_str(level.as_str()), Ok(level));
+            assert_eq!(format!("{level:?}").to_lowercase(), level.as_str());
+        }
+        assert_eq!(LogLevel::from_str("DEBUG"), Ok(LogLevel::Debug));
+        assert_eq!(
+            LogLevel::from_str("loud"),
+            Err("`loud` is not a log level; use error, warn, info, debug or trace".to_string())
+        );
+        let layer = read_env(vars(&[("DARWIN_VZ_NIX_LOG_LEVEL", "trace")])).unwrap();
+        assert_eq!(layer.layer.log_level, Some(LogLevel::Trace));
+    }
+
+    #[test]
     fn env_errors_name_the_variable() {
         let err = read_env(vars(&[
             ("DARWIN_VZ_NIX_CORES", "many"),
