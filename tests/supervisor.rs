@@ -1187,6 +1187,20 @@ fn a_request_line_is_refused_as_soon_as_it_is_too_long_and_one_of_exactly_the_li
     }
 }
 
+#[test]
+fn a_directory_in_the_sockets_place_is_reported_and_kept() {
+    let fixture = Fixture::new();
+    let socket = fixture.state_dir.join("control.sock");
+    std::fs::create_dir_all(socket.join("something")).unwrap();
+    let out = spawn_child_supervisor(&fixture).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    // The reason is why it could not be removed, not a bind that failed after.
+    assert!(err.contains("control.sock"), "{err}");
+    assert!(!err.contains("in use"), "{err}");
+    assert!(socket.join("something").is_dir(), "nothing of it deleted");
+}
+
 // --- Issue 10.5: bounded resources. ---
 
 #[test]
