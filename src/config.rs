@@ -1607,6 +1607,29 @@ mod tests {
     }
 
     #[test]
+    fn defaults_stay_when_the_hosts_memory_is_unknown_and_never_go_under_the_minimum() {
+        let default = resolve(vec![]).unwrap();
+        let unknown = HostInfo {
+            memory_bytes: 0,
+            ..host()
+        };
+        let mut config = resolve(vec![]).unwrap();
+        config.fit_defaults_to(&unknown);
+        assert_eq!(
+            config.memory_mib, default.memory_mib,
+            "unknown is not small"
+        );
+        let tiny = HostInfo {
+            cpus: 0,
+            memory_bytes: 1 << 30,
+            ..host()
+        };
+        let mut config = resolve(vec![]).unwrap();
+        config.fit_defaults_to(&tiny);
+        assert_eq!((config.cores, config.memory_mib), (1, MIN_MEMORY_MIB));
+    }
+
+    #[test]
     fn default_state_dir_follows_the_platform() {
         let dir = default_state_dir(env(&[("HOME", "/home/u")])).unwrap();
         if cfg!(target_os = "macos") {
