@@ -1630,6 +1630,30 @@ mod tests {
     }
 
     #[test]
+    fn the_timeouts_are_in_their_documented_units() {
+        let config = resolve(vec![Source {
+            origin: Origin::Flag,
+            layer: ConfigLayer {
+                stop_timeout: Some(7),
+                idle_timeout: Some(3),
+                ..Default::default()
+            },
+        }])
+        .unwrap();
+        assert_eq!(config.stop_timeout(), Duration::from_secs(7));
+        assert_eq!(config.idle_timeout(), Some(Duration::from_secs(180)));
+        let never = resolve(vec![Source {
+            origin: Origin::Flag,
+            layer: ConfigLayer {
+                idle_timeout: Some(0),
+                ..Default::default()
+            },
+        }])
+        .unwrap();
+        assert_eq!(never.idle_timeout(), None, "0 minutes: never");
+    }
+
+    #[test]
     fn default_state_dir_follows_the_platform() {
         let dir = default_state_dir(env(&[("HOME", "/home/u")])).unwrap();
         if cfg!(target_os = "macos") {
