@@ -1540,6 +1540,15 @@ mod tests {
             Some("ssh-ed25519 AAAA\nProxyCommand x"),
         ));
         assert_eq!(bad.len(), 2, "{bad:?}");
+        // Each half of "an absolute path to a `.drv`" on its own is not enough.
+        for drv in ["a-nixos-vm.drv", "/nix/store/a-nixos-vm"] {
+            let problems = text(bootstrap(Some(drv), Some(key)));
+            assert_eq!(problems.len(), 1, "{drv}: {problems:?}");
+            assert!(
+                problems[0].contains("is not an absolute path to a derivation"),
+                "{problems:?}"
+            );
+        }
         assert!(
             bad[0].starts_with("--bootstrap-drv: nixos-vm is not an absolute path to a derivation"),
             "{bad:?}"

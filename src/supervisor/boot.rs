@@ -226,7 +226,7 @@ async fn pump_events(
         if error.is_some() {
             life.last_error = error;
         }
-        tracing::info!("{boot}: VM event {event:?}: now {}", life.vm.as_str());
+        tracing::info!("{boot}: VM event {event:?}: now {:?}", life.vm);
         drop(life);
         inner.notify();
     }

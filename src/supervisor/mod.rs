@@ -155,18 +155,6 @@ pub enum VmState {
     Failed,
 }
 
-impl VmState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmState::Stopped => "stopped",
-            VmState::Starting => "starting",
-            VmState::Running => "running",
-            VmState::Stopping => "stopping",
-            VmState::Failed => "failed",
-        }
-    }
-}
-
 /// How long a boot took, from the moment it was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootTiming {
