@@ -931,3 +931,17 @@ impl Supervisor {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_that_would_overflow_is_a_century_away_not_now() {
+        let now = tokio::time::Instant::now();
+        let year = Duration::from_secs(365 * 24 * 3600);
+        assert!(deadline_after(Duration::MAX) >= now + 99 * year);
+        let soon = deadline_after(Duration::from_secs(5));
+        assert!(soon >= now + Duration::from_secs(5) && soon < now + Duration::from_secs(60));
+    }
+}
