@@ -1663,6 +1663,31 @@ mod tests {
     }
 
     #[test]
+    fn the_whole_of_the_hosts_memory_and_cpus_may_be_chosen_but_not_more() {
+        let host = HostInfo {
+            cpus: 4,
+            memory_bytes: 8 << 30,
+            ..host()
+        };
+        let chosen = |cores: u64, memory: u64| {
+            resolve(vec![Source {
+                origin: Origin::Flag,
+                layer: ConfigLayer {
+                    cores: Some(cores),
+                    memory: Some(memory),
+                    ..Default::default()
+                },
+            }])
+            .unwrap()
+            .validate_for_boot(&host, None)
+            .len()
+        };
+        assert_eq!(chosen(4, 8192), 0);
+        assert_eq!(chosen(5, 8192), 1);
+        assert_eq!(chosen(4, 8193), 1);
+    }
+
+    #[test]
     fn default_state_dir_follows_the_platform() {
         let dir = default_state_dir(env(&[("HOME", "/home/u")])).unwrap();
         if cfg!(target_os = "macos") {
