@@ -1510,6 +1510,41 @@ fn a_request_with_a_key_given_twice_is_refused_and_does_nothing() {
 // --- Issue 17.1: a session is its stream. ---
 
 #[test]
+fn a_session_ends_with_its_vm_even_when_its_stream_is_not_closed() {
+    let fixture = Fixture::new();
+    let idle = Duration::from_millis(400);
+    let harness = Harness::start(
+        &fixture,
+        FakeVmBehaviour {
+            streams_outlive_the_vm: true,
+            ..Default::default()
+        },
+        Some(idle),
+    );
+    let mut client = ControlClient::connect(&fixture.state_dir).unwrap();
+    let stream = client
+        .connect_port(ECHO_PORT, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(status(&fixture).connections, 1);
+    harness.vm.guest_poweroff();
+    wait_for(
+        Duration::from_secs(5),
+        "the session to end with its VM",
+        || {
+            let report = status(&fixture);
+            report.state == VmState::Stopped && report.connections == 0
+        },
+    );
+    // Nothing of the old session keeps the next boot up: it idles off.
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    wait_for(Duration::from_secs(10), "the idle poweroff", || {
+        vm_state(&fixture) == VmState::Stopped
+    });
+    assert_eq!(harness.vm.boots(), 2);
+    drop(stream);
+}
+
+#[test]
 fn a_stream_stays_counted_after_its_control_connection_is_half_closed() {
     use std::io::Read;
     let fixture = Fixture::new();

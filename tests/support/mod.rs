@@ -66,6 +66,9 @@ pub struct FakeVmBehaviour {
     /// Relay every SSH stream through a copying thread that counts its bytes
     /// (`FakeVm::ssh_bytes`): what crossed the SSH session, in each direction.
     pub count_ssh_bytes: bool,
+    /// The guest sides of streams stay open when the VM stops: nothing but the
+    /// supervisor's own bookkeeping can end their sessions then.
+    pub streams_outlive_the_vm: bool,
 }
 
 impl Default for FakeVmBehaviour {
@@ -82,6 +85,7 @@ impl Default for FakeVmBehaviour {
             force_stop_hangs: false,
             clock_reply: Some("OK +0.000000000\n".into()),
             count_ssh_bytes: false,
+            streams_outlive_the_vm: false,
         }
     }
 }
@@ -257,6 +261,9 @@ impl FakeVm {
         state.running_since = None;
         if let (Some(events), Some(event)) = (&state.events, event) {
             let _ = events.send(event);
+        }
+        if self.behaviour.lock().unwrap().streams_outlive_the_vm {
+            return;
         }
         let ends = std::mem::take(&mut self.guest_ends.lock().unwrap().ends);
         for (_, end) in ends {
