@@ -1685,6 +1685,37 @@ mod tests {
         assert_eq!(chosen(4, 8192), 0);
         assert_eq!(chosen(5, 8192), 1);
         assert_eq!(chosen(4, 8193), 1);
+        // A host whose memory could not be read judges no memory at all.
+        let unknown = HostInfo {
+            memory_bytes: 0,
+            ..host.clone()
+        };
+        let config = resolve(vec![Source {
+            origin: Origin::Flag,
+            layer: ConfigLayer {
+                memory: Some(8192),
+                ..Default::default()
+            },
+        }])
+        .unwrap();
+        assert_eq!(config.validate_for_boot(&unknown, None), Vec::new());
+    }
+
+    #[test]
+    fn edit_distance_counts_insertions_deletions_and_substitutions() {
+        for (a, b, distance) in [
+            ("same", "same", 0),
+            ("kitten", "sitting", 3),
+            ("flaw", "lawn", 2),
+            ("ab", "ba", 2),
+            ("", "abc", 3),
+            ("abc", "", 3),
+            ("CORES", "CORSE", 2),
+            ("STATE_DIR", "STATEDIR", 1),
+        ] {
+            assert_eq!(edit_distance(a, b), distance, "{a} → {b}");
+            assert_eq!(edit_distance(b, a), distance, "{b} → {a}");
+        }
     }
 
     #[test]
