@@ -1206,6 +1206,38 @@ mod tests {
     }
 
     #[test]
+    fn every_variable_sets_its_own_setting() {
+        let value = |key: &str| match key {
+            "cores" => "3",
+            "memory" => "2048",
+            "diskSize" => "20G",
+            "idleTimeout" => "5",
+            "stopTimeout" => "9",
+            "logLevel" => "debug",
+            "nestedVirtualization" => "off",
+            "rosetta" | "preventSleep" | "hostStoreCache" => "false",
+            "kernelParams" => "quiet loglevel=3",
+            "bootstrapHostKey" => "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKey",
+            "controlGroup" | "sshUser" => "someone",
+            _ => "/some/path.drv",
+        };
+        for field in FIELDS.iter().filter(|f| f.key != "builder") {
+            let name = env_var(field.key);
+            let layer = read_env(vars(&[(name.as_str(), value(field.key))]))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let json = serde_json::to_value(&layer.layer).unwrap();
+            let set: Vec<&String> = json
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, _)| k)
+                .collect();
+            assert_eq!(set, [field.key], "{name} sets exactly its own setting");
+        }
+    }
+
+    #[test]
     fn env_errors_name_the_variable() {
         let err = read_env(vars(&[
             ("DARWIN_VZ_NIX_CORES", "many"),
