@@ -1734,6 +1734,14 @@ mod tests {
     }
 
     #[test]
+    fn disk_sizes_at_either_end_of_the_range_are_accepted() {
+        assert_eq!(check_disk_size(MIN_DISK_SIZE), None);
+        assert_eq!(check_disk_size(ByteSize::from_gib(64 * 1024)), None);
+        assert!(check_disk_size(ByteSize::from_mib(511)).is_some());
+        assert!(check_disk_size(ByteSize::from_gib(64 * 1024 + 1)).is_some());
+    }
+
+    #[test]
     fn edit_distance_counts_insertions_deletions_and_substitutions() {
         for (a, b, distance) in [
             ("same", "same", 0),
