@@ -14,7 +14,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use darwin_vz_nix::control::ControlClient;
-use darwin_vz_nix::control::protocol::Request;
 use support::*;
 
 /// True when the test can run; prints why not otherwise.
@@ -39,28 +38,41 @@ struct Account {
 /// useradd and userdel lock /etc/passwd: one at a time in this process.
 static ACCOUNTS: Mutex<()> = Mutex::new(());
 
+/// Runs useradd, groupadd or usermod (package passwd). Other processes (other test
+/// suites) may hold the passwd lock for a moment: the tool then exits 10; try again.
+fn account_tool(program: &str, args: &[&str]) {
+    for attempt in 0.. {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program} (package passwd): {e}"));
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            out.status.code() == Some(10) && attempt < 50,
+            "{program} {args:?}: {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 impl Account {
     fn create(tag: &str) -> Account {
         let _one_at_a_time = ACCOUNTS.lock().unwrap();
         let name = format!("dvn-{tag}-{}", std::process::id());
-        // Other processes (other test suites) may hold the passwd lock for a moment:
-        // useradd then exits 10; try again.
-        for attempt in 0.. {
-            let out = Command::new("useradd")
-                .args(["--system", "--no-create-home", "--user-group"])
-                .args(["--shell", "/usr/sbin/nologin", &name])
-                .output()
-                .expect("useradd (package passwd) is installed");
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                out.status.code() == Some(10) && attempt < 50,
-                "useradd {name}: {}",
-                stderr(&out)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        account_tool(
+            "useradd",
+            &[
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ],
+        );
         let user = nix::unistd::User::from_name(&name).unwrap().unwrap();
         Account {
             name,
@@ -330,17 +342,7 @@ fn root_rotate_keys_and_destroy_leave_the_owner_able_to_start() {
     let out = fixture.cli(&["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let mut client = ControlClient::connect(state).unwrap();
-    client
-        .call(
-            Request::Stop {
-                force: true,
-                timeout_ms: None,
-                exit: true,
-                unless_in_use: false,
-            },
-            Duration::from_secs(10),
-        )
-        .unwrap();
+    client.call(forced_exit(), Duration::from_secs(10)).unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
@@ -531,27 +533,8 @@ impl Group {
     fn with_member(tag: &str, member: &Account) -> Group {
         let _one_at_a_time = ACCOUNTS.lock().unwrap();
         let name = format!("dvn-{tag}-{}", std::process::id());
-        for (program, args) in [
-            ("groupadd", vec!["--system", name.as_str()]),
-            (
-                "usermod",
-                vec!["--append", "--groups", name.as_str(), member.name.as_str()],
-            ),
-        ] {
-            for attempt in 0.. {
-                let out = Command::new(program).args(&args).output().unwrap();
-                if out.status.success() {
-                    break;
-                }
-                // 10: another process holds the passwd/group lock for a moment.
-                assert!(
-                    out.status.code() == Some(10) && attempt < 50,
-                    "{program} {args:?}: {}",
-                    stderr(&out)
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
+        account_tool("groupadd", &["--system", &name]);
+        account_tool("usermod", &["--append", "--groups", &name, &member.name]);
         let gid = nix::unistd::Group::from_name(&name)
             .unwrap()
             .unwrap()

@@ -1052,17 +1052,7 @@ fn a_supervisor_removes_only_its_own_socket_when_it_exits() {
     std::fs::remove_file(&socket).unwrap();
     let other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let inode = std::fs::metadata(&socket).unwrap().ino();
-    client
-        .call(
-            darwin_vz_nix::control::protocol::Request::Stop {
-                force: true,
-                timeout_ms: None,
-                exit: true,
-                unless_in_use: false,
-            },
-            Duration::from_secs(10),
-        )
-        .unwrap();
+    client.call(forced_exit(), Duration::from_secs(10)).unwrap();
     harness.wait_for_exit();
     assert_eq!(
         std::fs::metadata(&socket).map(|m| m.ino()).ok(),

@@ -1030,17 +1030,8 @@ impl Harness {
     }
 
     fn stop_supervisor(&mut self) {
-        use darwin_vz_nix::control::protocol::Request;
         if let Ok(mut client) = darwin_vz_nix::control::ControlClient::connect(&self.state_dir) {
-            let _ = client.call(
-                Request::Stop {
-                    force: true,
-                    timeout_ms: None,
-                    exit: true,
-                    unless_in_use: false,
-                },
-                Duration::from_secs(10),
-            );
+            let _ = client.call(forced_exit(), Duration::from_secs(10));
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -1051,6 +1042,16 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.stop_supervisor();
+    }
+}
+
+/// `stop --daemon --force`: the VM off at once, then the supervisor exits.
+pub fn forced_exit() -> darwin_vz_nix::control::protocol::Request {
+    darwin_vz_nix::control::protocol::Request::Stop {
+        force: true,
+        timeout_ms: None,
+        exit: true,
+        unless_in_use: false,
     }
 }
 
