@@ -1742,6 +1742,27 @@ mod tests {
     }
 
     #[test]
+    fn a_bootstrap_host_key_must_look_like_one_ssh_public_key() {
+        let good = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKey root@nixos";
+        assert_eq!(check_public_key(good), Ok(()));
+        assert_eq!(
+            check_public_key("ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTI"),
+            Ok(())
+        );
+        for bad in [
+            "hello world",
+            "ssh-ed25519",
+            "ssh-ed25519 AAAA",
+            "rsa AAAAC3NzaC1lZDI1NTE5AAAAIFakeKey",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA!FakeKey",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKey\nProxyCommand x",
+        ] {
+            assert!(check_public_key(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(check_public_key(&format!("ssh-ed25519 {}", "A".repeat(5000))).is_err());
+    }
+
+    #[test]
     fn edit_distance_counts_insertions_deletions_and_substitutions() {
         for (a, b, distance) in [
             ("same", "same", 0),
