@@ -729,6 +729,23 @@ mod tests {
     }
 
     #[test]
+    fn a_client_probing_the_lock_for_a_moment_does_not_keep_the_owner_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path());
+        state.create(Access::OwnerOnly).unwrap();
+        // A client's probe: a shared lock held briefly (well within LOCK_PATIENCE).
+        let dir = File::open(state.root()).unwrap();
+        let probe = Flock::lock(dir, FlockArg::LockSharedNonblock).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(LOCK_PATIENCE / 5);
+            drop(probe);
+        });
+        let lock = state.lock();
+        release.join().unwrap();
+        assert!(lock.is_ok(), "{:?}", lock.err());
+    }
+
+    #[test]
     fn deleting_the_pid_file_does_not_release_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::new(tmp.path());
