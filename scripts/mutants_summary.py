@@ -8,16 +8,15 @@ own record) and prints, per source file: mutants caught, missed, timed out
 (the tests hung past the bound: a hang is a failure they detected) and unviable
 (the mutant did not build), then each missed mutant by name.
 
-A rerun of some mutants (`scripts/mutants.sh keys -- -F REGEX -o mutants.out/keys-rerun`,
-after tests were added) overrides the earlier outcome of the same mutants: reports
-are read oldest first, and a mutant is known by its name without line and column,
-which added tests move.
+A rerun (`scripts/mutants.sh --rerun GROUP -- -F REGEX`, or `-- --iterate` in
+the same output directory after copying it aside) overrides the earlier outcome of
+the same mutant: reports are read oldest first, and a mutant is known by its name
+(file, line, column, change). Rerun before moving the code, or the names differ.
 """
 
 import collections
 import json
 import pathlib
-import re
 import sys
 
 KINDS = {
@@ -43,8 +42,7 @@ def main() -> int:
                 continue  # the baseline
             mutant = mutant["Mutant"]
             kind = KINDS.get(entry["summary"], entry["summary"])
-            key = re.sub(r":\d+:\d+:", ":", mutant["name"])
-            this_report[key].append((mutant["file"], kind, mutant["name"]))
+            this_report[mutant["name"]].append((mutant["file"], kind, mutant["name"]))
         outcome.update(this_report)
     per_file = collections.defaultdict(collections.Counter)
     for entries in outcome.values():

@@ -746,6 +746,15 @@ mod tests {
     }
 
     #[test]
+    fn a_state_dir_under_a_file_is_reported_as_unreachable_not_as_a_failed_create() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("file"), "x").unwrap();
+        let state = StateDir::new(tmp.path().join("file/state"));
+        let err = state.create(Access::OwnerOnly).unwrap_err();
+        assert!(matches!(err, StateError::Io { .. }), "{err:?}");
+    }
+
+    #[test]
     fn deleting_the_pid_file_does_not_release_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::new(tmp.path());
