@@ -1090,6 +1090,13 @@ mod tests {
         Config::resolve(&sources, Some(PathBuf::from("/state")))
     }
 
+    fn flags(layer: ConfigLayer) -> Source {
+        Source {
+            origin: Origin::Flag,
+            layer,
+        }
+    }
+
     fn file(layer: ConfigLayer) -> Source {
         Source {
             origin: Origin::File(PathBuf::from("/etc/dvn.json")),
@@ -1137,10 +1144,7 @@ mod tests {
                 origin: Origin::Env,
                 layer: from_env,
             },
-            Source {
-                origin: Origin::Flag,
-                layer: from_flags,
-            },
+            flags(from_flags),
         ])
         .unwrap();
         assert_eq!(config.cores, 2, "file beats default");
@@ -1266,17 +1270,14 @@ mod tests {
 
     #[test]
     fn all_value_problems_are_reported_at_once() {
-        let err = resolve(vec![Source {
-            origin: Origin::Flag,
-            layer: ConfigLayer {
-                cores: Some(0),
-                memory: Some(512),
-                disk_size: Some(ByteSize::from_mib(100)),
-                kernel_params: Some(vec!["a b".into()]),
-                state_dir: Some(PathBuf::from("relative")),
-                ..Default::default()
-            },
-        }])
+        let err = resolve(vec![flags(ConfigLayer {
+            cores: Some(0),
+            memory: Some(512),
+            disk_size: Some(ByteSize::from_mib(100)),
+            kernel_params: Some(vec!["a b".into()]),
+            state_dir: Some(PathBuf::from("relative")),
+            ..Default::default()
+        })])
         .unwrap_err();
         let inputs: Vec<_> = err.0.iter().map(|p| p.input.as_str()).collect();
         assert_eq!(
@@ -1326,17 +1327,14 @@ mod tests {
 
     #[test]
     fn numbers_outside_their_range_are_refused_in_every_layer_alike() {
-        let flag = resolve(vec![Source {
-            origin: Origin::Flag,
-            layer: ConfigLayer {
-                cores: Some(u64::MAX),
-                memory: Some(u64::MAX),
-                disk_size: Some(ByteSize::from_bytes(u64::MAX)),
-                idle_timeout: Some(u64::MAX),
-                stop_timeout: Some(u64::MAX),
-                ..Default::default()
-            },
-        }])
+        let flag = resolve(vec![flags(ConfigLayer {
+            cores: Some(u64::MAX),
+            memory: Some(u64::MAX),
+            disk_size: Some(ByteSize::from_bytes(u64::MAX)),
+            idle_timeout: Some(u64::MAX),
+            stop_timeout: Some(u64::MAX),
+            ..Default::default()
+        })])
         .unwrap_err();
         let text: Vec<String> = flag.0.iter().map(|p| p.to_string()).collect();
         assert_eq!(
@@ -1388,15 +1386,12 @@ mod tests {
     fn paths_must_be_utf8_and_user_and_group_names_plain() {
         use std::os::unix::ffi::OsStrExt;
         let bad = PathBuf::from(std::ffi::OsStr::from_bytes(b"/st\xffate"));
-        let err = resolve(vec![Source {
-            origin: Origin::Flag,
-            layer: ConfigLayer {
-                state_dir: Some(bad),
-                ssh_user: Some("a\nProxyCommand x".into()),
-                control_group: Some("staff wheel".into()),
-                ..Default::default()
-            },
-        }])
+        let err = resolve(vec![flags(ConfigLayer {
+            state_dir: Some(bad),
+            ssh_user: Some("a\nProxyCommand x".into()),
+            control_group: Some("staff wheel".into()),
+            ..Default::default()
+        })])
         .unwrap_err();
         let text: Vec<String> = err.0.iter().map(|p| p.to_string()).collect();
         assert_eq!(
@@ -1457,15 +1452,12 @@ mod tests {
     #[test]
     fn a_guest_derivation_comes_with_its_output_and_a_guest_directory_wins() {
         let lazy = |drv: Option<&str>, out: Option<&str>, dir: Option<&str>| {
-            resolve(vec![Source {
-                origin: Origin::Flag,
-                layer: ConfigLayer {
-                    guest_drv: drv.map(PathBuf::from),
-                    guest_out: out.map(PathBuf::from),
-                    guest: dir.map(PathBuf::from),
-                    ..Default::default()
-                },
-            }])
+            resolve(vec![flags(ConfigLayer {
+                guest_drv: drv.map(PathBuf::from),
+                guest_out: out.map(PathBuf::from),
+                guest: dir.map(PathBuf::from),
+                ..Default::default()
+            })])
         };
         let config = lazy(
             Some("/nix/store/a-guest.drv"),
@@ -1530,14 +1522,11 @@ mod tests {
     #[test]
     fn the_bootstrap_builder_needs_its_derivation_and_a_host_key() {
         let bootstrap = |drv: Option<&str>, key: Option<&str>| {
-            resolve(vec![Source {
-                origin: Origin::Flag,
-                layer: ConfigLayer {
-                    bootstrap_drv: drv.map(PathBuf::from),
-                    bootstrap_host_key: key.map(String::from),
-                    ..Default::default()
-                },
-            }])
+            resolve(vec![flags(ConfigLayer {
+                bootstrap_drv: drv.map(PathBuf::from),
+                bootstrap_host_key: key.map(String::from),
+                ..Default::default()
+            })])
         };
         let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTheTests root@nixos\n";
         let config = bootstrap(Some("/nix/store/a-nixos-vm.drv"), Some(key)).unwrap();
@@ -1599,15 +1588,12 @@ mod tests {
 
     #[test]
     fn boot_validation_checks_the_host_and_the_existing_disk() {
-        let config = resolve(vec![Source {
-            origin: Origin::Flag,
-            layer: ConfigLayer {
-                cores: Some(16),
-                memory: Some(32768),
-                disk_size: Some(ByteSize::from_gib(10)),
-                ..Default::default()
-            },
-        }])
+        let config = resolve(vec![flags(ConfigLayer {
+            cores: Some(16),
+            memory: Some(32768),
+            disk_size: Some(ByteSize::from_gib(10)),
+            ..Default::default()
+        })])
         .unwrap();
         let problems = config.validate_for_boot(&host(), Some(ByteSize::from_gib(50)));
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -1631,13 +1617,10 @@ mod tests {
         let mut config = resolve(vec![]).unwrap();
         config.fit_defaults_to(&small);
         assert_eq!((config.cores, config.memory_mib), (2, 4096));
-        let mut config = resolve(vec![Source {
-            origin: Origin::Flag,
-            layer: ConfigLayer {
-                cores: Some(4),
-                ..Default::default()
-            },
-        }])
+        let mut config = resolve(vec![flags(ConfigLayer {
+            cores: Some(4),
+            ..Default::default()
+        })])
         .unwrap();
         config.fit_defaults_to(&small);
         assert_eq!(
@@ -1672,24 +1655,18 @@ mod tests {
 
     #[test]
     fn the_timeouts_are_in_their_documented_units() {
-        let config = resolve(vec![Source {
-            origin: Origin::Flag,
-            layer: ConfigLayer {
-                stop_timeout: Some(7),
-                idle_timeout: Some(3),
-                ..Default::default()
-            },
-        }])
+        let config = resolve(vec![flags(ConfigLayer {
+            stop_timeout: Some(7),
+            idle_timeout: Some(3),
+            ..Default::default()
+        })])
         .unwrap();
         assert_eq!(config.stop_timeout(), Duration::from_secs(7));
         assert_eq!(config.idle_timeout(), Some(Duration::from_secs(180)));
-        let never = resolve(vec![Source {
-            origin: Origin::Flag,
-            layer: ConfigLayer {
-                idle_timeout: Some(0),
-                ..Default::default()
-            },
-        }])
+        let never = resolve(vec![flags(ConfigLayer {
+            idle_timeout: Some(0),
+            ..Default::default()
+        })])
         .unwrap();
         assert_eq!(never.idle_timeout(), None, "0 minutes: never");
     }
@@ -1702,14 +1679,11 @@ mod tests {
             ..host()
         };
         let chosen = |cores: u64, memory: u64| {
-            resolve(vec![Source {
-                origin: Origin::Flag,
-                layer: ConfigLayer {
-                    cores: Some(cores),
-                    memory: Some(memory),
-                    ..Default::default()
-                },
-            }])
+            resolve(vec![flags(ConfigLayer {
+                cores: Some(cores),
+                memory: Some(memory),
+                ..Default::default()
+            })])
             .unwrap()
             .validate_for_boot(&host, None)
             .len()
@@ -1722,13 +1696,10 @@ mod tests {
             memory_bytes: 0,
             ..host.clone()
         };
-        let config = resolve(vec![Source {
-            origin: Origin::Flag,
-            layer: ConfigLayer {
-                memory: Some(8192),
-                ..Default::default()
-            },
-        }])
+        let config = resolve(vec![flags(ConfigLayer {
+            memory: Some(8192),
+            ..Default::default()
+        })])
         .unwrap();
         assert_eq!(config.validate_for_boot(&unknown, None), Vec::new());
     }
