@@ -41,6 +41,28 @@ fn substituted(path: &str, url: &str) -> String {
     format!("copying path '{path}' from '{url}'")
 }
 
+/// The host cache served something the builder refused: every input of `client`
+/// reached the builder through the host's push over SSH instead — none carries the
+/// host cache's signature, Nix copied each, and the SSH session carried more than
+/// the inputs' NARs.
+fn assert_all_pushed_over_ssh(client: &Client, remote: &Remote, log: &str) {
+    for path in &client.closure.paths {
+        assert!(
+            !remote.came_from_the_host_cache(path),
+            "{path} was accepted"
+        );
+        assert!(log.contains(&pushed(path)), "{log}");
+    }
+    let copying = format!("copying {} paths...", client.closure.paths.len());
+    assert!(log.contains(&copying), "{log}");
+    let (to_guest, _) = remote.harness.vm.ssh_bytes();
+    assert!(
+        to_guest > client.closure.nar_bytes,
+        "{to_guest} bytes over SSH for {} bytes of inputs",
+        client.closure.nar_bytes
+    );
+}
+
 #[test]
 fn inputs_the_host_has_reach_the_builder_from_the_host_cache_not_over_ssh() {
     let client = Client::new(4, 8 * MIB);
@@ -163,20 +185,7 @@ fn a_tampered_nar_is_refused_by_the_builder_and_the_inputs_come_over_ssh() {
     );
     let log = assert_built(&remote.build("a"));
     assert!(log.contains("hash mismatch"), "{log}");
-    for path in &client.closure.paths {
-        assert!(
-            !remote.came_from_the_host_cache(path),
-            "{path} was accepted"
-        );
-        assert!(log.contains(&pushed(path)), "{log}");
-    }
-    assert!(log.contains("copying 3 paths..."), "{log}");
-    let (to_guest, _) = remote.harness.vm.ssh_bytes();
-    assert!(
-        to_guest > client.closure.nar_bytes,
-        "{to_guest} bytes over SSH for {} bytes of inputs",
-        client.closure.nar_bytes
-    );
+    assert_all_pushed_over_ssh(&client, &remote, &log);
     // The host sent what was asked whole and right; the forwarder spoilt it on the
     // way. (After the first mismatch Nix asks no more: the paths that refer to it
     // cannot be substituted without it.)
@@ -200,16 +209,7 @@ fn an_unsigned_narinfo_is_refused_by_the_builder_and_the_inputs_come_over_ssh() 
         log.contains("is not signed by any of the keys in 'trusted-public-keys'"),
         "{log}"
     );
-    for path in &client.closure.paths {
-        assert!(
-            !remote.came_from_the_host_cache(path),
-            "{path} was accepted"
-        );
-        assert!(log.contains(&pushed(path)), "{log}");
-    }
-    assert!(log.contains("copying 3 paths..."), "{log}");
-    let (to_guest, _) = remote.harness.vm.ssh_bytes();
-    assert!(to_guest > client.closure.nar_bytes);
+    assert_all_pushed_over_ssh(&client, &remote, &log);
     let report = remote.cache_report().unwrap();
     assert_eq!(report.nars_served, 0, "nothing was even downloaded");
 }
