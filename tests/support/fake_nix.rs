@@ -146,6 +146,28 @@ impl FakeNix {
         std::env::join_paths(dirs).unwrap()
     }
 
+    /// A derivation `name` for `system` in the fake store: its `.drv`, the output
+    /// path it names, and the directory of what the fake `nix-store` does with it
+    /// (`out` there holds the output path).
+    fn derivation(&self, name: &str, system: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let drv = self.store().join(format!("{}-{name}.drv", fake_hash(name)));
+        let out = self
+            .store()
+            .join(format!("{}-{name}", fake_hash(&format!("{name}-out"))));
+        std::fs::write(
+            &drv,
+            format!(
+                r#"Derive([("out","{}","","")],[],[],"{system}","/bin/sh",[],[("name","{name}")])"#,
+                out.display()
+            ),
+        )
+        .unwrap();
+        let conf = self.root.join("drv").join(drv.file_name().unwrap());
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(conf.join("out"), out.to_str().unwrap()).unwrap();
+        (drv, out, conf)
+    }
+
     pub fn store(&self) -> PathBuf {
         self.root.join("store")
     }
@@ -154,22 +176,7 @@ impl FakeNix {
     /// whose realisation produces a fake guest directory with `kernel_params`. Its
     /// dry run says it builds its `.drv` and fetches nothing.
     pub fn guest(&self, name: &str, kernel_params: &str) -> FakeGuest {
-        let hash = fake_hash(name);
-        let drv = self.store().join(format!("{hash}-{name}.drv"));
-        let out = self
-            .store()
-            .join(format!("{}-{name}", fake_hash(&format!("{name}-out"))));
-        std::fs::write(
-            &drv,
-            format!(
-                r#"Derive([("out","{}","","")],[],[],"aarch64-linux","/bin/sh",[],[("name","{name}")])"#,
-                out.display()
-            ),
-        )
-        .unwrap();
-        let conf = self.root.join("drv").join(drv.file_name().unwrap());
-        std::fs::create_dir_all(&conf).unwrap();
-        std::fs::write(conf.join("out"), out.to_str().unwrap()).unwrap();
+        let (drv, out, conf) = self.derivation(name, "aarch64-linux");
         darwin_vz_nix::artifacts::write_fake_guest(&conf.join("src"), kernel_params).unwrap();
         std::fs::write(
             conf.join("dry-run.txt"),
@@ -312,21 +319,8 @@ impl FakeNix {
     /// fetched, nothing built.
     pub fn bootstrap_vm(&self) -> FakeBootstrap {
         let name = "nixos-vm";
-        let drv = self.store().join(format!("{}-{name}.drv", fake_hash(name)));
-        let out = self
-            .store()
-            .join(format!("{}-{name}", fake_hash(&format!("{name}-out"))));
-        std::fs::write(
-            &drv,
-            format!(
-                r#"Derive([("out","{}","","")],[],[],"aarch64-darwin","/bin/sh",[],[("name","{name}")])"#,
-                out.display()
-            ),
-        )
-        .unwrap();
-        let conf = self.root.join("drv").join(drv.file_name().unwrap());
+        let (drv, out, conf) = self.derivation(name, "aarch64-darwin");
         std::fs::create_dir_all(conf.join("src/bin")).unwrap();
-        std::fs::write(conf.join("out"), out.to_str().unwrap()).unwrap();
         let runner = conf.join("src/bin/run-nixos-vm");
         std::fs::write(&runner, FAKE_VM).unwrap();
         std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(0o755)).unwrap();
