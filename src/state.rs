@@ -754,6 +754,124 @@ mod tests {
         assert!(matches!(err, StateError::Io { .. }), "{err:?}");
     }
 
+    /// A parent directory nobody may create in: for root, sysfs refuses every
+    /// `mkdir` at its top; for anyone else, a read-only directory of their own.
+    #[cfg(target_os = "linux")]
+    fn uncreatable_parent(tmp: &Path) -> PathBuf {
+        if Uid::effective().is_root() {
+            PathBuf::from("/sys")
+        } else {
+            let parent = tmp.join("read-only");
+            fs::create_dir(&parent).unwrap();
+            fs::set_permissions(&parent, fs::Permissions::from_mode(0o555)).unwrap();
+            parent
+        }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_state_dir_that_cannot_be_made_says_so_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = uncreatable_parent(tmp.path()).join("darwin-vz-nix-test-state");
+        let err = StateDir::new(&path).create(Access::OwnerOnly).unwrap_err();
+        let StateError::Create {
+            path: named,
+            source,
+        } = &err
+        else {
+            panic!("not a create error: {err:?}");
+        };
+        assert_eq!(named, &path);
+        assert!(
+            matches!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("choose another --state-dir"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn commands_making_the_same_directories_at_once_all_succeed() {
+        // Two commands run at once on a fresh state (a `start` and a `status`)
+        // both find a subdirectory missing, and one of them loses the race to
+        // `mkdir`: that is not an error. Eight threads released together make the
+        // race happen in most rounds.
+        const THREADS: usize = 8;
+        let tmp = tempfile::tempdir().unwrap();
+        for round in 0..100 {
+            let dir = tmp.path().join(format!("round-{round}"));
+            let barrier = std::sync::Barrier::new(THREADS);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            ensure_dir(&dir, 0o700, None, Link::Refused)
+                        })
+                    })
+                    .collect();
+                for handle in handles {
+                    let result = handle.join().unwrap();
+                    assert!(result.is_ok(), "round {round}: {result:?}");
+                }
+            });
+            assert_eq!(mode(&dir), 0o700);
+        }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_directory_swapped_for_a_link_while_it_is_checked_is_never_followed() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // Someone who can write in the state directory swaps `keys` for a link to
+        // another directory between the check and the open, over and over
+        // (renameat2 exchanges the two names atomically). The directory the link
+        // points at must never get the state's mode.
+        let tmp = tempfile::tempdir().unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o751)).unwrap();
+        let path = tmp.path().join("keys");
+        fs::create_dir(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
+        let link = tmp.path().join("keys.link");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let c_link = std::ffi::CString::new(link.as_os_str().as_bytes()).unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: two valid NUL-terminated paths; no memory is shared.
+                    let rc = unsafe {
+                        libc::renameat2(
+                            libc::AT_FDCWD,
+                            c_path.as_ptr(),
+                            libc::AT_FDCWD,
+                            c_link.as_ptr(),
+                            libc::RENAME_EXCHANGE,
+                        )
+                    };
+                    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+                }
+            });
+            for _ in 0..50_000 {
+                let _ = ensure_dir(&path, 0o700, None, Link::Refused);
+                if mode(&elsewhere) != 0o751 {
+                    break;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(mode(&elsewhere), 0o751, "the link was followed");
+    }
+
     #[test]
     fn deleting_the_pid_file_does_not_release_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
