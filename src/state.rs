@@ -824,27 +824,22 @@ mod tests {
         }
     }
 
-    #[test]
+    /// Runs `ensure_dir` on `path` over and over while another thread keeps
+    /// exchanging `path` and `other` (renameat2 swaps the two names atomically), as
+    /// someone who can write in the state directory might, until `watched` loses
+    /// its mode 0751 or the rounds run out; returns the kinds the errors named.
     #[cfg(target_os = "linux")]
-    fn a_directory_swapped_for_a_link_while_it_is_checked_is_never_followed() {
+    fn ensure_dir_while_swapped(
+        path: &Path,
+        other: &Path,
+        watched: &Path,
+    ) -> std::collections::BTreeSet<&'static str> {
         use std::os::unix::ffi::OsStrExt;
         use std::sync::atomic::{AtomicBool, Ordering};
-        // Someone who can write in the state directory swaps `keys` for a link to
-        // another directory between the check and the open, over and over
-        // (renameat2 exchanges the two names atomically). The directory the link
-        // points at must never get the state's mode.
-        let tmp = tempfile::tempdir().unwrap();
-        let elsewhere = tmp.path().join("elsewhere");
-        fs::create_dir(&elsewhere).unwrap();
-        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o751)).unwrap();
-        let path = tmp.path().join("keys");
-        fs::create_dir(&path).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
-        let link = tmp.path().join("keys.link");
-        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
         let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-        let c_link = std::ffi::CString::new(link.as_os_str().as_bytes()).unwrap();
+        let c_other = std::ffi::CString::new(other.as_os_str().as_bytes()).unwrap();
         let stop = AtomicBool::new(false);
+        let mut kinds = std::collections::BTreeSet::new();
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
@@ -854,7 +849,7 @@ mod tests {
                             libc::AT_FDCWD,
                             c_path.as_ptr(),
                             libc::AT_FDCWD,
-                            c_link.as_ptr(),
+                            c_other.as_ptr(),
                             libc::RENAME_EXCHANGE,
                         )
                     };
@@ -862,14 +857,75 @@ mod tests {
                 }
             });
             for _ in 0..50_000 {
-                let _ = ensure_dir(&path, 0o700, None, Link::Refused);
-                if mode(&elsewhere) != 0o751 {
+                match ensure_dir(path, 0o700, None, Link::Refused) {
+                    Ok(()) => {}
+                    Err(StateError::NotADirectory { kind, .. }) => {
+                        kinds.insert(kind);
+                    }
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        panic!("not a NotADirectory error: {e:?}");
+                    }
+                }
+                if mode(watched) != 0o751 {
                     break;
                 }
             }
             stop.store(true, Ordering::Relaxed);
         });
+        kinds
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_directory_swapped_for_a_link_or_a_file_while_it_is_checked_is_never_followed() {
+        let fresh_keys = || {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("keys");
+            fs::create_dir(&path).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
+            (tmp, path)
+        };
+
+        let (tmp, path) = fresh_keys();
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o751)).unwrap();
+        let link = tmp.path().join("keys.link");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let kinds = ensure_dir_while_swapped(&path, &link, &elsewhere);
         assert_eq!(mode(&elsewhere), 0o751, "the link was followed");
+        // Swapped before the check or after it, it is refused as not a directory
+        // (Linux's open says ENOTDIR for a link with O_DIRECTORY|O_NOFOLLOW,
+        // macOS's ELOOP).
+        assert!(!kinds.is_empty());
+        assert!(
+            kinds
+                .iter()
+                .all(|k| matches!(*k, "a symbolic link" | "not a directory")),
+            "{kinds:?}"
+        );
+
+        let (tmp, path) = fresh_keys();
+        let file = tmp.path().join("keys.file");
+        fs::write(&file, "").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o751)).unwrap();
+        // The file keeps this second name while its first one is swapped.
+        let watched = tmp.path().join("watched");
+        fs::hard_link(&file, &watched).unwrap();
+        let kinds = ensure_dir_while_swapped(&path, &file, &watched);
+        assert_eq!(
+            mode(&watched),
+            0o751,
+            "the file was taken for the directory"
+        );
+        assert!(!kinds.is_empty());
+        assert!(
+            kinds
+                .iter()
+                .all(|k| matches!(*k, "a regular file" | "not a directory")),
+            "{kinds:?}"
+        );
     }
 
     #[test]
