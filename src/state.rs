@@ -687,6 +687,24 @@ mod tests {
     }
 
     #[test]
+    fn a_state_dir_link_that_cannot_be_followed_says_why_not_that_it_is_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let looped = tmp.path().join("state");
+        std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        let err = StateDir::new(&looped)
+            .create(Access::OwnerOnly)
+            .unwrap_err()
+            .to_string();
+        let prefix = format!(
+            "{} is a symbolic link to {}, which cannot be read (",
+            looped.display(),
+            looped.display()
+        );
+        assert!(err.starts_with(&prefix), "{err}");
+        assert!(err.contains("symbolic links"), "the system's reason: {err}");
+    }
+
+    #[test]
     fn directories_inside_the_state_must_not_be_links() {
         let tmp = tempfile::tempdir().unwrap();
         let elsewhere = tmp.path().join("elsewhere");

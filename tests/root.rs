@@ -397,6 +397,59 @@ fn an_account_is_refused_a_state_directory_it_does_not_own() {
     assert_eq!(std::fs::read_dir(&fixture.state_dir).unwrap().count(), 0);
 }
 
+#[test]
+fn a_state_dir_link_is_followed_only_when_it_is_the_users_or_roots() {
+    use std::os::unix::process::CommandExt;
+    if !running_as_root(
+        "a_state_dir_link_is_followed_only_when_it_is_the_users_or_roots",
+        SECOND_ACCOUNT,
+    ) {
+        return;
+    }
+    let account = Account::create("link");
+    let fixture = fixture_for(&account);
+    let (_dir, bin) = shared_binary();
+    // `daemon` as the account through a link to its own state directory. Here
+    // (not macOS) it gets as far as the VM, so that message means the link was
+    // accepted and the state directory made.
+    let daemon_through = |link: &Path| {
+        let out = Command::new(&bin)
+            .arg("--state-dir")
+            .arg(link)
+            .arg("daemon")
+            .env("DARWIN_VZ_NIX_GUEST", &fixture.guest_dir)
+            .current_dir("/")
+            .uid(account.uid)
+            .gid(account.gid)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let link_owned_by = |name: &str, uid: u32| {
+        let link = fixture.dir.path().join(name);
+        std::os::unix::fs::symlink(&fixture.state_dir, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(uid), None).unwrap();
+        link
+    };
+
+    for (name, uid) in [("the-accounts-link", account.uid), ("roots-link", 0)] {
+        let err = daemon_through(&link_owned_by(name, uid));
+        assert!(err.contains("runs VMs only on macOS"), "{name}: {err}");
+    }
+    assert!(fixture.state_dir.join("keys").is_dir());
+
+    let strangers = link_owned_by("a-strangers-link", 54321);
+    assert_eq!(
+        daemon_through(&strangers),
+        format!(
+            "darwin-vz-nix: {} is a symbolic link to {}, which is a directory, but the link belongs to uid 54321 (neither this user nor root), who could point it elsewhere; point --state-dir at an existing directory\n",
+            strangers.display(),
+            fixture.state_dir.display()
+        )
+    );
+}
+
 /// A tmpfs mounted on `keys/`, unmounted on drop.
 struct TinyFilesystem {
     path: PathBuf,
