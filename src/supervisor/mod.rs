@@ -383,11 +383,7 @@ impl Inner {
     /// Logs a notice and keeps it for `status`.
     fn note(&self, message: String) {
         tracing::warn!("{message}");
-        let mut life = self.life();
-        if life.notices.len() >= MAX_NOTICES {
-            life.notices.pop_front();
-        }
-        life.notices.push_back((Instant::now(), message));
+        keep_notice(&mut self.life().notices, Instant::now(), message);
     }
 
     /// Stops the VM of `boot` at once, unless a newer boot replaced it (then the
@@ -932,9 +928,35 @@ impl Supervisor {
     }
 }
 
+/// Keeps `message` among the last `MAX_NOTICES` notices, dropping the oldest.
+fn keep_notice(notices: &mut VecDeque<(Instant, String)>, at: Instant, message: String) {
+    if notices.len() >= MAX_NOTICES {
+        notices.pop_front();
+    }
+    notices.push_back((at, message));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_keeps_the_last_sixteen_notices() {
+        let mut notices = VecDeque::new();
+        let now = Instant::now();
+        for n in 0..3 {
+            keep_notice(&mut notices, now, format!("notice {n}"));
+        }
+        let kept = |notices: &VecDeque<(Instant, String)>| -> Vec<String> {
+            notices.iter().map(|(_, m)| m.clone()).collect()
+        };
+        assert_eq!(kept(&notices), ["notice 0", "notice 1", "notice 2"]);
+        for n in 3..40 {
+            keep_notice(&mut notices, now, format!("notice {n}"));
+        }
+        let expected: Vec<String> = (24..40).map(|n| format!("notice {n}")).collect();
+        assert_eq!(kept(&notices), expected);
+    }
 
     #[test]
     fn a_deadline_that_would_overflow_is_a_century_away_not_now() {
