@@ -366,6 +366,34 @@ fn wait_ready_waits_for_a_boot_without_starting_one() {
 }
 
 #[test]
+fn wait_ready_on_a_failed_boot_answers_at_once_with_the_failure() {
+    let fixture = Fixture::new();
+    let behaviour = FakeVmBehaviour {
+        fail_boot: Some("no VM today".into()),
+        ..Default::default()
+    };
+    let _harness = Harness::start(&fixture, behaviour, None);
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(1));
+    assert_eq!(status(&fixture).state, VmState::Failed);
+
+    let t0 = Instant::now();
+    let answer = ControlClient::connect(&fixture.state_dir).unwrap().call(
+        Request::WaitReady {
+            timeout_ms: Some(30_000),
+        },
+        Duration::from_secs(60),
+    );
+    match answer {
+        Err(ClientError::Remote {
+            code: ErrorCode::BootFailed,
+            message,
+        }) => assert!(message.contains("no VM today"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+#[test]
 fn bench_prints_min_median_max_over_the_runs_asked_for() {
     let fixture = Fixture::new();
     let harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);

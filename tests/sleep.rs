@@ -356,3 +356,36 @@ fn build_connections_to_the_bootstrap_builder_hold_the_assertion_until_they_end_
     );
     drop(second);
 }
+
+#[test]
+fn a_supervisor_that_exits_under_an_open_bootstrap_build_lets_the_mac_sleep() {
+    let fixture = Fixture::new();
+    let nix = FakeNix::install(&fixture);
+    let guest = nix.guest("darwin-vz-nix-guest", "");
+    guest.hold();
+    let bootstrap = nix.bootstrap_vm();
+    let mut harness = Harness::start_with(
+        &fixture,
+        fixture.lazy_config(&guest, bootstrap.layer()),
+        FakeVmBehaviour::default(),
+        fixture.options(None),
+    );
+    wait_for(Duration::from_secs(20), "the bootstrap builder", || {
+        status(&fixture)
+            .guest
+            .and_then(|g| g.bootstrap)
+            .is_some_and(|b| b.phase == "running")
+    });
+    let build = bootstrap_connection(&fixture);
+    wait_held(&harness, Some(ONE));
+
+    // No guest VM runs, so stopping one releases nothing: the exit itself must.
+    harness.shut_down();
+    assert_eq!(harness.power.held(), None);
+    assert_eq!(
+        harness.power.calls(),
+        [PowerCall::Hold(ONE.into()), PowerCall::Release]
+    );
+    drop(build);
+    guest.release();
+}

@@ -534,11 +534,6 @@ impl Supervisor {
         self.inner.sleep_guard().close();
     }
 
-    /// The lazy guest, when the daemon realises the guest itself.
-    pub fn guests(&self) -> Option<&crate::guest::Guests> {
-        self.inner.guests.as_ref()
-    }
-
     /// Boots the VM unless it runs, and waits until the guest's sshd answers.
     /// Concurrent callers share one boot. Someone asked for it: a lazy guest whose
     /// realisation failed is retried at once.
