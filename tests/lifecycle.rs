@@ -394,6 +394,44 @@ fn wait_ready_on_a_failed_boot_answers_at_once_with_the_failure() {
 }
 
 #[test]
+fn a_stop_unless_in_use_is_refused_while_a_session_is_open_and_stops_once_it_closed() {
+    let fixture = Fixture::new();
+    let harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
+    let stop_unless_in_use = || {
+        ControlClient::connect(&fixture.state_dir).unwrap().call(
+            Request::Stop {
+                force: false,
+                timeout_ms: None,
+                exit: false,
+                unless_in_use: true,
+            },
+            Duration::from_secs(30),
+        )
+    };
+    let mut session = spawn_proxy(&fixture);
+    assert!(first_line(&mut session).starts_with("SSH-2.0-"));
+    assert_eq!(status(&fixture).connections, 1);
+
+    match stop_unless_in_use() {
+        Err(ClientError::Remote {
+            code: ErrorCode::Busy,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(status(&fixture).state, VmState::Running);
+
+    drop(session.stdin.take());
+    session.wait().unwrap();
+    wait_for(Duration::from_secs(10), "the session to end", || {
+        status(&fixture).connections == 0
+    });
+    assert!(matches!(stop_unless_in_use(), Ok(Reply::Stopped { .. })));
+    assert_eq!(status(&fixture).state, VmState::Stopped);
+    assert_eq!(harness.vm.boots(), 1);
+}
+
+#[test]
 fn bench_prints_min_median_max_over_the_runs_asked_for() {
     let fixture = Fixture::new();
     let harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
