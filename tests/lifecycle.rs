@@ -394,7 +394,7 @@ fn wait_ready_on_a_failed_boot_answers_at_once_with_the_failure() {
 }
 
 #[test]
-fn a_stop_unless_in_use_is_refused_while_a_session_is_open_and_stops_once_it_closed() {
+fn a_stop_unless_in_use_is_refused_while_a_session_is_open_and_a_plain_stop_is_not() {
     let fixture = Fixture::new();
     let harness = Harness::start(&fixture, FakeVmBehaviour::default(), None);
     let stop_unless_in_use = || {
@@ -428,7 +428,16 @@ fn a_stop_unless_in_use_is_refused_while_a_session_is_open_and_stops_once_it_clo
     });
     assert!(matches!(stop_unless_in_use(), Ok(Reply::Stopped { .. })));
     assert_eq!(status(&fixture).state, VmState::Stopped);
-    assert_eq!(harness.vm.boots(), 1);
+
+    // A plain stop does not ask: it stops the VM under an open session.
+    let mut session = spawn_proxy(&fixture);
+    assert!(first_line(&mut session).starts_with("SSH-2.0-"));
+    let out = fixture.cli(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(status(&fixture).state, VmState::Stopped);
+    assert_eq!(harness.vm.boots(), 2);
+    drop(session.stdin.take());
+    session.wait().unwrap();
 }
 
 #[test]

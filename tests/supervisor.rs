@@ -2010,6 +2010,66 @@ fn a_forced_stop_the_backend_never_confirms_fails_within_the_bound_and_shutdown_
     );
 }
 
+/// The guest powers itself off while the backend still has not confirmed a forced
+/// stop: the stop reports the backend's silence, but the VM is stopped, not failed.
+#[test]
+fn a_guest_that_powers_off_during_an_unconfirmed_forced_stop_counts_as_stopped() {
+    let fixture = Fixture::new();
+    let options = darwin_vz_nix::daemon::DaemonOptions {
+        backend_timeout: Duration::from_secs(2),
+        ..fixture.options(None)
+    };
+    let harness = Harness::start_with(
+        &fixture,
+        fixture.config(Default::default()),
+        FakeVmBehaviour::default(),
+        options,
+    );
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    harness.vm.set_behaviour(FakeVmBehaviour {
+        force_stop_hangs: true,
+        ..Default::default()
+    });
+    let mut stop = fixture.cli_command(&["stop", "--force"]);
+    let stop = std::thread::spawn(move || stop.output());
+    wait_state(&fixture, VmState::Stopping, Duration::from_secs(10));
+    harness.vm.guest_poweroff();
+    wait_state(&fixture, VmState::Stopped, Duration::from_secs(10));
+
+    let out = stop.join().unwrap().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report = status(&fixture);
+    assert_eq!((report.state, report.last_error), (VmState::Stopped, None));
+}
+
+/// The guest crashes while it powers off: `stop` says so instead of "stopped".
+#[test]
+fn a_vm_that_fails_during_a_graceful_stop_makes_the_stop_fail_with_the_reason() {
+    let fixture = Fixture::new();
+    let harness = Harness::start(
+        &fixture,
+        FakeVmBehaviour {
+            ignore_graceful_stop: true,
+            ..Default::default()
+        },
+        None,
+    );
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    let mut stop = fixture.cli_command(&["stop", "--timeout", "60"]);
+    let stop = std::thread::spawn(move || stop.output());
+    wait_state(&fixture, VmState::Stopping, Duration::from_secs(10));
+    harness.vm.crash("the hypervisor fell over");
+
+    let out = stop.join().unwrap().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the hypervisor fell over"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(status(&fixture).state, VmState::Failed);
+}
+
 // ---- nested virtualization: what the guest says, and what Nix is told ----------
 
 /// A Mac with nested virtualization (an M3 or later with macOS 15), as VZ would
