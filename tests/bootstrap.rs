@@ -498,3 +498,28 @@ fn an_aarch64_connect_that_times_out_while_the_bootstrap_builder_comes_up_says_s
     );
     bootstrap.release();
 }
+
+#[test]
+fn an_aarch64_connection_made_while_the_guest_is_still_planned_reaches_the_bootstrap_builder() {
+    let fixture = Fixture::new();
+    let nix = FakeNix::install(&fixture);
+    let guest = nix.guest("darwin-vz-nix-guest", "");
+    guest.hold();
+    guest.hold_dry_run();
+    let bootstrap = nix.bootstrap_vm();
+    let _harness = harness(&fixture, &guest, &bootstrap);
+    wait_for(Duration::from_secs(10), "the guest's dry run", || {
+        nix.calls().iter().any(|call| call.contains("--dry-run"))
+    });
+    assert_eq!(bootstrap_phase(&fixture), "off");
+
+    // Nobody knows yet whether the bootstrap builder is needed: the connection
+    // waits for the answer instead of waiting for a guest to boot.
+    let mut connection =
+        spawn_proxy_with(&fixture, &["--alias", "darwin-vz-nix", "--timeout", "30"]);
+    std::thread::sleep(Duration::from_millis(500));
+    guest.release_dry_run();
+    assert_eq!(first_line(&mut connection), "SSH-2.0-fake-bootstrap\r\n");
+    close(connection);
+    guest.release();
+}

@@ -15,6 +15,7 @@
 //!   dry-run.txt                 what `--realise --dry-run` prints (stderr)
 //!   progress.jsonl              `@nix` lines printed while it realises (stderr)
 //!   hold                        while this file exists, the realisation waits (≤ 60 s)
+//!   dry-run.hold                while this file exists, the dry run waits (≤ 60 s)
 //!   fail                        when present: printed to stderr, then exit 1
 //! ```
 //!
@@ -65,6 +66,10 @@ realise)
       exit 1
     fi
     if ((dry)); then
+      for _ in $(seq 1 600); do
+        [ -e "$conf/dry-run.hold" ] || break
+        sleep 0.1
+      done
       cat "$conf/dry-run.txt" >&2 2>/dev/null
       exit 0
     fi
@@ -204,6 +209,15 @@ impl FakeGuest {
 
     pub fn release(&self) {
         let _ = std::fs::remove_file(self.conf.join("hold"));
+    }
+
+    /// Its dry run (the supervisor's planning step) waits until `release_dry_run`.
+    pub fn hold_dry_run(&self) {
+        std::fs::write(self.conf.join("dry-run.hold"), "").unwrap();
+    }
+
+    pub fn release_dry_run(&self) {
+        let _ = std::fs::remove_file(self.conf.join("dry-run.hold"));
     }
 
     /// Its realisation prints `lines` (Nix's `@nix` JSON) and fails.
