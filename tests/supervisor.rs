@@ -2070,6 +2070,31 @@ fn a_vm_that_fails_during_a_graceful_stop_makes_the_stop_fail_with_the_reason() 
     assert_eq!(status(&fixture).state, VmState::Failed);
 }
 
+/// The boot's probe reaches the guest's sshd only after a stop began (VZ's
+/// `connectToPort` takes its time): the stop wins, and the VM is not marked running.
+#[test]
+fn a_probe_that_succeeds_after_a_stop_began_does_not_mark_the_vm_running() {
+    let fixture = Fixture::new();
+    let behaviour = FakeVmBehaviour {
+        listen_delay: Duration::ZERO,
+        accept_delay: Duration::from_millis(1500),
+        ..Default::default()
+    };
+    let harness = Harness::start(&fixture, behaviour, None);
+    assert_eq!(fixture.cli(&["start", "--no-wait"]).status.code(), Some(0));
+    wait_for(Duration::from_secs(10), "the VM to start", || {
+        harness.vm.boots() == 1
+    });
+    // The probe is now waiting for its connection.
+    std::thread::sleep(Duration::from_millis(300));
+    let out = fixture.cli(&["stop", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Long enough for the probe's connection to be made and its banner read.
+    std::thread::sleep(Duration::from_secs(3));
+    let report = status(&fixture);
+    assert_eq!((report.state, report.boots), (VmState::Stopped, 1));
+}
+
 // ---- nested virtualization: what the guest says, and what Nix is told ----------
 
 /// A Mac with nested virtualization (an M3 or later with macOS 15), as VZ would

@@ -47,6 +47,9 @@ pub struct FakeVmBehaviour {
     /// How long a connection attempt takes to fail while nothing listens (VZ's
     /// `connectToPort` can take seconds before it gives up).
     pub refuse_delay: Duration,
+    /// How long a connection that succeeds takes to be made (VZ's `connectToPort`
+    /// completes when it completes).
+    pub accept_delay: Duration,
     /// `start` fails with this message.
     pub fail_boot: Option<String>,
     /// The guest ignores the ACPI power button.
@@ -77,6 +80,7 @@ impl Default for FakeVmBehaviour {
             boot_delay: Duration::from_millis(50),
             listen_delay: Duration::from_millis(100),
             refuse_delay: Duration::ZERO,
+            accept_delay: Duration::ZERO,
             fail_boot: None,
             ignore_graceful_stop: false,
             sshd_extra: Vec::new(),
@@ -610,6 +614,7 @@ impl Backend for FakeVm {
                     reason: "Connection reset by peer".into(),
                 });
             }
+            tokio::time::sleep(behaviour.accept_delay).await;
             match port {
                 22 => self.spawn_sshd(),
                 darwin_vz_nix::contract::CLOCK_VSOCK_PORT => match behaviour.clock_reply {
