@@ -292,6 +292,32 @@ fn a_guest_that_refuses_the_time_or_has_no_clock_setter_is_reported_in_status() 
     assert_eq!(harness.power.calls(), []);
 }
 
+#[test]
+fn a_clock_setter_that_comes_up_a_moment_late_still_gets_the_time() {
+    let fixture = Fixture::new();
+    let behaviour = FakeVmBehaviour {
+        clock_reply: None,
+        ..Default::default()
+    };
+    let harness = Harness::start(&fixture, behaviour, None);
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    wait_for(Duration::from_secs(20), "the boot's clock sync", || {
+        status(&fixture).clock_sync.is_some()
+    });
+    assert!(status(&fixture).clock_sync.unwrap().error.is_some());
+
+    // The sync after a wake tries for about two seconds; the setter answers
+    // from its second attempt on.
+    harness.power.wake();
+    std::thread::sleep(Duration::from_millis(500));
+    harness.vm.set_behaviour(FakeVmBehaviour::default());
+    wait_for(Duration::from_secs(20), "the wake's clock sync", || {
+        status(&fixture).clock_sync.unwrap().reason == "wake"
+    });
+    let sync = status(&fixture).clock_sync.unwrap();
+    assert_eq!((sync.offset_secs, sync.error), (Some(0.0), None));
+}
+
 /// A build connection on the aarch64-linux alias while no guest exists: it reaches
 /// the bootstrap builder (issue 12), not the VM.
 fn bootstrap_connection(fixture: &Fixture) -> Connection {
