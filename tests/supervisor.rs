@@ -2095,6 +2095,26 @@ fn a_probe_that_succeeds_after_a_stop_began_does_not_mark_the_vm_running() {
     assert_eq!((report.state, report.boots), (VmState::Stopped, 1));
 }
 
+/// A stop arrives while the backend is still starting the VM, and the start then
+/// fails: the stop took over, so the VM ends stopped, not failed with the late error.
+#[test]
+fn a_start_that_fails_after_a_stop_took_over_leaves_the_vm_stopped() {
+    let fixture = Fixture::new();
+    let behaviour = FakeVmBehaviour {
+        boot_delay: Duration::from_millis(1500),
+        fail_boot: Some("the late failure".into()),
+        ..Default::default()
+    };
+    let _harness = Harness::start(&fixture, behaviour, None);
+    assert_eq!(fixture.cli(&["start", "--no-wait"]).status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(status(&fixture).state, VmState::Starting);
+    let out = fixture.cli(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report = status(&fixture);
+    assert_eq!((report.state, report.last_error), (VmState::Stopped, None));
+}
+
 // ---- nested virtualization: what the guest says, and what Nix is told ----------
 
 /// A Mac with nested virtualization (an M3 or later with macOS 15), as VZ would
