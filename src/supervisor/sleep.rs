@@ -248,6 +248,44 @@ mod tests {
         assert_eq!(guard.last_error(), None);
     }
 
+    /// What is logged while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_failure_repeated_on_every_change_is_logged_once() {
+        let (recorder, mut guard) = guard(true);
+        *recorder.refuse.lock().unwrap() = true;
+        let log = logged(|| {
+            for reason in ["a", "b", "c"] {
+                guard.apply(Some(reason.into()));
+            }
+        });
+        let warning = "cannot keep the Mac from idle sleep: refused";
+        assert_eq!(log.matches(warning).count(), 1, "{log}");
+        assert_eq!(recorder.calls.lock().unwrap().len(), 3, "each change tries");
+    }
+
     #[test]
     fn disabled_never_calls_the_power_manager() {
         let (recorder, mut guard) = guard(false);
