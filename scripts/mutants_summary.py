@@ -10,13 +10,15 @@ own record) and prints, per source file: mutants caught, missed, timed out
 
 A rerun (`scripts/mutants.sh --rerun GROUP -- -F REGEX`, or `-- --iterate` in
 the same output directory after copying it aside) overrides the earlier outcome of
-the same mutant: reports are read oldest first, and a mutant is known by its name
-(file, line, column, change). Rerun before moving the code, or the names differ.
+the same mutant: reports are read oldest first, and a mutant is known by its file,
+column and change, not its line, so a rerun after code above it grew or shrank
+still overrides it. A mutant of code since removed keeps its last outcome.
 """
 
 import collections
 import json
 import pathlib
+import re
 import sys
 
 KINDS = {
@@ -25,6 +27,12 @@ KINDS = {
     "Timeout": "timeout",
     "Unviable": "unviable",
 }
+
+
+def identity(name: str) -> str:
+    """`FILE:LINE:COLUMN: CHANGE` without its line."""
+    match = re.match(r"^(.*?):\d+:(\d+): (.*)$", name)
+    return f"{match[1]}:{match[2]}: {match[3]}" if match else name
 
 
 def main() -> int:
@@ -42,7 +50,7 @@ def main() -> int:
                 continue  # the baseline
             mutant = mutant["Mutant"]
             kind = KINDS.get(entry["summary"], entry["summary"])
-            this_report[mutant["name"]].append((mutant["file"], kind, mutant["name"]))
+            this_report[identity(mutant["name"])].append((mutant["file"], kind, mutant["name"]))
         outcome.update(this_report)
     per_file = collections.defaultdict(collections.Counter)
     for entries in outcome.values():
