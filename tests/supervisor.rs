@@ -795,6 +795,33 @@ fn slow_to_answer() -> FakeVmBehaviour {
 }
 
 #[test]
+fn a_guest_that_powers_off_while_booting_fails_the_boot_at_once_naming_the_console_log() {
+    let fixture = Fixture::new();
+    let harness = Harness::start(&fixture, slow_to_answer(), None);
+    let mut start = fixture.cli_command(&["start"]);
+    let start = std::thread::spawn(move || start.output());
+    wait_for(Duration::from_secs(10), "boot 1's VM to run", || {
+        harness.vm.running_boot() == Some(BootId(1))
+    });
+    let t0 = Instant::now();
+    harness.vm.guest_poweroff();
+
+    let out = start.join().unwrap().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let message = format!(
+        "the guest powered off while booting; see the guest console log {}",
+        fixture.state_dir.join("logs/console.log").display()
+    );
+    assert!(stderr(&out).contains(&message), "{}", stderr(&out));
+    let report = status(&fixture);
+    assert_eq!(
+        (report.state, report.last_error),
+        (VmState::Failed, Some(message))
+    );
+}
+
+#[test]
 fn a_crash_during_boot_then_an_immediate_retry_boots_normally() {
     let fixture = Fixture::new();
     let behaviour = slow_to_answer();
