@@ -64,7 +64,7 @@ pub(super) async fn run(
 ) {
     let mut power_open = true;
     loop {
-        let mut woke = tokio::select! {
+        let woke = tokio::select! {
             boot = boots.recv() => match boot {
                 Some(_) => false,
                 None => return,
@@ -81,17 +81,9 @@ pub(super) async fn run(
                 }
             },
         };
-        // Whatever else arrived meanwhile is served by this one sync.
-        loop {
-            match boots.try_recv() {
-                Ok(_) => {}
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return,
-            }
-        }
-        while let Ok(event) = power.try_recv() {
-            woke |= event == PowerEvent::Woke;
-        }
+        let Some(woke) = take_pending(&mut boots, &mut power, woke) else {
+            return;
+        };
         let Some(inner) = inner.upgrade() else {
             return;
         };
@@ -104,6 +96,27 @@ pub(super) async fn run(
         };
         sync_running_guest(&inner, reason).await;
     }
+}
+
+/// Takes every trigger that arrived meanwhile, to be served by the same sync:
+/// whether the sync is a wake's (it is if `woke`, or a wake is among them), or
+/// `None` when the supervisor is gone.
+fn take_pending(
+    boots: &mut UnboundedReceiver<BootId>,
+    power: &mut UnboundedReceiver<PowerEvent>,
+    mut woke: bool,
+) -> Option<bool> {
+    loop {
+        match boots.try_recv() {
+            Ok(_) => {}
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => return None,
+        }
+    }
+    while let Ok(event) = power.try_recv() {
+        woke |= event == PowerEvent::Woke;
+    }
+    Some(woke)
 }
 
 /// Gives the running guest the host's time and records the outcome.
@@ -195,4 +208,35 @@ async fn exchange(backend: &dyn Backend, port: u32) -> Result<ClockStep, String>
         nix::sys::socket::Shutdown::Both,
     );
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc::unbounded_channel;
+
+    use super::*;
+
+    #[test]
+    fn triggers_that_arrived_during_a_sync_make_one_sync_a_wake_if_one_was_a_wake() {
+        let (boot_triggers, mut boots) = unbounded_channel();
+        let (power_events, mut power) = unbounded_channel();
+        let pending = |boots: &mut _, power: &mut _, woke| take_pending(boots, power, woke);
+
+        boot_triggers.send(BootId(2)).unwrap();
+        power_events.send(PowerEvent::WillSleep).unwrap();
+        assert_eq!(pending(&mut boots, &mut power, false), Some(false));
+
+        boot_triggers.send(BootId(3)).unwrap();
+        power_events.send(PowerEvent::WillSleep).unwrap();
+        power_events.send(PowerEvent::Woke).unwrap();
+        assert_eq!(pending(&mut boots, &mut power, false), Some(true));
+        assert!(
+            boots.try_recv().is_err() && power.try_recv().is_err(),
+            "all taken"
+        );
+
+        assert_eq!(pending(&mut boots, &mut power, true), Some(true));
+        drop(boot_triggers);
+        assert_eq!(pending(&mut boots, &mut power, false), None);
+    }
 }
