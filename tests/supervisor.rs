@@ -2298,6 +2298,40 @@ fn the_machines_line_reads_a_lazy_guests_kernel_once_its_output_is_built() {
     assert!(warnings.is_empty(), "{warnings:?}");
 }
 
+/// The guest says whether it has /dev/kvm only a moment after its sshd answered
+/// (its console is slow): the supervisor keeps reading until it does.
+#[test]
+fn a_guest_that_says_late_whether_it_has_kvm_is_still_heard() {
+    use darwin_vz_nix::nested::Kvm;
+    let fixture = Fixture::new();
+    let behaviour = FakeVmBehaviour {
+        guest_kvm: None,
+        ..Default::default()
+    };
+    let _harness = Harness::start(&fixture, behaviour, None);
+    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        guest_report(&fixture),
+        None,
+        "nothing said, nothing recorded"
+    );
+    let line = format!(
+        "{} present (Linux 6.12.5)\r\n",
+        darwin_vz_nix::contract::CONSOLE_MARKER_KVM
+    );
+    let mut console = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(fixture.state_dir.join("logs/console.log"))
+        .unwrap();
+    std::io::Write::write_all(&mut console, line.as_bytes()).unwrap();
+    wait_for(Duration::from_secs(8), "the guest report", || {
+        guest_report(&fixture).is_some()
+    });
+    assert_eq!(guest_report(&fixture).unwrap().kvm, Kvm::Present);
+}
+
 /// A guest that never says whether it has /dev/kvm (one built without kvm.nix) is
 /// "unknown" after the wait, and unknown is not offered; a boot without nested
 /// virtualization (auto, and a guest kernel whose version cannot be read) reports
