@@ -356,9 +356,30 @@ fn shared_binary() -> (tempfile::TempDir, PathBuf) {
     (dir, bin)
 }
 
+/// `darwin-vz-nix --state-dir STATE_DIR ARGS` run by `account` (its uid and gid, from
+/// `/`), with the fixture's guest.
+fn run_as(
+    account: &Account,
+    bin: &Path,
+    fixture: &Fixture,
+    state_dir: &Path,
+    args: &[&str],
+) -> Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(bin)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .env("DARWIN_VZ_NIX_GUEST", &fixture.guest_dir)
+        .current_dir("/")
+        .uid(account.uid)
+        .gid(account.gid)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn an_account_is_refused_a_state_directory_it_does_not_own() {
-    use std::os::unix::process::CommandExt;
     if !running_as_root(
         "an_account_is_refused_a_state_directory_it_does_not_own",
         SECOND_ACCOUNT,
@@ -373,16 +394,7 @@ fn an_account_is_refused_a_state_directory_it_does_not_own() {
     std::fs::set_permissions(&fixture.state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let (_dir, bin) = shared_binary();
     for args in [&["rotate-keys"][..], &["destroy", "--yes"], &["daemon"]] {
-        let out = Command::new(&bin)
-            .arg("--state-dir")
-            .arg(&fixture.state_dir)
-            .args(args)
-            .env("DARWIN_VZ_NIX_GUEST", &fixture.guest_dir)
-            .current_dir("/")
-            .uid(account.uid)
-            .gid(account.gid)
-            .output()
-            .unwrap();
+        let out = run_as(&account, &bin, &fixture, &fixture.state_dir, args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
         assert_eq!(
             stderr(&out),
@@ -399,7 +411,6 @@ fn an_account_is_refused_a_state_directory_it_does_not_own() {
 
 #[test]
 fn a_state_dir_link_is_followed_only_when_it_is_the_users_or_roots() {
-    use std::os::unix::process::CommandExt;
     if !running_as_root(
         "a_state_dir_link_is_followed_only_when_it_is_the_users_or_roots",
         SECOND_ACCOUNT,
@@ -413,16 +424,7 @@ fn a_state_dir_link_is_followed_only_when_it_is_the_users_or_roots() {
     // (not macOS) it gets as far as the VM, so that message means the link was
     // accepted and the state directory made.
     let daemon_through = |link: &Path| {
-        let out = Command::new(&bin)
-            .arg("--state-dir")
-            .arg(link)
-            .arg("daemon")
-            .env("DARWIN_VZ_NIX_GUEST", &fixture.guest_dir)
-            .current_dir("/")
-            .uid(account.uid)
-            .gid(account.gid)
-            .output()
-            .unwrap();
+        let out = run_as(&account, &bin, &fixture, link, &["daemon"]);
         assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
         stderr(&out)
     };

@@ -798,15 +798,14 @@ fn slow_to_answer() -> FakeVmBehaviour {
 fn a_guest_that_powers_off_while_booting_fails_the_boot_at_once_naming_the_console_log() {
     let fixture = Fixture::new();
     let harness = Harness::start(&fixture, slow_to_answer(), None);
-    let mut start = fixture.cli_command(&["start"]);
-    let start = std::thread::spawn(move || start.output());
+    let start = fixture.cli_in_background(&["start"]);
     wait_for(Duration::from_secs(10), "boot 1's VM to run", || {
         harness.vm.running_boot() == Some(BootId(1))
     });
     let t0 = Instant::now();
     harness.vm.guest_poweroff();
 
-    let out = start.join().unwrap().unwrap();
+    let out = start.join().unwrap();
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let message = format!(
@@ -1991,18 +1990,15 @@ fn a_start_the_backend_never_finishes_fails_within_the_bound_and_the_daemon_stil
     );
 }
 
-/// The backend never confirms a forced stop: `stop --force` fails within the bound
-/// with the reason, the VM counts as failed (not "stopping" forever), and the
-/// daemon's own shutdown is bounded too.
-#[test]
-fn a_forced_stop_the_backend_never_confirms_fails_within_the_bound_and_shutdown_does_not_hang() {
-    let fixture = Fixture::new();
+/// A supervisor whose backend gives up after `backend_timeout`, with a running VM
+/// whose forced stop the backend never confirms.
+fn running_vm_whose_forced_stop_hangs(fixture: &Fixture, backend_timeout: Duration) -> Harness {
     let options = darwin_vz_nix::daemon::DaemonOptions {
-        backend_timeout: Duration::from_secs(1),
+        backend_timeout,
         ..fixture.options(None)
     };
     let harness = Harness::start_with(
-        &fixture,
+        fixture,
         fixture.config(Default::default()),
         FakeVmBehaviour::default(),
         options,
@@ -2013,6 +2009,16 @@ fn a_forced_stop_the_backend_never_confirms_fails_within_the_bound_and_shutdown_
         force_stop_hangs: true,
         ..Default::default()
     });
+    harness
+}
+
+/// The backend never confirms a forced stop: `stop --force` fails within the bound
+/// with the reason, the VM counts as failed (not "stopping" forever), and the
+/// daemon's own shutdown is bounded too.
+#[test]
+fn a_forced_stop_the_backend_never_confirms_fails_within_the_bound_and_shutdown_does_not_hang() {
+    let fixture = Fixture::new();
+    let harness = running_vm_whose_forced_stop_hangs(&fixture, Duration::from_secs(1));
 
     let started = Instant::now();
     let out = fixture.cli(&["stop", "--force"]);
@@ -2042,28 +2048,13 @@ fn a_forced_stop_the_backend_never_confirms_fails_within_the_bound_and_shutdown_
 #[test]
 fn a_guest_that_powers_off_during_an_unconfirmed_forced_stop_counts_as_stopped() {
     let fixture = Fixture::new();
-    let options = darwin_vz_nix::daemon::DaemonOptions {
-        backend_timeout: Duration::from_secs(2),
-        ..fixture.options(None)
-    };
-    let harness = Harness::start_with(
-        &fixture,
-        fixture.config(Default::default()),
-        FakeVmBehaviour::default(),
-        options,
-    );
-    assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
-    harness.vm.set_behaviour(FakeVmBehaviour {
-        force_stop_hangs: true,
-        ..Default::default()
-    });
-    let mut stop = fixture.cli_command(&["stop", "--force"]);
-    let stop = std::thread::spawn(move || stop.output());
+    let harness = running_vm_whose_forced_stop_hangs(&fixture, Duration::from_secs(2));
+    let stop = fixture.cli_in_background(&["stop", "--force"]);
     wait_state(&fixture, VmState::Stopping, Duration::from_secs(10));
     harness.vm.guest_poweroff();
     wait_state(&fixture, VmState::Stopped, Duration::from_secs(10));
 
-    let out = stop.join().unwrap().unwrap();
+    let out = stop.join().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let report = status(&fixture);
     assert_eq!((report.state, report.last_error), (VmState::Stopped, None));
@@ -2082,12 +2073,11 @@ fn a_vm_that_fails_during_a_graceful_stop_makes_the_stop_fail_with_the_reason() 
         None,
     );
     assert_eq!(fixture.cli(&["start"]).status.code(), Some(0));
-    let mut stop = fixture.cli_command(&["stop", "--timeout", "60"]);
-    let stop = std::thread::spawn(move || stop.output());
+    let stop = fixture.cli_in_background(&["stop", "--timeout", "60"]);
     wait_state(&fixture, VmState::Stopping, Duration::from_secs(10));
     harness.vm.crash("the hypervisor fell over");
 
-    let out = stop.join().unwrap().unwrap();
+    let out = stop.join().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("the hypervisor fell over"),

@@ -813,6 +813,13 @@ impl Fixture {
         self.cli_command(args).output().unwrap()
     }
 
+    /// The binary, as `cli` runs it, on a thread of its own: for a command that
+    /// waits while the test makes something happen.
+    pub fn cli_in_background(&self, args: &[&str]) -> std::thread::JoinHandle<Output> {
+        let mut command = self.cli_command(args);
+        std::thread::spawn(move || command.output().unwrap())
+    }
+
     pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_darwin-vz-nix"));
         command
