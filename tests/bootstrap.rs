@@ -11,14 +11,6 @@ use std::time::Duration;
 use darwin_vz_nix::config::ConfigLayer;
 use support::*;
 
-/// The bootstrap builder's phase in `status`, `off` when not shown.
-fn bootstrap_phase(fixture: &Fixture) -> String {
-    status(fixture)
-        .guest
-        .and_then(|g| g.bootstrap)
-        .map_or_else(|| "off".to_string(), |b| b.phase)
-}
-
 fn proxy(fixture: &Fixture, alias: &str) -> Child {
     spawn_proxy_with(fixture, &["--alias", alias])
 }

@@ -342,14 +342,8 @@ fn build_connections_to_the_bootstrap_builder_hold_the_assertion_until_they_end_
         FakeVmBehaviour::default(),
         options,
     );
-    let bootstrap_phase = || {
-        status(&fixture)
-            .guest
-            .and_then(|g| g.bootstrap)
-            .map_or_else(|| "off".to_string(), |b| b.phase)
-    };
     wait_for(Duration::from_secs(20), "the bootstrap builder", || {
-        bootstrap_phase() == "running"
+        bootstrap_phase(&fixture) == "running"
     });
     // Running with no build on it keeps nothing awake.
     assert_eq!(harness.power.held(), None);
@@ -367,7 +361,7 @@ fn build_connections_to_the_bootstrap_builder_hold_the_assertion_until_they_end_
     wait_for(
         Duration::from_secs(30),
         "the bootstrap builder to go",
-        || bootstrap_phase() == "off",
+        || bootstrap_phase(&fixture) == "off",
     );
     wait_held(&harness, None);
     assert_eq!(harness.vm.boots(), 0, "no guest VM was involved");
@@ -397,10 +391,7 @@ fn a_supervisor_that_exits_under_an_open_bootstrap_build_lets_the_mac_sleep() {
         fixture.options(None),
     );
     wait_for(Duration::from_secs(20), "the bootstrap builder", || {
-        status(&fixture)
-            .guest
-            .and_then(|g| g.bootstrap)
-            .is_some_and(|b| b.phase == "running")
+        bootstrap_phase(&fixture) == "running"
     });
     let build = bootstrap_connection(&fixture);
     wait_held(&harness, Some(ONE));

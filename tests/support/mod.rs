@@ -863,6 +863,14 @@ pub fn status(fixture: &Fixture) -> StatusReport {
     }
 }
 
+/// The bootstrap builder's phase in `status`, `off` when not shown.
+pub fn bootstrap_phase(fixture: &Fixture) -> String {
+    status(fixture)
+        .guest
+        .and_then(|g| g.bootstrap)
+        .map_or_else(|| "off".to_string(), |b| b.phase)
+}
+
 /// The VM's state, as `status` reports it.
 pub fn vm_state(fixture: &Fixture) -> VmState {
     status(fixture).state
